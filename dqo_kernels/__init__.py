@@ -1,0 +1,22 @@
+"""dqo-kernels: fused kernels for Direct Q-function Optimization (DQO) and its relatives.
+
+>>> from dqo_kernels import fused_dqo_loss
+"""
+from .aggregation import LOSS_AGGS, row_scale
+from .dqo_loss import BACKENDS, DQOLossOutput, dro_loss, fused_dqo_loss, resolve_backend
+from .dqo_scan_reference import dqo_scan_reference
+from .validation import set_data_checks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "DQOLossOutput",
+    "LOSS_AGGS",
+    "dqo_scan_reference",
+    "dro_loss",
+    "fused_dqo_loss",
+    "resolve_backend",
+    "row_scale",
+    "set_data_checks",
+]

@@ -1,0 +1,241 @@
+"""Public API of the fused DQO loss: :func:`fused_dqo_loss` and :func:`dro_loss`.
+
+This module validates inputs, turns the aggregation into per-row factors, picks a backend and
+computes the diagnostics; the math lives in the backends:
+
+- ``"triton"``: :mod:`dqo_kernels.dqo_scan_triton` (CUDA tensors; on CPU only under
+  ``TRITON_INTERPRET=1``, which is how the tests run it),
+- ``"cpp"``: :mod:`dqo_kernels.dqo_scan_cpp` (CPU tensors, native OpenMP kernel),
+- ``"torch"``: :mod:`dqo_kernels.dqo_scan_reference` (anywhere; the definition).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+import torch
+
+from . import dqo_scan_cpp
+from .aggregation import LOSS_AGGS, row_scale
+from .dqo_scan_function import DQOScanFunction
+from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
+from .metrics import dqo_metrics
+from .validation import check_mask, check_scalar, check_tensor, check_values
+
+BACKENDS = ("triton", "cpp", "torch")
+
+
+@dataclass
+class DQOLossOutput:
+    """Result of :func:`fused_dqo_loss`; ``loss = policy_loss + value_loss``."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    returns: torch.Tensor  # [B, T] lambda-returns G_t (0 off the mask), detached
+    weights: torch.Tensor  # [B, T] truncated importance weights w_t (0 off the mask), detached
+    td_error: torch.Tensor  # [B, T] delta_t = V_t - G_t (0 off the mask), detached
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend that will run: the requested one (checked), or the best for ``device``."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            if not _triton_available():
+                raise ValueError("backend: 'triton' requested but triton is not installed")
+            if device.type == "cpu" and not _interpreting():
+                raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                                 "for the interpreter), got tensors on cpu")
+        if backend == "cpp" and device.type != "cpu":
+            raise ValueError(f"backend: 'cpp' needs CPU tensors, got tensors on {device}")
+        return backend
+    if device.type == "cuda":
+        if _triton_available():
+            return "triton"
+        if not _fallback_warned:
+            _fallback_warned.add(device.type)
+            warnings.warn("dqo_kernels: triton is not installed; the fused DQO loss runs the "
+                          "PyTorch reference on CUDA tensors (slow)", RuntimeWarning,
+                          stacklevel=3)
+    elif device.type == "cpu" and dqo_scan_cpp.is_available():
+        return "cpp"
+    return "torch"
+
+
+_fallback_warned: set = set()
+
+
+def _run_backend(name: str, logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
+                 scale, params) -> DQOScanResult:
+    if name == "torch":
+        return dqo_scan_reference(logp, ref_logp, values, rewards, mask, scale,
+                                  behavior_logp=behavior_logp, bootstrap=bootstrap, **params)
+    if name == "triton":
+        from .dqo_scan_triton import dqo_scan_triton as launch
+    else:
+        launch = dqo_scan_cpp.dqo_scan_cpp
+    return DQOScanResult(*DQOScanFunction.apply(launch, logp, values, ref_logp, rewards, mask,
+                                                behavior_logp, bootstrap, scale, params))
+
+
+def fused_dqo_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    behavior_logp: Optional[torch.Tensor] = None,
+    bootstrap: Optional[torch.Tensor] = None,
+    beta: float = 0.1,
+    lam: float = 1.0,
+    gamma: float = 1.0,
+    is_clip: float = 1.0,
+    is_policy: bool = True,
+    is_value: bool = True,
+    target_grad: bool = False,
+    loss_agg: str = "token-mean",
+    num_tokens: Optional[Union[int, float, torch.Tensor]] = None,
+    backend: Optional[str] = None,
+) -> DQOLossOutput:
+    """DQO policy (soft-Q) and value losses over padded ``[B, T]`` token sequences.
+
+    Every ``[B, T]`` tensor is aligned on the action position t (SPEC section 2): ``logp[b, t]``
+    is ``log pi_theta(input_ids[b, t] | input_ids[b, :t])`` and ``values[b, t] = V(s_t)``.
+
+    Args:
+        logp: log-probs of the taken tokens under the policy; receives the policy gradient.
+        ref_logp: the same under the reference policy (no gradient).
+        values: ``V(s_t)`` from the value model; receives the value gradient.
+        rewards: reward of each action (outcome reward on the last one, process rewards on
+            step ends); must be 0 where ``mask`` is 0.
+        mask: 1 on the policy's actions (response tokens); 0 on prompt, padding and tokens the
+            environment inserted. Masked positions are pass-through for the recurrences.
+        behavior_logp: log-probs under the policy that sampled the data; None = ``ref_logp``.
+        bootstrap: ``[B]`` value of the state after the last action (responses cut at a length
+            limit); None = 0 (responses ended with EOS).
+        beta: KL coefficient, > 0.
+        lam, gamma: lambda-return parameters, ``lam`` in [0, 1], ``gamma`` in (0, 1].
+        is_clip: cap ``C >= 1`` of the cumulative importance ratio; ``float('inf')``: none.
+        is_policy, is_value: apply the importance weights to the policy / value loss.
+        target_grad: let the policy gradient flow through the lambda-return target too.
+        loss_agg: ``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum``.
+        num_tokens: global action-token count for ``token-mean`` across micro-batches.
+        backend: None (auto: triton on CUDA, the native kernel on CPU), "triton", "cpp",
+            "torch".
+
+    Returns:
+        :class:`DQOLossOutput`; gradients of ``loss`` flow to ``logp`` and ``values`` only.
+    """
+    check_tensor("logp", logp)
+    if logp.dim() != 2:
+        raise ValueError(f"logp: expected a [B, T] tensor, got shape {tuple(logp.shape)}")
+    shape, device = tuple(logp.shape), logp.device
+    for name, x in (("ref_logp", ref_logp), ("values", values), ("rewards", rewards)):
+        check_tensor(name, x, shape=shape, device=device)
+    if behavior_logp is not None:
+        check_tensor("behavior_logp", behavior_logp, shape=shape, device=device)
+    if bootstrap is not None:
+        check_tensor("bootstrap", bootstrap, shape=(shape[0],), device=device)
+    mask = check_mask(mask, shape, device)
+    beta = check_scalar("beta", beta, low=0.0, low_open=True)
+    lam = check_scalar("lam", lam, low=0.0, high=1.0)
+    gamma = check_scalar("gamma", gamma, low=0.0, high=1.0, low_open=True)
+    is_clip = check_scalar("is_clip", is_clip, low=1.0)
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg: expected one of {LOSS_AGGS}, got {loss_agg!r}")
+    if num_tokens is not None:
+        check_scalar("num_tokens", num_tokens, low=0.0, low_open=True)
+    backend = resolve_backend(backend, device)
+    check_values({"logp": logp, "ref_logp": ref_logp, "values": values, "rewards": rewards,
+                  "behavior_logp": behavior_logp, "bootstrap": bootstrap}, mask,
+                 rewards=rewards, whole=("rewards", "bootstrap"))
+
+    compute_dtype = torch.float64 if torch.float64 in {
+        x.dtype for x in (logp, ref_logp, values, rewards, behavior_logp, bootstrap)
+        if x is not None} else torch.float32
+    scale = row_scale(mask, loss_agg, num_tokens, dtype=compute_dtype)
+    params = dict(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
+                  is_value=bool(is_value), target_grad=bool(target_grad))
+    res = _run_backend(backend, logp, ref_logp, values, rewards, mask, behavior_logp,
+                       bootstrap, scale, params)
+    log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
+    metrics = dqo_metrics(res.returns, values, res.td_error, res.weights, log_ratio, mask,
+                          is_clip)
+    return DQOLossOutput(
+        loss=res.policy_loss + res.value_loss,
+        policy_loss=res.policy_loss,
+        value_loss=res.value_loss,
+        returns=res.returns,
+        weights=res.weights,
+        td_error=res.td_error,
+        metrics=metrics,
+    )
+
+
+def dro_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    behavior_logp: Optional[torch.Tensor] = None,
+    beta: float = 0.1,
+    is_clip: float = 1.0,
+    is_policy: bool = False,
+    is_value: bool = False,
+    num_sequences: Optional[Union[int, float, torch.Tensor]] = None,
+    backend: Optional[str] = None,
+) -> DQOLossOutput:
+    """Direct Reward Optimization (Richemond et al., 2024): DQO with one action per response.
+
+    Inputs are ``[B]`` (or ``[B, 1]``): each response's summed log-probs under the policy and
+    the reference, ``V(prompt)`` and the total reward. Then ``G = r - beta * sg(l)`` and::
+
+        L = mean_b  0.5 * (beta * l_b + V_b - r_b)^2   (policy through l, value through V)
+
+    DRO as published has no importance weighting, so ``is_policy`` and ``is_value`` default to
+    False here; turn them on for the sequence-level analogue of DQO's weights. ``num_sequences``
+    is the global batch size when a batch is split into micro-batches.
+    """
+    def as_col(name, x):
+        if x is None:
+            return None
+        check_tensor(name, x)
+        if x.dim() == 1:
+            return x[:, None]
+        if x.dim() == 2 and x.shape[1] == 1:
+            return x
+        raise ValueError(f"{name}: expected shape [B] or [B, 1], got {tuple(x.shape)}")
+
+    logp_c = as_col("logp", logp)
+    out = fused_dqo_loss(
+        logp_c, as_col("ref_logp", ref_logp), as_col("values", values),
+        as_col("rewards", rewards),
+        torch.ones(logp_c.shape, dtype=torch.bool, device=logp_c.device),
+        behavior_logp=as_col("behavior_logp", behavior_logp), beta=beta, is_clip=is_clip,
+        is_policy=is_policy, is_value=is_value, loss_agg="token-mean",
+        num_tokens=num_sequences, backend=backend,
+    )
+    if logp.dim() == 1:
+        out.returns, out.weights, out.td_error = (
+            out.returns[:, 0], out.weights[:, 0], out.td_error[:, 0])
+    return out
