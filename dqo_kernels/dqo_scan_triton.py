@@ -150,8 +150,12 @@ def dqo_scan_fwd_kernel(
     tl.store(value_rows + i_b, b_lv.to(value_rows.dtype.element_ty))
 
 
+# Longest tile; a row longer than this is walked in several blocks with carries between them.
+MAX_BLOCK_T = 1024
+
+
 def _block_size(T: int) -> int:
-    return max(16, min(1024, triton.next_power_of_2(max(T, 1))))
+    return max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 1))))
 
 
 def dqo_scan_triton(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap, row_scale,

@@ -1,0 +1,21 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter; this must happen before any kernel
+# module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_report_header(config):
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return [f"device: {dev}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}; "
+            f"torch {torch.__version__}; DQO_TEST_SEED={os.environ.get('DQO_TEST_SEED', '0')}"]
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

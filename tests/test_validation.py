@@ -1,0 +1,104 @@
+"""Bad input raises a ValueError naming the argument, what was expected and what was given."""
+import math
+
+import pytest
+import torch
+
+import dqo_kernels
+from batches import make_batch
+from dqo_kernels import dro_loss, fused_dqo_loss
+
+
+def call(**over):
+    b = make_batch("right", B=3, T=8, seed=0, garbage=False, empty_row=False)
+    b = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in b.items()}
+    args = {k: b[k] for k in ("logp", "ref_logp", "values", "rewards", "mask")}
+    kw = {"behavior_logp": b["behavior_logp"], "bootstrap": b["bootstrap"], "backend": "torch"}
+    for k, v in over.items():
+        if callable(v):
+            v = v(b)
+        (args if k in args else kw)[k] = v
+    return fused_dqo_loss(*args.values(), **kw)
+
+
+def nan_on_action(b):
+    x = b["logp"].clone()
+    x[b["mask"]] = torch.nan
+    return x
+
+
+def reward_off_mask(b):
+    r = b["rewards"].clone()
+    r[~b["mask"]] = 1.0
+    return r
+
+
+CASES = [
+    (dict(logp=[[0.0]]), r"logp: expected a torch.Tensor, got list"),
+    (dict(logp=lambda b: b["logp"][0]), r"logp: expected a \[B, T\] tensor, got shape \(8,\)"),
+    (dict(ref_logp=lambda b: b["ref_logp"][:, :5]),
+     r"ref_logp: expected shape \(3, 8\), got shape \(3, 5\)"),
+    (dict(values=lambda b: b["values"].long()), r"values: expected a floating-point tensor"),
+    (dict(rewards=lambda b: b["rewards"].to("meta")), r"rewards: expected a tensor on cpu"),
+    (dict(mask=lambda b: b["mask"][:2]), r"mask: expected shape \(3, 8\), got shape \(2, 8\)"),
+    (dict(mask=lambda b: b["mask"].long() * 2), r"mask: expected only 0/1 values, got 2"),
+    (dict(behavior_logp=lambda b: b["logp"].T), r"behavior_logp: expected shape \(3, 8\)"),
+    (dict(bootstrap=lambda b: torch.zeros(3, 1)), r"bootstrap: expected shape \(3,\)"),
+    (dict(bootstrap=lambda b: torch.tensor([0.0, math.inf, 0.0])),
+     r"bootstrap: expected finite values, got inf at index \(1,\)"),
+    (dict(logp=nan_on_action), r"logp: expected finite values, got nan .* on an action"),
+    (dict(values=lambda b: b["values"].masked_fill(b["mask"], math.inf)), r"values: expected finite"),
+    (dict(rewards=reward_off_mask), r"rewards: expected 0 on positions where mask is 0"),
+    (dict(beta=0.0), r"beta: expected a value in \(0.0, inf\], got 0.0"),
+    (dict(beta="0.1"), r"beta: expected a real number, got '0.1'"),
+    (dict(lam=1.5), r"lam: expected a value in \[0.0, 1.0\], got 1.5"),
+    (dict(gamma=0.0), r"gamma: expected a value in \(0.0, 1.0\]"),
+    (dict(is_clip=0.5), r"is_clip: expected a value in \[1.0, inf\], got 0.5"),
+    (dict(is_clip=math.nan), r"is_clip: expected a real number, got nan"),
+    (dict(loss_agg="mean"), r"loss_agg: expected one of .*token-mean.*, got 'mean'"),
+    (dict(num_tokens=0), r"num_tokens: expected a value in \(0.0, inf\]"),
+    (dict(num_tokens=5, loss_agg="seq-mean-token-sum"),
+     r"num_tokens: only applies to loss_agg='token-mean'"),
+    (dict(backend="cuda"), r"backend: expected None or one of"),
+]
+
+
+@pytest.mark.parametrize("over,message", CASES, ids=[m[:40] for _, m in CASES])
+def test_bad_input_names_the_argument(over, message):
+    with pytest.raises(ValueError, match=message):
+        call(**over)
+
+
+def test_garbage_off_the_mask_is_not_an_error():
+    out = call(logp=lambda b: b["logp"].masked_fill(~b["mask"], math.nan),
+               values=lambda b: b["values"].masked_fill(~b["mask"], math.inf))
+    assert torch.isfinite(out.loss)
+
+
+def test_data_checks_can_be_disabled():
+    dqo_kernels.set_data_checks(False)
+    try:
+        out = call(logp=nan_on_action)  # no error: the caller opted out of value checks
+        assert torch.isnan(out.loss)
+    finally:
+        dqo_kernels.set_data_checks(True)
+
+
+def test_cpp_backend_rejects_cuda_and_triton_needs_gpu_or_interpreter(monkeypatch):
+    from dqo_kernels import resolve_backend
+    with pytest.raises(ValueError, match="backend: 'cpp' needs CPU tensors, got tensors on meta"):
+        resolve_backend("cpp", torch.device("meta"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if dqo_kernels.dqo_loss._triton_available():
+        with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
+            resolve_backend("triton", torch.device("cpu"))
+
+
+def test_auto_backend_on_cpu_is_native_or_reference():
+    assert dqo_kernels.resolve_backend(None, torch.device("cpu")) in ("cpp", "torch")
+
+
+def test_dro_rejects_token_level_tensors():
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"logp: expected shape \[B\] or \[B, 1\], got \(3, 4\)"):
+        dro_loss(x, x, x, x)
