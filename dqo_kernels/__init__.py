@@ -5,6 +5,8 @@
 from .aggregation import LOSS_AGGS, row_scale
 from .dqo_loss import BACKENDS, DQOLossOutput, dro_loss, fused_dqo_loss, resolve_backend
 from .dqo_scan_reference import dqo_scan_reference
+from .logprobs import linear_logprobs, token_logprobs
+from .logprobs_reference import linear_logprobs_reference, token_logprobs_reference
 from .validation import set_data_checks
 
 __version__ = "0.1.0"
@@ -16,7 +18,11 @@ __all__ = [
     "dqo_scan_reference",
     "dro_loss",
     "fused_dqo_loss",
+    "linear_logprobs",
+    "linear_logprobs_reference",
     "resolve_backend",
     "row_scale",
     "set_data_checks",
+    "token_logprobs",
+    "token_logprobs_reference",
 ]

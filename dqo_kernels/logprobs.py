@@ -1,0 +1,237 @@
+"""Per-token log-probs of the taken tokens: :func:`token_logprobs` from logits and
+:func:`linear_logprobs` straight from the lm_head input, never holding ``[N, V]`` logits.
+
+Both use one pair of launchers, Triton (:mod:`.logprobs_triton`) on CUDA or chunked PyTorch
+(:mod:`.logprobs_torch`) on CPU: ``lse_forward`` (online logsumexp and target logit over a
+slice of vocabulary columns) and ``logits_grad`` (``g (onehot - softmax) / temperature`` of a
+slice, optionally in place). The definitions they are tested against are in
+:mod:`.logprobs_reference`.
+
+``linear_logprobs`` walks the vocabulary in column chunks of the lm_head. Forward: logits of a
+chunk ``h W_c^T`` -> chunk logsumexp, merged with ``logaddexp``; only ``lse`` ([N]) is saved.
+Backward: recompute each chunk's logits, turn them into their gradient in place, then
+``dh += dlogits_c W_c`` and ``dW_c = dlogits_c^T h``. Each ``dW_c`` is one matmul over all N
+tokens: accumulated in fp32 inside the GEMM and rounded once, with no fp32 copy of ``W``'s
+gradient. Peak extra memory is one ``[N, chunk]`` logits buffer plus an fp32 ``[N, D]``
+accumulator for ``dh``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import logprobs_torch
+from .validation import check_scalar, check_tensor, data_checks_enabled
+
+LOGPROB_BACKENDS = ("triton", "torch")
+# Bytes of one [N, chunk] logits buffer in linear_logprobs (the chunk width is derived from it).
+LINEAR_CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
+
+
+def _impl(backend: Optional[str], device: torch.device):
+    if backend is not None and backend not in LOGPROB_BACKENDS:
+        raise ValueError(f"backend: expected None or one of {LOGPROB_BACKENDS}, got {backend!r}")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if backend == "triton" or (backend is None and device.type == "cuda"):
+        try:
+            from . import logprobs_triton
+        except ImportError:
+            if backend == "triton":
+                raise ValueError("backend: 'triton' requested but triton is not installed")
+            return logprobs_torch
+        if device.type == "cpu" and not interpreting:
+            raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
+                             "got tensors on cpu")
+        return logprobs_triton
+    return logprobs_torch
+
+
+def _check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets: expected an integer tensor, got dtype {targets.dtype}")
+    if data_checks_enabled():
+        bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
+        if bool(bad.any()):
+            idx = tuple(torch.nonzero(bad)[0].tolist())
+            raise ValueError(f"targets: expected ids in [0, {V}) or ignore_index={ignore_index}, "
+                             f"got {targets[idx].item()} at index {idx}")
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temp, ignore_index, inplace_backward, return_entropy,
+                impl):
+        ignore = targets == ignore_index
+        lse, zt, ez = impl.lse_forward(logits, targets, 0, inv_temp, return_entropy)
+        logp = torch.where(ignore, 0.0, zt - lse)
+        ent = torch.where(ignore, 0.0, lse - ez) if return_entropy else None
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.args = (inv_temp, ignore_index, inplace_backward, impl)
+        if return_entropy:
+            return logp, ent
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        logits, targets, lse, ent = ctx.saved_tensors
+        inv_temp, ignore_index, inplace_backward, impl = ctx.args
+        ignore = targets == ignore_index
+        g = torch.where(ignore, 0.0, grad_logp.to(lse.dtype)).contiguous()
+        if grad_ent is not None:
+            grad_ent = torch.where(ignore, 0.0, grad_ent.to(lse.dtype)).contiguous()
+        out = logits if inplace_backward else torch.empty_like(logits)
+        impl.logits_grad(logits, targets, lse, g, 0, inv_temp, out, grad_ent=grad_ent,
+                         entropy=ent if grad_ent is not None else None)
+        return out, None, None, None, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   ignore_index: int = -100, inplace_backward: bool = False,
+                   return_entropy: bool = False, backend: Optional[str] = None):
+    """``log softmax(logits / temperature)[targets]`` per token, fp32, in one pass over V.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, fp32/fp16/bf16 (fp64 on the torch backend).
+        targets: ``[N]`` or ``[B, T]`` token ids; ``ignore_index`` gives 0 and no gradient.
+        temperature: the sampling temperature the log-probs are taken at (> 0).
+        inplace_backward: write the gradient into ``logits``' memory (saves a ``[N, V]``
+            buffer; ``logits`` must not be used after backward).
+        return_entropy: also return the entropy of ``softmax(logits / temperature)``,
+            differentiable.
+        backend: None (Triton on CUDA, chunked PyTorch on CPU), "triton" or "torch".
+
+    Returns:
+        ``logp`` shaped like ``targets`` (and ``entropy`` if asked), fp32 (fp64 for fp64
+        logits on the torch backend). Backward: ``g * (onehot - softmax) / temperature``.
+    """
+    check_tensor("logits", logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits: expected [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+    check_tensor("targets", targets, shape=logits.shape[:-1], floating=False,
+                 device=logits.device)
+    temperature = check_scalar("temperature", temperature, low=0.0, low_open=True)
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError("logits: expected a non-empty vocabulary dimension, got V = 0")
+    _check_targets(targets, V, ignore_index)
+    impl = _impl(backend, logits.device)
+    if impl is not logprobs_torch and logits.dtype == torch.float64:
+        raise ValueError("logits: the triton backend takes fp32/fp16/bf16, got float64; "
+                         "use backend='torch' for float64")
+    flat = logits.reshape(-1, V)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = TokenLogprobsFunction.apply(flat, targets.reshape(-1).contiguous(), 1.0 / temperature,
+                                      int(ignore_index), bool(inplace_backward),
+                                      bool(return_entropy), impl)
+    if return_entropy:
+        return out[0].view(targets.shape), out[1].view(targets.shape)
+    return out.view(targets.shape)
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_temp, ignore_index, chunk, impl):
+        N, V = hidden.shape[0], weight.shape[0]
+        lse = None
+        zt = None
+        for v0 in range(0, V, chunk):
+            v1 = min(V, v0 + chunk)
+            logits = _chunk_logits(hidden, weight, bias, v0, v1)
+            lse_c, zt_c, _ = impl.lse_forward(logits, targets, v0, inv_temp, False)
+            lse = lse_c if lse is None else torch.logaddexp(lse, lse_c)
+            zt = zt_c if zt is None else zt + zt_c
+        ignore = targets == ignore_index
+        logp = torch.where(ignore, 0.0, zt - lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.args = (inv_temp, ignore_index, chunk, impl)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        inv_temp, ignore_index, chunk, impl = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        V = weight.shape[0]
+        g = torch.where(targets == ignore_index, 0.0, grad_logp.to(lse.dtype)).contiguous()
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        d_weight = torch.empty_like(weight) if need_w else None
+        d_bias = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
+        for v0 in range(0, V, chunk):
+            v1 = min(V, v0 + chunk)
+            logits = _chunk_logits(hidden, weight, bias, v0, v1)
+            d_logits = impl.logits_grad(logits, targets, lse, g, v0, inv_temp, out=logits)
+            if need_h:
+                d_hidden += d_logits @ weight[v0:v1]  # in place: no fp32 copy of the product
+            if need_w:
+                torch.mm(d_logits.T, hidden, out=d_weight[v0:v1])
+            if need_b:
+                d_bias[v0:v1] = torch.sum(d_logits, dim=0, dtype=acc)
+        return (d_hidden.to(hidden.dtype) if need_h else None, d_weight, d_bias,
+                None, None, None, None, None)
+
+
+def _chunk_logits(hidden, weight, bias, v0, v1):
+    if bias is None:
+        return hidden @ weight[v0:v1].T
+    return torch.addmm(bias[v0:v1], hidden, weight[v0:v1].T)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                    ignore_index: int = -100, chunk_size: Optional[int] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``
+    without materialising the ``[N, V]`` logits (the lm_head and the log-prob fused).
+
+    Args:
+        hidden: ``[N, D]`` or ``[B, T, D]`` lm_head inputs (the final hidden states).
+        weight: ``[V, D]`` lm_head weight (``model.lm_head.weight``); ``bias``: ``[V]`` or None.
+        targets: ``[N]`` / ``[B, T]`` token ids; ``ignore_index`` gives 0 and no gradient.
+        chunk_size: vocabulary columns per chunk; default: a ~512 MiB (GPU) / 64 MiB (CPU)
+            ``[N, chunk]`` buffer.
+        backend: None (Triton on CUDA, chunked PyTorch on CPU), "triton" or "torch".
+
+    Returns:
+        fp32 log-probs shaped like ``targets`` (fp64 for fp64 inputs). Gradients reach
+        ``hidden``, ``weight`` and ``bias`` and honour every token's upstream gradient.
+    """
+    check_tensor("hidden", hidden)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden: expected [N, D] or [B, T, D], got shape {tuple(hidden.shape)}")
+    D = hidden.shape[-1]
+    check_tensor("weight", weight, device=hidden.device)
+    if weight.dim() != 2 or weight.shape[1] != D:
+        raise ValueError(f"weight: expected shape [V, {D}] (hidden's last dim), got "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: expected dtype {hidden.dtype} (hidden's), got {weight.dtype}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight: expected a non-empty vocabulary dimension, got V = 0")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(V,), device=hidden.device)
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias: expected dtype {hidden.dtype} (hidden's), got {bias.dtype}")
+    check_tensor("targets", targets, shape=hidden.shape[:-1], floating=False,
+                 device=hidden.device)
+    temperature = check_scalar("temperature", temperature, low=0.0, low_open=True)
+    _check_targets(targets, V, ignore_index)
+    impl = _impl(backend, hidden.device)
+    if impl is not logprobs_torch and hidden.dtype == torch.float64:
+        raise ValueError("hidden: the triton backend takes fp32/fp16/bf16, got float64; "
+                         "use backend='torch' for float64")
+    flat = hidden.reshape(-1, D)
+    N = flat.shape[0]
+    if chunk_size is None:
+        budget = LINEAR_CHUNK_BYTES["cuda" if hidden.is_cuda else "cpu"]
+        chunk_size = max(256, budget // max(1, N * hidden.element_size()) // 256 * 256)
+    else:
+        chunk_size = int(check_scalar("chunk_size", chunk_size, low=1.0))
+    out = LinearLogprobsFunction.apply(flat, weight, bias, targets.reshape(-1).contiguous(),
+                                       1.0 / temperature, int(ignore_index),
+                                       int(min(chunk_size, V)), impl)
+    return out.view(targets.shape)
