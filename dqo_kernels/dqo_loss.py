@@ -20,7 +20,7 @@ import torch
 
 from . import dqo_scan_cpp
 from .aggregation import LOSS_AGGS, row_scale
-from .dqo_scan_function import DQOScanFunction
+from .dqo_scan_function import run_closed_form
 from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
 from .metrics import dqo_metrics
 from .validation import check_mask, check_scalar, check_tensor, check_values
@@ -92,8 +92,8 @@ def _run_backend(name: str, logp, ref_logp, values, rewards, mask, behavior_logp
         from .dqo_scan_triton import dqo_scan_triton as launch
     else:
         launch = dqo_scan_cpp.dqo_scan_cpp
-    return DQOScanResult(*DQOScanFunction.apply(launch, logp, values, ref_logp, rewards, mask,
-                                                behavior_logp, bootstrap, scale, params))
+    return run_closed_form(launch, logp, values, ref_logp, rewards, mask, behavior_logp,
+                           bootstrap, scale, params)
 
 
 def fused_dqo_loss(

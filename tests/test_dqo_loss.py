@@ -112,8 +112,7 @@ def test_all_rows_empty(backend, device):
                          ids=lambda c: "-".join(map(str, c)))
 def test_triton_multiple_blocks(cfg, device):
     """Rows much longer than the tile: the carries of both passes cross block boundaries."""
-    from dqo_kernels.dqo_scan_function import DQOScanFunction
-    from dqo_kernels.dqo_scan_reference import DQOScanResult
+    from dqo_kernels.dqo_scan_function import run_closed_form
     from dqo_kernels.dqo_scan_triton import dqo_scan_triton
 
     kw = kwargs_of(cfg)
@@ -133,9 +132,8 @@ def test_triton_multiple_blocks(cfg, device):
             res = dqo_scan_reference(*args, s, behavior_logp=b["behavior_logp"],
                                      bootstrap=b["bootstrap"], **kw)
         else:
-            res = DQOScanResult(*DQOScanFunction.apply(
-                fn, b["logp"], b["values"], b["ref_logp"], b["rewards"], b["mask"],
-                b["behavior_logp"], b["bootstrap"], s, kw))
+            res = run_closed_form(fn, b["logp"], b["values"], b["ref_logp"], b["rewards"],
+                                  b["mask"], b["behavior_logp"], b["bootstrap"], s, kw)
         grads = torch.autograd.grad(res.policy_loss + res.value_loss, [b["logp"], b["values"]])
         outs.append([x.detach().double().cpu() for x in (*res, *grads)])
     for got, exp in zip(*outs):
@@ -392,6 +390,22 @@ def test_num_tokens_makes_micro_batches_exact(backend, device):
     torch.testing.assert_close(loss, out.loss.item(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_l, gl)
     torch.testing.assert_close(g_v, gv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_and_value_losses_backward_separately(backend, device):
+    """One engine per model: policy_loss.backward() then value_loss.backward(), no
+    retain_graph, gives the same gradients as loss.backward()."""
+    dev = device if backend != "cpp" else "cpu"
+    b = to(make_batch("right", B=3, T=9, seed=4), torch.float32, dev)
+    _, gl, gv = run(b, backend)
+    out = fused_dqo_loss(b["logp"], b["ref_logp"], b["values"], b["rewards"], b["mask"],
+                         behavior_logp=b["behavior_logp"], bootstrap=b["bootstrap"],
+                         backend=backend)
+    out.policy_loss.backward()
+    out.value_loss.backward()
+    torch.testing.assert_close(b["logp"].grad, gl)
+    torch.testing.assert_close(b["values"].grad, gv)
 
 
 def test_on_policy_weights_are_one():
