@@ -17,17 +17,19 @@ for line in (here / "dqo_kernels" / "__init__.py").read_text().splitlines():
 setup(
     name="dqo-kernels",
     version=version["__version__"],
-    description="Fused Triton / C++ kernels for Direct Q-function Optimization (DQO)",
+    description="Fused kernels and a DeepSpeed trainer for Direct Q-function Optimization (DQO)",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["dqo_kernels", "dqo_kernels.csrc"],
+    packages=["dqo_kernels", "dqo_kernels.csrc", "dqo", "dqo.tasks"],
     package_dir={"dqo_kernels.csrc": "csrc"},
     package_data={"dqo_kernels.csrc": ["*.cpp", "*.h"]},
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
+        # the trainer (python -m dqo.train); flash-attn is used on GPU when installed
+        "train": ["transformers>=4.56", "deepspeed>=0.16", "math-verify>=0.7", "tqdm"],
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
     },
     classifiers=[

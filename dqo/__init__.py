@@ -1,0 +1,1 @@
+"""dqo: a slim DeepSpeed trainer for Direct Q-function Optimization on top of dqo_kernels."""

@@ -1,0 +1,197 @@
+"""Training engines: DeepSpeed, or the same interface on plain PyTorch.
+
+The loop only calls ``engine.module``, ``engine.backward(loss)``, ``engine.step()``,
+``engine.get_lr()``, ``engine.save_checkpoint(dir)`` and ``engine.load_checkpoint(dir)``.
+``step()`` is called after every micro-batch and updates the weights at gradient-accumulation
+boundaries, and ``backward`` divides the loss by the accumulation steps, as DeepSpeed does.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    grad_accum: int = 1
+    micro_batch: int = 8
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class TorchEngine:
+    """The subset of DeepSpeed's engine the trainer uses, on plain PyTorch (AdamW)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig):
+        self.module, self.cfg = model, cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.total_steps))
+        self.micro_steps = 0
+        self.global_steps = 0
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.cfg.grad_accum:
+            return
+        if self.cfg.grad_clip and self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+
+    def get_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def train(self):
+        self.module.train()
+
+    def eval(self):
+        self.module.eval()
+
+    def save_checkpoint(self, path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
+                    "global_steps": self.global_steps}, Path(path) / "engine.pt")
+
+    def load_checkpoint(self, path) -> None:
+        state = torch.load(Path(path) / "engine.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+
+
+def deepspeed_config(cfg: OptimConfig, zero_stage: int, bf16: bool) -> Dict:
+    """A DeepSpeed config dict for one model (ZeRO 0-3; bf16 on GPU, fp32 on CPU)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
+            # torch's AdamW: DeepSpeed's fused CPU/GPU Adam would be compiled at start-up.
+            "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            # DeepSpeed needs >= 1 warm-up step; without warm-up that step starts at full lr.
+            "total_num_steps": max(cfg.total_steps, cfg.warmup_steps + 1),
+            "warmup_num_steps": max(1, cfg.warmup_steps), "cos_min_ratio": 0.1,
+            "warmup_min_ratio": 0.0 if cfg.warmup_steps > 0 else 1.0}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine behind the same interface as :class:`TorchEngine`."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, zero_stage: int = 2,
+                 bf16: Optional[bool] = None):
+        import deepspeed
+
+        bf16 = torch.cuda.is_available() if bf16 is None else bf16
+        self.config = deepspeed_config(cfg, zero_stage, bf16)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                               config=self.config)
+        self.module = self.engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self):
+        self.engine.step()
+
+    @property
+    def global_steps(self):
+        return self.engine.global_steps
+
+    def get_lr(self):
+        return self.engine.get_lr()
+
+    def train(self):
+        self.engine.train()
+
+    def eval(self):
+        self.engine.eval()
+
+    def save_checkpoint(self, path) -> None:
+        path = Path(path)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name)
+
+    def load_checkpoint(self, path) -> None:
+        path = Path(path)
+        self.engine.load_checkpoint(str(path.parent), tag=path.name)
+
+
+def init_distributed_env() -> None:
+    """Let DeepSpeed run in one process without a launcher (RANK etc. unset)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_engine_kind(kind: str) -> str:
+    """``"auto"``: DeepSpeed on GPU (when installed), plain PyTorch on a CPU-only machine."""
+    if kind == "auto":
+        return "deepspeed" if torch.cuda.is_available() and deepspeed_available() else "torch"
+    if kind not in ("deepspeed", "torch"):
+        raise ValueError(f"engine: expected 'auto', 'deepspeed' or 'torch', got {kind!r}")
+    return kind
+
+
+def make_engine(model, cfg: OptimConfig, kind: str = "auto", zero_stage: int = 2):
+    """``kind``: "deepspeed", "torch" or "auto" (see :func:`resolve_engine_kind`)."""
+    kind = resolve_engine_kind(kind)
+    if kind == "deepspeed":
+        init_distributed_env()
+        return DeepSpeedEngine(model, cfg, zero_stage=zero_stage)
+    return TorchEngine(model, cfg)

@@ -1,0 +1,123 @@
+"""Policy and value models, and the per-token quantities the loss needs (SPEC section 2).
+
+Everything is aligned on the action position t: ``logp[:, t]`` is the log-prob of
+``input_ids[:, t]`` given ``input_ids[:, :t]`` (from the hidden state at t-1) and
+``values[:, t] = V(s_t)`` (the value head on the hidden state at t-1). Column 0 is 0 in both:
+the first token is never an action.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from dqo_kernels import linear_logprobs, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def attn_implementation() -> str:
+    """flash-attn 2 on GPU when it is installed, SDPA otherwise."""
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def tiny_config(tokenizer, *, hidden_size=128, layers=4, heads=4, max_positions=128):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_policy(config=None, path: Optional[str] = None, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                    attn_implementation=attn_implementation())
+    return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                            attn_implementation=attn_implementation())
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Positions count real tokens, so left- and right-padded rows see the same positions
+    # (as in generate()).
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    action_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``[B, T]`` fp32 log-probs of the taken tokens on action positions (0 elsewhere),
+    computed from the last hidden states and the lm_head weight without ``[B, T, V]`` logits."""
+    targets = input_ids[:, 1:].masked_fill(~action_mask[:, 1:], -100)
+    head = model.get_output_embeddings()
+    if getattr(model.config, "final_logit_softcapping", None):
+        # Soft-capped logits are not a linear function of the hidden state: go through them.
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids(attention_mask)).logits[:, :-1]
+        logp = token_logprobs(logits, targets, temperature=temperature)
+    else:
+        hidden = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids(attention_mask)).last_hidden_state
+        logp = linear_logprobs(hidden[:, :-1], head.weight, targets,
+                               bias=getattr(head, "bias", None), temperature=temperature)
+    return torch.nn.functional.pad(logp, (1, 0))
+
+
+class ValueModel(nn.Module):
+    """A transformers backbone with a scalar head: ``V(s_t)`` for every position t."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        # V = 0 at the start: the value model learns the returns from scratch.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy) -> "ValueModel":
+        """A value model whose backbone starts as a copy of the policy's."""
+        import copy
+        return cls(copy.deepcopy(backbone_of(policy)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask)).last_hidden_state
+        v = self.head(hidden[:, :-1].to(self.head.weight.dtype)).squeeze(-1).float()
+        return torch.nn.functional.pad(v, (1, 0))
+
+    def save_pretrained(self, path) -> None:
+        path = Path(path)
+        self.backbone.save_pretrained(path)
+        torch.save(self.head.state_dict(), path / "value_head.pt")
+        (path / "value_model.json").write_text(json.dumps({"head": "value_head.pt"}))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32) -> "ValueModel":
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(path, dtype=dtype,
+                                             attn_implementation=attn_implementation())
+        model = cls(backbone)
+        model.head.load_state_dict(torch.load(Path(path) / "value_head.pt", weights_only=True))
+        return model

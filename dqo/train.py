@@ -1,0 +1,409 @@
+"""Train a policy (and its value model) with DQO on offline data.
+
+    python -m dqo.train                                   # the embedded default, CPU, minutes
+    python -m dqo.train --model PATH --data data.jsonl --task gsm8k --eval-data test.jsonl
+
+With no ``--data`` the embedded default runs end to end: a tiny transformer is built from a
+config (no download), warmed up with SFT on the synthetic arithmetic task until it is right
+sometimes, used to sample an offline dataset, and then trained with DQO; greedy and sampled
+accuracy on held-out problems are printed before and after.
+
+The recipe, one optimizer step:
+  1. a batch of offline responses, split into micro-batches;
+  2. the global action-token count of the step (all micro-batches, all ranks), so token-mean
+     stays exact under gradient accumulation and data parallelism;
+  3. per micro-batch: policy log-probs (lm_head fused, no [B, T, V] logits), values,
+     ``fused_dqo_loss``; each engine back-propagates its own loss;
+  4. metrics to ``metrics.jsonl``; periodic evaluation; atomic checkpoints (``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from dqo_kernels import fused_dqo_loss
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Example, collate, read_jsonl, tokenize_rows, write_jsonl
+from .engine import OptimConfig, make_engine, resolve_engine_kind
+from .modeling import ValueModel, policy_logprobs
+from .reference_logps import compute_ref_logps
+
+log = logging.getLogger("dqo.train")
+
+
+@dataclass
+class TrainArgs:
+    # data and models
+    model: Optional[str] = None  # HF path of the base policy; None: the embedded default
+    data: Optional[str] = None  # offline jsonl (dqo.data format); None: sample it (default)
+    task: str = "arithmetic"  # verifier for evaluation: arithmetic | gsm8k | math
+    eval_data: Optional[str] = None  # jsonl with prompt, answer
+    out: str = "runs/dqo"
+    value_model: Optional[str] = None  # HF path of the value backbone; None: a copy of the policy
+    strict_data: bool = False
+    max_length: Optional[int] = None
+    padding: str = "right"
+    # DQO
+    beta: float = 0.1
+    lam: float = 1.0
+    gamma: float = 1.0
+    is_clip: float = 1.0
+    is_policy: bool = True
+    is_value: bool = True
+    target_grad: bool = False
+    loss_agg: str = "token-mean"
+    # optimisation
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    batch_size: int = 64
+    micro_batch: int = 16
+    lr: float = 5e-7
+    value_lr: Optional[float] = None  # default: lr
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    engine: str = "auto"  # auto | deepspeed | torch
+    zero_stage: int = 2
+    seed: int = 0
+    # bookkeeping
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    eval_samples: int = 4
+    max_new_tokens: int = 512
+    progress: bool = True
+
+
+def epoch_order(n: int, seed: int) -> List[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def step_token_count(batches, grad_accum: int) -> torch.Tensor:
+    """``num_tokens`` for fused_dqo_loss: the step's action tokens over every micro-batch and
+    rank, divided by what the engines divide gradients by (ranks x accumulation steps)."""
+    n = sum(b.action_mask.sum() for b in batches).float()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+    return n / (world_size() * grad_accum)
+
+
+def dqo_micro_step(policy_engine, value_engine, b, args: TrainArgs, num_tokens) -> Dict:
+    logp = policy_logprobs(policy_engine.module, b.input_ids, b.attention_mask, b.action_mask)
+    values = value_engine(b.input_ids, b.attention_mask)
+    out = fused_dqo_loss(
+        logp, b.ref_logp, values, b.rewards, b.action_mask, behavior_logp=b.behavior_logp,
+        beta=args.beta, lam=args.lam, gamma=args.gamma, is_clip=args.is_clip,
+        is_policy=args.is_policy, is_value=args.is_value, target_grad=args.target_grad,
+        loss_agg=args.loss_agg, num_tokens=num_tokens if args.loss_agg == "token-mean" else None)
+    policy_engine.backward(out.policy_loss)
+    value_engine.backward(out.value_loss)
+    policy_engine.step()
+    value_engine.step()
+    stats = {k: v.item() for k, v in out.metrics.items()}
+    stats.update(loss=out.loss.item(), policy_loss=out.policy_loss.item(),
+                 value_loss=out.value_loss.item())
+    return stats
+
+
+def merge_stats(parts: List[Dict]) -> Dict:
+    """Token-weighted means of micro-batch statistics; losses add up; maxima stay maxima."""
+    n = sum(p["num_tokens"] for p in parts) or 1.0
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        if k in ("loss", "policy_loss", "value_loss", "num_tokens"):
+            out[k] = sum(vals)
+        elif k == "td_abs_max":
+            out[k] = max(vals)
+        else:
+            finite = [(v, p["num_tokens"]) for v, p in zip(vals, parts) if math.isfinite(v)]
+            out[k] = sum(v * w for v, w in finite) / n if finite else float("nan")
+    return out
+
+
+def train_dqo(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
+              eval_fn: Optional[Callable[[], Dict]] = None) -> Dict:
+    """The DQO loop. ``examples`` carry ``ref_logp``. Returns the last evaluation (if any)."""
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.batch_size % args.micro_batch:
+        raise ValueError(f"batch_size ({args.batch_size}) must be a multiple of micro_batch "
+                         f"({args.micro_batch})")
+    grad_accum = args.batch_size // args.micro_batch
+    # batch_size is per rank; one optimizer step consumes batch_size x world examples.
+    kind = resolve_engine_kind(args.engine)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if kind == "deepspeed" else 1
+    global_batch = args.batch_size * world
+    steps_per_epoch = len(examples) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples are fewer than one global batch of "
+                         f"{global_batch}")
+    total = args.max_steps or args.epochs * steps_per_epoch
+    common = dict(weight_decay=0.0, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
+                  total_steps=total, grad_accum=grad_accum, micro_batch=args.micro_batch)
+    policy_engine = make_engine(policy, OptimConfig(lr=args.lr, **common), kind,
+                                args.zero_stage)
+    value_engine = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
+                               kind, args.zero_stage)
+    assert world == world_size(), (world, world_size())
+    if kind == "torch":
+        log.info("engines: plain PyTorch (DeepSpeed is used on GPU or with --engine deepspeed)")
+    else:
+        log.info("engines: DeepSpeed ZeRO-%d", args.zero_stage)
+    engines = {"policy": policy_engine, "value": value_engine}
+    device = next(policy_engine.module.parameters()).device
+
+    start = 0
+    if args.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        start = load_checkpoint(ckpt, engines)["step"]
+        log.info("resumed from %s at step %d", ckpt, start)
+    metrics_path = out_dir / "metrics.jsonl"
+    if metrics_path.exists():  # drop rows of steps after the checkpoint (they are redone)
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    last_eval: Dict = {}
+    steps = range(start, total)
+    if args.progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="dqo", initial=start, total=total, disable=None)
+    policy_engine.train()
+    value_engine.train()
+    for step in steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        lo = k * global_batch + rank() * args.batch_size  # this rank's share of the step
+        idx = epoch_order(len(examples), args.seed + epoch)[lo:lo + args.batch_size]
+        batches = [collate([examples[j] for j in idx[i:i + args.micro_batch]],
+                           tokenizer.pad_token_id, padding=args.padding).to(device)
+                   for i in range(0, len(idx), args.micro_batch)]
+        num_tokens = step_token_count(batches, grad_accum)
+        t0 = time.perf_counter()
+        stats = merge_stats([dqo_micro_step(policy_engine, value_engine, b, args, num_tokens)
+                             for b in batches])
+        row = dict(step=step + 1, epoch=epoch, lr=policy_engine.get_lr()[0],
+                   step_time=time.perf_counter() - t0, **stats)
+        if eval_fn is not None and args.eval_every and (step + 1) % args.eval_every == 0:
+            last_eval = eval_fn()
+            row.update({f"eval_{k}": v for k, v in last_eval.items()})
+            policy_engine.train()
+        if rank() == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if args.progress:
+            steps.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.3f}",
+                              ret=f"{row['return_mean']:.3f}")
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total):
+            save_checkpoint(out_dir, step + 1, engines, {"args": asdict(args)},
+                            keep=args.keep_checkpoints)
+    final = out_dir / "final"
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        policy_engine.module.save_pretrained(final / "policy")
+        tokenizer.save_pretrained(final / "policy")
+        value_engine.module.save_pretrained(final / "value")
+    return last_eval
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default: tiny model, synthetic task, SFT warm-up, sampling, DQO.
+
+
+@dataclass
+class DefaultPipeline:
+    n_sft: int = 2000  # problems with reference solutions for the warm-up
+    n_offline: int = 256  # prompts sampled for the offline dataset
+    n_test: int = 200
+    samples_per_prompt: int = 8
+    sft_max_steps: int = 1500
+    sft_target: float = 0.35  # stop the warm-up at this greedy accuracy: "right sometimes"
+    top_p: float = 0.9
+    top_k: int = 16
+    max_new_tokens: int = 40
+
+
+def default_overrides() -> Dict:
+    """Hyper-parameters of the embedded default (a 0.8M-parameter model, not a 7B one)."""
+    return dict(lr=2e-5, value_lr=1e-3, beta=0.1, lam=1.0, epochs=2, batch_size=64,
+                micro_batch=64, eval_every=0, save_every=16, max_new_tokens=40,
+                out="runs/default")
+
+
+def run_default(args: TrainArgs, pipe: DefaultPipeline = DefaultPipeline()) -> Dict:
+    from .evaluate import accuracy
+    from .modeling import build_policy, tiny_config
+    from .sample import generate, label_samples
+    from .sft import sft_train
+    from .tasks import arithmetic, get_verifier
+    from .tokenizer import char_tokenizer
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    tok = char_tokenizer()
+    problems = arithmetic.make_problems(pipe.n_sft + pipe.n_offline + pipe.n_test, args.seed)
+    sft_set = problems[:pipe.n_sft]
+    offline_set = problems[pipe.n_sft:pipe.n_sft + pipe.n_offline]
+    test_set = problems[-pipe.n_test:]
+    verify = get_verifier("arithmetic")
+    test_prompts = [p.prompt for p in test_set]
+    test_answers = [p.answer for p in test_set]
+
+    def evaluate(model, samples=args.eval_samples):
+        return accuracy(model, tok, test_prompts, test_answers, verify, samples=samples,
+                        max_new_tokens=pipe.max_new_tokens)
+
+    base_dir = out_dir / "base"
+    if args.resume and (base_dir / "config.json").is_file():
+        policy = build_policy(path=str(base_dir))
+        log.info("reusing the warmed-up base policy in %s", base_dir)
+    else:
+        policy = build_policy(tiny_config(tok))
+        n_params = sum(p.numel() for p in policy.parameters())
+        log.info("stage 1/4: SFT warm-up of a %.2fM-parameter model", n_params / 1e6)
+        dev = problems[-pipe.n_test - 100:-pipe.n_test]
+        steps = sft_train(
+            policy, tok, arithmetic.reference_pairs(sft_set), steps=pipe.sft_max_steps,
+            lr=1e-3, batch_size=64, seed=args.seed, eval_every=100, target=pipe.sft_target,
+            eval_fn=lambda: accuracy(policy, tok, [p.prompt for p in dev],
+                                     [p.answer for p in dev], verify, samples=0,
+                                     max_new_tokens=pipe.max_new_tokens)["greedy"],
+            progress=args.progress)
+        log.info("warm-up stopped after %d steps", steps)
+        policy.save_pretrained(base_dir)
+        tok.save_pretrained(base_dir)
+
+    before = evaluate(policy)
+    log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"], before["sampled"])
+
+    data_path = out_dir / "offline.jsonl"
+    if args.resume and data_path.is_file():
+        rows, _ = read_jsonl(data_path, strict=True)
+    else:
+        log.info("stage 2/4: sampling %d responses for each of %d prompts",
+                 pipe.samples_per_prompt, pipe.n_offline)
+        prompts = [p.prompt for p in offline_set]
+        samples = generate(policy, tok, prompts, n=pipe.samples_per_prompt, top_p=pipe.top_p,
+                           top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens,
+                           progress=args.progress)
+        rows = label_samples(prompts, [p.answer for p in offline_set], samples, verify)
+        write_jsonl(data_path, rows)
+    log.info("offline data: %d responses, %.1f%% correct", len(rows),
+             100 * sum(r["reward"] > 0 for r in rows) / len(rows))
+
+    log.info("stage 3/4: reference log-probs and DQO training")
+    examples, _ = tokenize_rows(rows, tok, strict=True)
+    compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
+    value = ValueModel.from_policy(policy)
+    train_dqo(args, tok, policy, value, examples,
+              eval_fn=lambda: evaluate(policy, samples=0))
+
+    log.info("stage 4/4: evaluation")
+    after = evaluate(policy)
+    return {"before": before, "after": after}
+
+
+def run_custom(args: TrainArgs) -> Dict:
+    """``--model PATH --data FILE``: train a real model on an offline dataset."""
+    from transformers import AutoTokenizer
+
+    from .evaluate import accuracy
+    from .modeling import build_policy
+    from .tasks import get_verifier
+
+    torch.manual_seed(args.seed)
+    if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    policy = build_policy(path=args.model, dtype=dtype)
+    if on_gpu:
+        policy.cuda()
+    rows, _ = read_jsonl(args.data, strict=args.strict_data)
+    examples, _ = tokenize_rows(rows, tok, max_length=args.max_length, strict=args.strict_data)
+    compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(Path(args.out) / "cache"))
+    if args.value_model:
+        value = ValueModel.from_pretrained(args.value_model, dtype=dtype)
+    else:
+        value = ValueModel.from_policy(policy)
+    if on_gpu:
+        value.cuda()
+    eval_fn = None
+    if args.eval_data:
+        from .data import read_prompts
+        prompts, answers = read_prompts(args.eval_data)
+        verify = get_verifier(args.task)
+        eval_fn = lambda: accuracy(policy, tok, prompts, answers, verify,  # noqa: E731
+                                   samples=args.eval_samples,
+                                   max_new_tokens=args.max_new_tokens)
+    before = eval_fn() if eval_fn else {}
+    train_dqo(args, tok, policy, value, examples, eval_fn=eval_fn)
+    after = eval_fn() if eval_fn else {}
+    return {"before": before, "after": after}
+
+
+def parse_args(argv=None) -> TrainArgs:
+    p = argparse.ArgumentParser(prog="python -m dqo.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainArgs()
+    for f in fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        d = getattr(defaults, f.name)
+        if isinstance(d, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = {"is_clip": float, "max_steps": int, "value_lr": float, "max_length": int}.get(
+                f.name, type(d) if d is not None else str)
+            p.add_argument(flag, type=typ, default=None)
+    ns = vars(p.parse_args(argv))
+    given = {k: v for k, v in ns.items() if v is not None}
+    base = {} if given.get("data") else default_overrides()
+    return TrainArgs(**{**asdict(defaults), **base, **given})
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "transformers", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    if args.data is not None and args.model is None:
+        raise SystemExit("--data needs --model (the base policy the data was sampled from)")
+    if args.model is not None and args.data is None:
+        raise SystemExit("--model needs --data: sample an offline dataset with "
+                         "python -m dqo.sample first")
+    t0 = time.time()
+    res = run_default(args) if args.data is None else run_custom(args)
+    if res["before"]:
+        print("\naccuracy on held-out problems   greedy   sampled")
+        for name in ("before", "after"):
+            r = res[name]
+            print(f"  {name:6s} DQO                  {r['greedy']:6.3f}   "
+                  f"{r.get('sampled', float('nan')):6.3f}")
+    print(f"done in {time.time() - t0:.0f} s; outputs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""dqo: data, tasks, sampling, the training loop, checkpoints."""
+import json
+import math
+
+import pytest
+import torch
+
+from dqo import data as D
+from dqo.checkpoint import latest_checkpoint
+from dqo.modeling import ValueModel, build_policy, policy_logprobs, tiny_config
+from dqo.reference_logps import compute_ref_logps
+from dqo.sample import exact_process_scores, generate, label_samples
+from dqo.tasks import arithmetic, get_verifier
+from dqo.tasks.verify import MathVerifier, extract_hash_answer, last_boxed, verify_gsm8k
+from dqo.tokenizer import char_tokenizer
+from dqo.train import DefaultPipeline, TrainArgs, parse_args, run_default, train_dqo
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def policy(tok):
+    torch.manual_seed(0)
+    return build_policy(tiny_config(tok, hidden_size=32, layers=2, heads=2))
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+def test_tokenize_places_rewards_on_last_response_token_and_step_ends(tok):
+    row = D.check_row({"prompt": "Q: 1+2=?\n", "steps": ["1+2=3", "#### 3"],
+                       "step_rewards": [0.25, 0.5], "reward": 1.0}, "x:1")
+    ex = D.tokenize_row(row, tok)
+    assert tok.decode(ex.prompt_ids) == "Q: 1+2=?\n"
+    assert ex.response_ids[-1] == tok.eos_token_id
+    assert len(ex.response_ids) == len("1+2=3\n#### 3") + 1
+    expected = [0.0] * len(ex.response_ids)
+    expected[len("1+2=3") - 1] = 0.25  # last token of step 1
+    expected[len("1+2=3\n#### 3") - 1] = 0.5  # last token of step 2
+    expected[-1] = 1.0  # outcome reward on EOS
+    assert ex.rewards == expected
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_collate_masks_rewards_and_padding(tok, padding):
+    rows = [{"prompt": "Q: 1+2=?\n", "response": "#### 3", "reward": 1.0},
+            {"prompt": "Q: 12*3-4=?\n", "response": "12*3=36\n36-4=32\n#### 32", "reward": 0.0}]
+    exs = [D.tokenize_row(D.check_row(r, "x"), tok) for r in rows]
+    b = D.collate(exs, tok.pad_token_id, padding=padding)
+    T = max(len(e) for e in exs)
+    assert b.input_ids.shape == (2, T)
+    for i, e in enumerate(exs):
+        ids = b.input_ids[i][b.attention_mask[i].bool()].tolist()
+        assert ids == e.prompt_ids + e.response_ids
+        resp = b.input_ids[i][b.action_mask[i]].tolist()
+        assert resp == e.response_ids
+        last = torch.nonzero(b.action_mask[i])[-1].item()
+        assert b.rewards[i, last] == rows[i]["reward"]
+        assert b.rewards[i][~b.action_mask[i]].abs().sum() == 0
+        if padding == "left":
+            assert b.attention_mask[i, -1] == 1
+        else:
+            assert b.attention_mask[i, 0] == 1
+    assert b.behavior_logp is None
+
+
+def test_bad_rows_are_reported_with_line_numbers(tmp_path, caplog):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join([
+        json.dumps({"prompt": "Q: 1+1=?\n", "response": "#### 2", "reward": 1}),
+        "{not json",
+        json.dumps({"prompt": "Q", "response": "x"}),  # no reward
+        json.dumps({"prompt": "Q", "response": "x", "reward": float("nan")}),
+        json.dumps({"prompt": "Q", "steps": ["a", "b"], "step_rewards": [1], "reward": 0}),
+        json.dumps({"prompt": "Q", "response": "ab", "reward": 0,
+                    "response_ids": [4, 5], "behavior_logp": [-0.1]}),
+        json.dumps({"prompt": "Q: 2+2=?\n", "steps": ["2+2=4", "#### 4"], "reward": 1}),
+    ]) + "\n")
+    rows, errors = D.read_jsonl(p)
+    assert [r["_source"] for r in rows] == [f"{p}:1", f"{p}:7"]
+    assert len(errors) == 5
+    for line, msg in zip((2, 3, 4, 5, 6), ("invalid JSON", "missing required field 'reward'",
+                                           "'reward' must be a finite number",
+                                           "'step_rewards' must be 2 finite numbers",
+                                           "'behavior_logp' has 1 entries")):
+        assert any(e.startswith(f"{p}:{line}: ") and msg in e for e in errors), (line, errors)
+    assert "5 of 7 rows skipped" in caplog.text
+    with pytest.raises(D.DataError, match=rf"{p}:2: invalid JSON"):
+        D.read_jsonl(p, strict=True)
+
+
+def test_behavior_logp_length_must_match_tokens(tok):
+    row = D.check_row({"prompt": "Q", "response": "12", "reward": 0,
+                       "behavior_logp": [-0.1]}, "f:3")
+    with pytest.raises(D.DataError, match=r"f:3: 'behavior_logp' has 1 entries but the "
+                                          r"response has 3 tokens"):
+        D.tokenize_row(row, tok)
+
+
+# ---- tasks ----------------------------------------------------------------------------------
+
+
+def test_arithmetic_task_and_exact_step_labels():
+    p = arithmetic.Problem(7, (("+", 3), ("*", 2), ("-", 5)))
+    assert p.prompt == "Q: 7+3*2-5=?\n" and p.answer == "15"
+    assert arithmetic.parse_prompt(p.prompt) == p
+    assert arithmetic.step_labels(p, p.solution) == [True] * 4
+    wrong_mid = "7+3=10\n10*2=21\n21-5=16\n#### 16"
+    assert arithmetic.step_labels(p, wrong_mid) == [True, False, False, False]
+    assert not arithmetic.verify(wrong_mid, p.answer)
+    lucky = "7+3=11\n11*2=20\n20-5=15\n#### 15"  # right answer, wrong reasoning
+    assert arithmetic.verify(lucky, p.answer)
+    assert arithmetic.step_labels(p, lucky) == [False] * 4
+    assert len(set(arithmetic.make_problems(50, 1))) == 50
+    assert arithmetic.make_problems(5, 3) == arithmetic.make_problems(5, 3)
+
+
+@pytest.mark.parametrize("response,answer,ok", [
+    ("so 1,000 apples\n#### 1,000", "1000", True),
+    ("#### $18.00", "18", True),
+    ("#### -3", "-3", True),
+    ("#### 3", "-3", False),
+    ("The answer is 42", "42", False),  # no marker
+    ("#### 5\nwait, #### 7", "7", True),  # the last marker counts
+    ("#### 0.5", "1/2", True),
+])
+def test_gsm8k_verifier(response, answer, ok):
+    assert verify_gsm8k(response, answer) is ok
+
+
+def test_answer_extraction():
+    assert extract_hash_answer("x\n####  12 apples") == "12"
+    assert last_boxed(r"so \boxed{1} then \boxed{\frac{a}{b_{2}}}.") == r"\frac{a}{b_{2}}"
+    assert last_boxed("no box") is None
+
+
+def test_math_verifier_off_the_main_thread():
+    import threading
+    verifier = MathVerifier(timeout=60)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(ok=verifier(
+        [r"thus \boxed{\frac{1}{2}}", r"\boxed{0.5}", r"\boxed{3}", "no answer"],
+        ["0.5", r"\frac12", "4", "1"])))
+    t.start()
+    t.join(120)
+    verifier.close()
+    assert result["ok"] == [True, True, False, False]
+
+
+# ---- sampling and models ----------------------------------------------------------------------
+
+
+def test_sampled_behavior_logp_equals_training_logprobs(tok, policy):
+    """The log-probs recorded while sampling (left-padded generate) are the ones the trainer
+    computes for the same tokens (right- or left-padded batches): alignment and positions."""
+    probs = arithmetic.make_problems(4, 0)
+    torch.manual_seed(1)
+    samples = generate(policy, tok, [p.prompt for p in probs], n=2, max_new_tokens=12)
+    rows = label_samples([p.prompt for p in probs], [p.answer for p in probs], samples,
+                         get_verifier("arithmetic"))
+    for padding in ("right", "left"):
+        exs = [D.tokenize_row(D.check_row(r, "x"), tok) for r in rows]
+        b = D.collate(exs, tok.pad_token_id, padding=padding)
+        with torch.no_grad():
+            lp = policy_logprobs(policy, b.input_ids, b.attention_mask, b.action_mask)
+        sampled_eos = torch.tensor([r["response_ids"][-1] == tok.eos_token_id for r in rows])
+        # rows cut at max_new_tokens get an EOS appended that was never sampled (logp 0 there)
+        m = b.action_mask.clone()
+        for i in range(len(rows)):
+            if not sampled_eos[i]:
+                m[i, torch.nonzero(m[i])[-1]] = False
+        torch.testing.assert_close(lp[m], b.behavior_logp[m], rtol=1e-4, atol=1e-4)
+
+
+def test_value_model_alignment(tok, policy):
+    value = ValueModel.from_policy(policy)
+    torch.nn.init.normal_(value.head.weight)
+    ids = torch.tensor([tok("Q: 1+2=?\n1+2=3")["input_ids"]])
+    attn = torch.ones_like(ids)
+    v = value(ids, attn)
+    assert v.shape == ids.shape and v[0, 0] == 0
+    with torch.no_grad():
+        h = value.backbone(input_ids=ids, attention_mask=attn).last_hidden_state
+    torch.testing.assert_close(v[0, 1:], value.head(h[0, :-1]).squeeze(-1))
+
+
+def test_exact_process_scores():
+    p = arithmetic.Problem(7, (("+", 3), ("*", 2)))
+    rows = [dict(prompt=p.prompt, response="7+3=10\n10*2=21\n#### 21", reward=0.0),
+            dict(prompt=p.prompt, response=p.solution, reward=1.0)]
+    out = exact_process_scores(rows, lambda pr, r: arithmetic.step_labels(
+        arithmetic.parse_prompt(pr), r), process_reward=0.2)
+    assert out[0]["step_rewards"] == [0.2, 0.0, 0.0]
+    assert "steps" not in out[1]
+
+
+# ---- the training loop ------------------------------------------------------------------------
+
+
+def small_setup(tok, policy, n=32):
+    probs = arithmetic.make_problems(n // 2, 5)
+    torch.manual_seed(2)
+    samples = generate(policy, tok, [p.prompt for p in probs], n=2, max_new_tokens=16)
+    rows = label_samples([p.prompt for p in probs], [p.answer for p in probs], samples,
+                         get_verifier("arithmetic"))
+    for i, r in enumerate(rows):  # make rewards informative for the tiny random model
+        r["reward"] = float(i % 3 == 0)
+    exs = [D.tokenize_row(D.check_row(r, "x"), tok) for r in rows]
+    compute_ref_logps(policy, exs, tok.pad_token_id)
+    return exs
+
+
+def train_args(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), lr=1e-3, value_lr=1e-2, batch_size=8, micro_batch=4,
+                epochs=1, engine="torch", progress=False, save_every=0)
+    return TrainArgs(**{**base, **kw})
+
+
+def test_trainer_steps_lower_the_loss(tok, policy, tmp_path):
+    exs = small_setup(tok, policy)
+    fixed = exs[:8]
+    args = train_args(tmp_path, max_steps=12)
+    train_dqo(args, tok, policy, ValueModel.from_policy(policy), fixed * 4)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(rows) == 12
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], [r["loss"] for r in rows]
+    assert (tmp_path / "run" / "final" / "policy" / "config.json").is_file()
+    assert (tmp_path / "run" / "final" / "value" / "value_head.pt").is_file()
+
+
+def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch):
+    exs = small_setup(tok, policy)
+    state0 = {k: v.clone() for k, v in policy.state_dict().items()}
+
+    def fresh():
+        policy.load_state_dict(state0)
+        torch.manual_seed(0)
+        return policy, ValueModel.from_policy(policy)
+
+    p, v = fresh()
+    train_dqo(train_args(tmp_path / "a", max_steps=6), tok, p, v, exs)
+    straight = {k: t.clone() for k, t in p.state_dict().items()}
+    straight_v = {k: t.clone() for k, t in v.state_dict().items()}
+
+    import dqo.train as T
+    real_step, calls = T.dqo_micro_step, []
+
+    def dies_in_step_5(*a, **k):  # 2 micro-batches a step: the 9th call is inside step 5
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    p, v = fresh()
+    monkeypatch.setattr(T, "dqo_micro_step", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_dqo(train_args(tmp_path / "b", max_steps=6, save_every=2), tok, p, v, exs)
+    monkeypatch.setattr(T, "dqo_micro_step", real_step)
+    assert latest_checkpoint(tmp_path / "b" / "run").name == "step-0000004"
+    with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:  # a row the kill left behind
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
+    p, v = fresh()  # a new process: fresh weights, then --resume
+    train_dqo(train_args(tmp_path / "b", max_steps=6, save_every=2, resume=True), tok, p, v,
+              exs)
+    for k, t in p.state_dict().items():
+        assert torch.equal(t, straight[k]), k
+    for k, t in v.state_dict().items():
+        assert torch.equal(t, straight_v[k]), k
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    ckpts = sorted(x.name for x in (tmp_path / "b" / "run" / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-0000004", "step-0000006"]  # keep=2, no temp dirs left
+
+
+def test_deepspeed_engine_trains_on_cpu(tok, policy, tmp_path):
+    pytest.importorskip("deepspeed")
+    exs = small_setup(tok, policy)
+    args = train_args(tmp_path, engine="deepspeed", zero_stage=2, max_steps=3, save_every=3)
+    train_dqo(args, tok, policy, ValueModel.from_policy(policy), exs)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000003"
+
+
+def test_parse_args_defaults_and_flags():
+    a = parse_args([])
+    assert a.data is None and a.lr == 2e-5 and a.out == "runs/default"
+    b = parse_args(["--model", "m", "--data", "d.jsonl", "--lam", "0.95", "--no-is-policy",
+                    "--is-clip", "inf", "--max-steps", "10"])
+    assert (b.model, b.lam, b.is_policy, b.is_clip, b.max_steps, b.lr) == (
+        "m", 0.95, False, math.inf, 10, 5e-7)
+
+
+def test_default_pipeline_smoke(tmp_path):
+    """Every stage of `python -m dqo.train` with no arguments, at toy sizes."""
+    pipe = DefaultPipeline(n_sft=64, n_offline=8, n_test=8, samples_per_prompt=2,
+                           sft_max_steps=3, max_new_tokens=12)
+    args = TrainArgs(**{**parse_args([]).__dict__, "out": str(tmp_path / "d"), "progress": False,
+                        "batch_size": 8, "micro_batch": 8, "epochs": 1, "eval_samples": 1})
+    res = run_default(args, pipe)
+    assert set(res) == {"before", "after"}
+    assert 0 <= res["after"]["greedy"] <= 1 and 0 <= res["after"]["sampled"] <= 1
+    assert (tmp_path / "d" / "offline.jsonl").is_file()
+    assert (tmp_path / "d" / "final" / "policy" / "config.json").is_file()
