@@ -388,6 +388,8 @@ def main(argv=None) -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "transformers", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Writing model shards" at every save
     args = parse_args(argv)
     if args.data is not None and args.model is None:
         raise SystemExit("--data needs --model (the base policy the data was sampled from)")
