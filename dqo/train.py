@@ -31,10 +31,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from dqo_kernels import fused_dqo_loss
-
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Example, collate, read_jsonl, tokenize_rows, write_jsonl
+from . import algos
+from .data import Example, read_jsonl, tokenize_rows, write_jsonl
 from .engine import OptimConfig, make_engine, resolve_engine_kind
 from .modeling import ValueModel, policy_logprobs
 from .reference_logps import compute_ref_logps
@@ -54,6 +53,8 @@ class TrainArgs:
     strict_data: bool = False
     max_length: Optional[int] = None
     padding: str = "right"
+    # the algorithm (dqo, or a baseline on the same samples: dro, sft, rs, dpo, kto)
+    algo: str = "dqo"
     # DQO
     beta: float = 0.1
     lam: float = 1.0
@@ -108,24 +109,6 @@ def step_token_count(batches, grad_accum: int) -> torch.Tensor:
     return n / (world_size() * grad_accum)
 
 
-def dqo_micro_step(policy_engine, value_engine, b, args: TrainArgs, num_tokens) -> Dict:
-    logp = policy_logprobs(policy_engine.module, b.input_ids, b.attention_mask, b.action_mask)
-    values = value_engine(b.input_ids, b.attention_mask)
-    out = fused_dqo_loss(
-        logp, b.ref_logp, values, b.rewards, b.action_mask, behavior_logp=b.behavior_logp,
-        beta=args.beta, lam=args.lam, gamma=args.gamma, is_clip=args.is_clip,
-        is_policy=args.is_policy, is_value=args.is_value, target_grad=args.target_grad,
-        loss_agg=args.loss_agg, num_tokens=num_tokens if args.loss_agg == "token-mean" else None)
-    policy_engine.backward(out.policy_loss)
-    value_engine.backward(out.value_loss)
-    policy_engine.step()
-    value_engine.step()
-    stats = {k: v.item() for k, v in out.metrics.items()}
-    stats.update(loss=out.loss.item(), policy_loss=out.policy_loss.item(),
-                 value_loss=out.value_loss.item())
-    return stats
-
-
 def merge_stats(parts: List[Dict]) -> Dict:
     """Token-weighted means of micro-batch statistics; losses add up; maxima stay maxima."""
     n = sum(p["num_tokens"] for p in parts) or 1.0
@@ -142,9 +125,12 @@ def merge_stats(parts: List[Dict]) -> Dict:
     return out
 
 
-def train_dqo(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
-              eval_fn: Optional[Callable[[], Dict]] = None) -> Dict:
-    """The DQO loop. ``examples`` carry ``ref_logp``. Returns the last evaluation (if any)."""
+def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
+          eval_fn: Optional[Callable[[], Dict]] = None) -> Dict:
+    """The training loop of ``args.algo`` (see :mod:`dqo.algos`). ``examples`` carry
+    ``ref_logp`` where the algorithm needs it; ``value`` is None for policy-only algorithms.
+    Returns the last evaluation (if any)."""
+    data = algos.items(args.algo, examples, seed=args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.batch_size % args.micro_batch:
@@ -155,23 +141,24 @@ def train_dqo(args: TrainArgs, tokenizer, policy, value, examples: List[Example]
     kind = resolve_engine_kind(args.engine)
     world = int(os.environ.get("WORLD_SIZE", "1")) if kind == "deepspeed" else 1
     global_batch = args.batch_size * world
-    steps_per_epoch = len(examples) // global_batch
+    steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(examples)} examples are fewer than one global batch of "
-                         f"{global_batch}")
+        raise ValueError(f"{args.algo}: {len(data)} training items are fewer than one global "
+                         f"batch of {global_batch}")
     total = args.max_steps or args.epochs * steps_per_epoch
     common = dict(weight_decay=0.0, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
                   total_steps=total, grad_accum=grad_accum, micro_batch=args.micro_batch)
-    policy_engine = make_engine(policy, OptimConfig(lr=args.lr, **common), kind,
-                                args.zero_stage)
-    value_engine = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
-                               kind, args.zero_stage)
+    engines = {"policy": make_engine(policy, OptimConfig(lr=args.lr, **common), kind,
+                                     args.zero_stage)}
+    if args.algo in algos.NEEDS_VALUE:
+        engines["value"] = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
+                                       kind, args.zero_stage)
+    policy_engine = engines["policy"]
     assert world == world_size(), (world, world_size())
     if kind == "torch":
         log.info("engines: plain PyTorch (DeepSpeed is used on GPU or with --engine deepspeed)")
     else:
         log.info("engines: DeepSpeed ZeRO-%d", args.zero_stage)
-    engines = {"policy": policy_engine, "value": value_engine}
     device = next(policy_engine.module.parameters()).device
 
     start = 0
@@ -187,19 +174,19 @@ def train_dqo(args: TrainArgs, tokenizer, policy, value, examples: List[Example]
     steps = range(start, total)
     if args.progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="dqo", initial=start, total=total, disable=None)
-    policy_engine.train()
-    value_engine.train()
+        steps = tqdm(steps, desc=args.algo, initial=start, total=total, disable=None)
+    for engine in engines.values():
+        engine.train()
     for step in steps:
         epoch, k = divmod(step, steps_per_epoch)
         lo = k * global_batch + rank() * args.batch_size  # this rank's share of the step
-        idx = epoch_order(len(examples), args.seed + epoch)[lo:lo + args.batch_size]
-        batches = [collate([examples[j] for j in idx[i:i + args.micro_batch]],
-                           tokenizer.pad_token_id, padding=args.padding).to(device)
+        idx = epoch_order(len(data), args.seed + epoch)[lo:lo + args.batch_size]
+        batches = [algos.collate_items(args.algo, [data[j] for j in idx[i:i + args.micro_batch]],
+                                       tokenizer.pad_token_id, args.padding).to(device)
                    for i in range(0, len(idx), args.micro_batch)]
         num_tokens = step_token_count(batches, grad_accum)
         t0 = time.perf_counter()
-        stats = merge_stats([dqo_micro_step(policy_engine, value_engine, b, args, num_tokens)
+        stats = merge_stats([algos.micro_step(args.algo, engines, b, args, num_tokens)
                              for b in batches])
         row = dict(step=step + 1, epoch=epoch, lr=policy_engine.get_lr()[0],
                    step_time=time.perf_counter() - t0, **stats)
@@ -211,8 +198,8 @@ def train_dqo(args: TrainArgs, tokenizer, policy, value, examples: List[Example]
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if args.progress:
-            steps.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.3f}",
-                              ret=f"{row['return_mean']:.3f}")
+            steps.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "kl", "return_mean")
+                               if k in row})
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total):
             save_checkpoint(out_dir, step + 1, engines, {"args": asdict(args)},
                             keep=args.keep_checkpoints)
@@ -220,7 +207,8 @@ def train_dqo(args: TrainArgs, tokenizer, policy, value, examples: List[Example]
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         policy_engine.module.save_pretrained(final / "policy")
         tokenizer.save_pretrained(final / "policy")
-        value_engine.module.save_pretrained(final / "value")
+        if "value" in engines:
+            engines["value"].module.save_pretrained(final / "value")
     return last_eval
 
 
@@ -314,8 +302,7 @@ def run_default(args: TrainArgs, pipe: DefaultPipeline = DefaultPipeline()) -> D
     examples, _ = tokenize_rows(rows, tok, strict=True)
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
     value = ValueModel.from_policy(policy)
-    train_dqo(args, tok, policy, value, examples,
-              eval_fn=lambda: evaluate(policy, samples=0))
+    train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0))
 
     log.info("stage 4/4: evaluation")
     after = evaluate(policy)
@@ -343,13 +330,15 @@ def run_custom(args: TrainArgs) -> Dict:
         policy.cuda()
     rows, _ = read_jsonl(args.data, strict=args.strict_data)
     examples, _ = tokenize_rows(rows, tok, max_length=args.max_length, strict=args.strict_data)
-    compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(Path(args.out) / "cache"))
-    if args.value_model:
-        value = ValueModel.from_pretrained(args.value_model, dtype=dtype)
-    else:
-        value = ValueModel.from_policy(policy)
-    if on_gpu:
-        value.cuda()
+    if args.algo in algos.NEEDS_REF:
+        compute_ref_logps(policy, examples, tok.pad_token_id,
+                          cache_dir=str(Path(args.out) / "cache"))
+    value = None
+    if args.algo in algos.NEEDS_VALUE:
+        value = (ValueModel.from_pretrained(args.value_model, dtype=dtype) if args.value_model
+                 else ValueModel.from_policy(policy))
+        if on_gpu:
+            value.cuda()
     eval_fn = None
     if args.eval_data:
         from .data import read_prompts
@@ -359,7 +348,7 @@ def run_custom(args: TrainArgs) -> Dict:
                                    samples=args.eval_samples,
                                    max_new_tokens=args.max_new_tokens)
     before = eval_fn() if eval_fn else {}
-    train_dqo(args, tok, policy, value, examples, eval_fn=eval_fn)
+    train(args, tok, policy, value, examples, eval_fn=eval_fn)
     after = eval_fn() if eval_fn else {}
     return {"before": before, "after": after}
 

@@ -13,7 +13,7 @@ from dqo.sample import exact_process_scores, generate, label_samples
 from dqo.tasks import arithmetic, get_verifier
 from dqo.tasks.verify import MathVerifier, extract_hash_answer, last_boxed, verify_gsm8k
 from dqo.tokenizer import char_tokenizer
-from dqo.train import DefaultPipeline, TrainArgs, parse_args, run_default, train_dqo
+from dqo.train import DefaultPipeline, TrainArgs, parse_args, run_default, train
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_trainer_steps_lower_the_loss(tok, policy, tmp_path):
     exs = small_setup(tok, policy)
     fixed = exs[:8]
     args = train_args(tmp_path, max_steps=12)
-    train_dqo(args, tok, policy, ValueModel.from_policy(policy), fixed * 4)
+    train(args, tok, policy, ValueModel.from_policy(policy), fixed * 4)
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(rows) == 12
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], [r["loss"] for r in rows]
@@ -241,12 +241,12 @@ def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch)
         return policy, ValueModel.from_policy(policy)
 
     p, v = fresh()
-    train_dqo(train_args(tmp_path / "a", max_steps=6), tok, p, v, exs)
+    train(train_args(tmp_path / "a", max_steps=6), tok, p, v, exs)
     straight = {k: t.clone() for k, t in p.state_dict().items()}
     straight_v = {k: t.clone() for k, t in v.state_dict().items()}
 
     import dqo.train as T
-    real_step, calls = T.dqo_micro_step, []
+    real_step, calls = T.algos.micro_step, []
 
     def dies_in_step_5(*a, **k):  # 2 micro-batches a step: the 9th call is inside step 5
         calls.append(1)
@@ -255,15 +255,15 @@ def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch)
         return real_step(*a, **k)
 
     p, v = fresh()
-    monkeypatch.setattr(T, "dqo_micro_step", dies_in_step_5)
+    monkeypatch.setattr(T.algos, "micro_step", dies_in_step_5)
     with pytest.raises(KeyboardInterrupt):
-        train_dqo(train_args(tmp_path / "b", max_steps=6, save_every=2), tok, p, v, exs)
-    monkeypatch.setattr(T, "dqo_micro_step", real_step)
+        train(train_args(tmp_path / "b", max_steps=6, save_every=2), tok, p, v, exs)
+    monkeypatch.setattr(T.algos, "micro_step", real_step)
     assert latest_checkpoint(tmp_path / "b" / "run").name == "step-0000004"
     with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:  # a row the kill left behind
         f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
     p, v = fresh()  # a new process: fresh weights, then --resume
-    train_dqo(train_args(tmp_path / "b", max_steps=6, save_every=2, resume=True), tok, p, v,
+    train(train_args(tmp_path / "b", max_steps=6, save_every=2, resume=True), tok, p, v,
               exs)
     for k, t in p.state_dict().items():
         assert torch.equal(t, straight[k]), k
@@ -279,7 +279,7 @@ def test_deepspeed_engine_trains_on_cpu(tok, policy, tmp_path):
     pytest.importorskip("deepspeed")
     exs = small_setup(tok, policy)
     args = train_args(tmp_path, engine="deepspeed", zero_stage=2, max_steps=3, save_every=3)
-    train_dqo(args, tok, policy, ValueModel.from_policy(policy), exs)
+    train(args, tok, policy, ValueModel.from_policy(policy), exs)
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
     assert latest_checkpoint(tmp_path / "run").name == "step-0000003"

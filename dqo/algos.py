@@ -1,0 +1,118 @@
+"""The algorithms the trainer runs on the same offline samples (paper appendix A):
+
+- ``dqo``: token-level soft Q-learning with lambda-returns and importance sampling (ours);
+- ``dro``: the sequence-level special case (one action per response), policy + value;
+- ``sft``: the examples' responses as targets (give reference solutions);
+- ``rs``:  rejection sampling: SFT on the correct samples;
+- ``dpo``: pairs of a correct and an incorrect sample of a prompt (at most 12 a prompt);
+- ``kto``: every sample, label = correctness.
+
+Each algorithm says which examples it trains on (``items``), how they batch (``collate``),
+whether it needs a value model and reference log-probs, and what one micro-batch does
+(``micro_step``), which returns its statistics; ``num_tokens`` weights them.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Dict, List, Sequence
+
+import torch
+
+from dqo_kernels import dro_loss, fused_dqo_loss
+
+from .data import Batch, Example, collate
+from .losses import dpo_loss, kto_loss, sequence_sum, sft_loss
+from .modeling import policy_logprobs
+
+ALGOS = ("dqo", "dro", "sft", "rs", "dpo", "kto")
+NEEDS_VALUE = {"dqo", "dro"}
+NEEDS_REF = {"dqo", "dro", "dpo", "kto"}
+
+
+def items(algo: str, examples: List[Example], seed: int = 0, max_pairs: int = 12) -> List:
+    if algo == "rs":
+        return [e for e in examples if e.rewards[-1] > 0]
+    if algo == "dpo":
+        by_prompt: Dict[str, List[Example]] = defaultdict(list)
+        for e in examples:
+            by_prompt[e.prompt].append(e)
+        rng = random.Random(seed)
+        pairs = []
+        for group in by_prompt.values():
+            good = [e for e in group if e.rewards[-1] > 0]
+            bad = [e for e in group if e.rewards[-1] <= 0]
+            all_pairs = [(g, b) for g in good for b in bad]
+            pairs += rng.sample(all_pairs, min(max_pairs, len(all_pairs)))
+        return pairs
+    if algo in ALGOS:
+        return list(examples)
+    raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
+
+
+def collate_items(algo: str, chunk: Sequence, pad_id: int, padding: str = "right") -> Batch:
+    if algo == "dpo":  # chosen rows first, then rejected rows
+        return collate([c for c, _ in chunk] + [r for _, r in chunk], pad_id, padding=padding)
+    return collate(chunk, pad_id, padding=padding)
+
+
+def _logp(engines, b: Batch) -> torch.Tensor:
+    return policy_logprobs(engines["policy"].module, b.input_ids, b.attention_mask,
+                           b.action_mask)
+
+
+def _backward_and_step(engines, losses: Dict[str, torch.Tensor]) -> None:
+    for name, loss in losses.items():
+        engines[name].backward(loss)
+    for engine in engines.values():
+        engine.step()
+
+
+def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, float]:
+    if algo == "dqo":
+        logp = _logp(engines, b)
+        values = engines["value"](b.input_ids, b.attention_mask)
+        out = fused_dqo_loss(
+            logp, b.ref_logp, values, b.rewards, b.action_mask, behavior_logp=b.behavior_logp,
+            beta=args.beta, lam=args.lam, gamma=args.gamma, is_clip=args.is_clip,
+            is_policy=args.is_policy, is_value=args.is_value, target_grad=args.target_grad,
+            loss_agg=args.loss_agg,
+            num_tokens=num_tokens if args.loss_agg == "token-mean" else None)
+        _backward_and_step(engines, {"policy": out.policy_loss, "value": out.value_loss})
+        stats = {k: v.item() for k, v in out.metrics.items()}
+        stats.update(policy_loss=out.policy_loss.item(), value_loss=out.value_loss.item())
+        stats["loss"] = stats["policy_loss"] + stats["value_loss"]
+        return stats
+    if algo == "dro":
+        logp = _logp(engines, b)
+        values = engines["value"](b.input_ids, b.attention_mask)
+        first = b.action_mask.float().argmax(-1)  # V(prompt) = V at the first action
+        rows = torch.arange(len(first), device=first.device)
+        beh = None if b.behavior_logp is None else sequence_sum(b.behavior_logp, b.action_mask)
+        out = dro_loss(sequence_sum(logp, b.action_mask), sequence_sum(b.ref_logp, b.action_mask),
+                       values[rows, first], sequence_sum(b.rewards, b.action_mask),
+                       behavior_logp=beh, beta=args.beta, is_clip=args.is_clip)
+        _backward_and_step(engines, {"policy": out.policy_loss, "value": out.value_loss})
+        return dict(loss=out.loss.item(), policy_loss=out.policy_loss.item(),
+                    value_loss=out.value_loss.item(), kl=out.metrics["kl"].item(),
+                    num_tokens=float(len(first)))
+    if algo in ("sft", "rs"):
+        loss = sft_loss(_logp(engines, b), b.action_mask)
+        _backward_and_step(engines, {"policy": loss})
+        return dict(loss=loss.item(), num_tokens=float(b.action_mask.sum()))
+    if algo == "dpo":
+        seq = sequence_sum(_logp(engines, b), b.action_mask)
+        ref = sequence_sum(b.ref_logp, b.action_mask)
+        P = seq.shape[0] // 2
+        loss = dpo_loss(seq[:P], seq[P:], ref[:P], ref[P:], beta=args.beta)
+        _backward_and_step(engines, {"policy": loss})
+        margin = ((seq[:P] - ref[:P]) - (seq[P:] - ref[P:])).mean().item()
+        return dict(loss=loss.item(), margin=margin, num_tokens=float(P))
+    if algo == "kto":
+        m = b.action_mask
+        seq, ref = sequence_sum(_logp(engines, b), m), sequence_sum(b.ref_logp, m)
+        desirable = sequence_sum(b.rewards, m) > 0
+        loss = kto_loss(seq, ref, desirable, beta=args.beta)
+        _backward_and_step(engines, {"policy": loss})
+        return dict(loss=loss.item(), num_tokens=float(seq.shape[0]))
+    raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
