@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["dqo_kernels", "dqo_kernels.csrc", "dqo", "dqo.tasks"],
+    packages=["dqo_kernels", "dqo_kernels.csrc", "dqo", "dqo.tasks", "dqo.experiments"],
     package_dir={"dqo_kernels.csrc": "csrc"},
     package_data={"dqo_kernels.csrc": ["*.cpp", "*.h"]},
     install_requires=["torch>=2.1", "numpy"],
@@ -30,6 +30,7 @@ setup(
         "triton": ["triton>=3.0"],
         # the trainer (python -m dqo.train); flash-attn is used on GPU when installed
         "train": ["transformers>=4.56", "deepspeed>=0.16", "math-verify>=0.7", "tqdm"],
+        "experiments": ["matplotlib"],  # python -m dqo.experiments.replicate
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
     },
     classifiers=[

@@ -1,19 +1,28 @@
-"""Speed and memory of the fused DQO loss against what users would otherwise run.
+"""Speed and memory of the dqo_kernels ops against what users would otherwise run.
 
-    python benchmarks/run.py            # all shapes for this device
-    python benchmarks/run.py --quick    # a few small shapes (a minute on 2 CPU cores)
+    python benchmarks/run.py              # every op and shape for this device
+    python benchmarks/run.py --quick      # a few small shapes
+    python benchmarks/run.py --ops dqo_loss,linear_logprobs --memory
 
-Forward + backward of the loss on [B, T] inputs, median of repeated runs, for each backend that
-can run here:
+Each op is timed forward + backward, median of repeated runs, for every implementation that
+can run here, all in one process:
 
-- ``ours``: the auto backend (the native C++ kernel on CPU, Triton on CUDA),
-- ``eager``: the PyTorch reference, a Python loop over T with autograd: the shape of the
-  lambda-return loops in verl's ``compute_gae_advantage_return`` and most trainers,
-- ``compile``: ``torch.compile`` of that reference (GPU only, short T: it unrolls the loop).
+- ``dqo_loss``: ours (Triton on CUDA, the C++ kernel on CPU) vs ``eager`` (the PyTorch
+  reference: a Python loop over T with autograd, the shape of verl's
+  ``compute_gae_advantage_return``) vs ``compile`` (torch.compile of it, GPU, short T only).
+- ``token_logprobs``: ours vs eager ``log_softmax(logits).gather`` vs its torch.compile, and
+  flash-attn's Triton cross-entropy / Liger-Kernel's cross-entropy where installed (GPU).
+- ``linear_logprobs``: ours vs eager (``h @ W.T`` then log_softmax) vs its torch.compile, and
+  Liger-Kernel's fused linear cross-entropy / Cut Cross-Entropy where installed (GPU).
+- ``loss_head``: hidden states -> log-probs -> DQO loss -> backward, ours vs eager.
 
-Results go to ``benchmarks/results/<device>-<date>.json`` and ``.md``. On CPU only ratios
-measured in the same run are meaningful; absolute times are reported for GPUs with their name.
-Triton-interpreter timings are never reported: ``TRITON_INTERPRET=1`` is refused.
+Peak memory: on CUDA the allocator's peak beyond the inputs; on CPU, with ``--memory``, the
+peak RSS of a subprocess running one forward+backward minus that of one that only builds the
+inputs. The roofline floor of each op is its unavoidable bytes over the measured copy
+bandwidth, or its matmul flops over the measured matmul rate, whichever is larger; ``floor %``
+is floor / our time. Results: ``benchmarks/results/<device>-<date>.{json,md,png}``. Absolute
+times are only meaningful with the device name; on CPU compare ratios within one run.
+Triton-interpreter timings are refused (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -23,9 +32,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("benchmarks/run.py: refusing to time the Triton interpreter (TRITON_INTERPRET=1)")
@@ -34,69 +45,177 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dqo_kernels  # noqa: E402
-from dqo_kernels import fused_dqo_loss  # noqa: E402
+from dqo_kernels import fused_dqo_loss, linear_logprobs, token_logprobs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OPS = ("dqo_loss", "token_logprobs", "linear_logprobs", "loss_head")
 
 
-def make_inputs(B, T, device, seed=0):
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def dqo_inputs(B, T, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(B, T, dtype=torch.bool)
     prompt = torch.randint(0, T // 4 + 1, (B,), generator=g)
-    length = torch.randint(T // 4, T - T // 4 + 1, (B,), generator=g)
+    length = torch.randint(max(1, T // 4), T - T // 4 + 1, (B,), generator=g)
     pos = torch.arange(T)
     mask = (pos >= prompt[:, None]) & (pos < (prompt + length)[:, None])
     logp = -torch.rand(B, T, generator=g) * 3
-    ref = logp + 0.1 * torch.randn(B, T, generator=g)
-    values = 0.5 * torch.randn(B, T, generator=g)
+    out = dict(logp=logp, ref_logp=logp + 0.1 * torch.randn(B, T, generator=g),
+               values=0.5 * torch.randn(B, T, generator=g), mask=mask)
     rewards = torch.zeros(B, T)
-    last = (prompt + length - 1).clamp_min(0)
-    rewards[torch.arange(B), last] = (torch.rand(B, generator=g) < 0.5).float()
-    rewards = rewards * mask
-    out = dict(logp=logp, ref_logp=ref, values=values, rewards=rewards, mask=mask)
+    rewards[torch.arange(B), (prompt + length - 1).clamp(0, T - 1)] = 1.0
+    out["rewards"] = rewards * mask
     return {k: v.to(device) for k, v in out.items()}
 
 
-def step_fn(inputs, backend, compiled=False):
-    logp = inputs["logp"].clone().requires_grad_(True)
-    values = inputs["values"].clone().requires_grad_(True)
+def logit_inputs(N, V, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(logits=(2 * torch.randn(N, V, generator=g)).to(device, dtype),
+                targets=torch.randint(0, V, (N,), generator=g).to(device))
+
+
+def linear_inputs(N, D, V, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden=torch.randn(N, D, generator=g).to(device, dtype),
+                weight=(torch.randn(V, D, generator=g) / D ** 0.5).to(device, dtype),
+                targets=torch.randint(0, V, (N,), generator=g).to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations: each returns a zero-argument step (forward + backward)
+
+
+def dqo_step(x, backend):
+    logp = x["logp"].clone().requires_grad_(True)
+    values = x["values"].clone().requires_grad_(True)
 
     def step():
         logp.grad = values.grad = None
-        out = fused_dqo_loss(logp, inputs["ref_logp"], values, inputs["rewards"],
-                             inputs["mask"], lam=0.95, backend=backend)
+        out = fused_dqo_loss(logp, x["ref_logp"], values, x["rewards"], x["mask"], lam=0.95,
+                             backend=backend)
         out.loss.backward()
-
-    if compiled:
-        return torch.compile(step)
     return step
 
 
-def time_it(fn, device, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
+def eager_token_logprobs(logits, targets):
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+
+
+def eager_linear_logprobs(hidden, weight, targets):
+    return eager_token_logprobs(hidden @ weight.T, targets)
+
+
+def token_step(x, impl):
+    logits = x["logits"].clone().requires_grad_(True)
+    up = torch.randn(logits.shape[0], device=logits.device)
+    if impl == "ours":
+        fn = lambda: token_logprobs(logits, x["targets"])  # noqa: E731
+    elif impl in ("eager", "compile"):
+        f = torch.compile(eager_token_logprobs) if impl == "compile" else eager_token_logprobs
+        fn = lambda: f(logits, x["targets"])  # noqa: E731
+    elif impl == "flash_attn_ce":
+        from flash_attn.losses.cross_entropy import CrossEntropyLoss
+        ce = CrossEntropyLoss(reduction="none")
+        fn = lambda: -ce(logits, x["targets"])  # noqa: E731
+    elif impl == "liger_ce":
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+        ce = LigerCrossEntropyLoss(reduction="none")
+        fn = lambda: -ce(logits, x["targets"])  # noqa: E731
+    else:
+        raise ValueError(impl)
+
+    def step():
+        logits.grad = None
+        fn().backward(up)
+    return step
+
+
+def linear_step(x, impl):
+    h = x["hidden"].clone().requires_grad_(True)
+    w = x["weight"].clone().requires_grad_(True)
+    up = torch.randn(h.shape[0], device=h.device)
+    t = x["targets"]
+    if impl == "ours":
+        fn = lambda: linear_logprobs(h, w, t)  # noqa: E731
+    elif impl in ("eager", "compile"):
+        f = torch.compile(eager_linear_logprobs) if impl == "compile" else eager_linear_logprobs
+        fn = lambda: f(h, w, t)  # noqa: E731
+    elif impl == "liger_flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        ce = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        fn = lambda: -ce(w, h, t)  # noqa: E731
+    elif impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+        fn = lambda: -linear_cross_entropy(h, w, t, reduction="none")  # noqa: E731
+    else:
+        raise ValueError(impl)
+
+    def step():
+        h.grad = w.grad = None
+        fn().backward(up)
+    return step
+
+
+def head_step(x, impl, B, T):
+    h = x["hidden"].clone().requires_grad_(True)
+    w = x["weight"].clone().requires_grad_(True)
+    d = dqo_inputs(B, T, h.device)
+    values = d["values"].clone().requires_grad_(True)
+    targets = x["targets"].view(B, T).masked_fill(~d["mask"], -100)
+
+    def step():
+        h.grad = w.grad = values.grad = None
+        if impl == "ours":
+            logp = linear_logprobs(h.view(B, T, -1), w, targets)
+            backend = None
+        else:
+            logp = eager_linear_logprobs(h, w, targets.clamp_min(0).view(-1)).view(B, T)
+            backend = "torch"
+        out = fused_dqo_loss(logp, d["ref_logp"], values, d["rewards"], d["mask"], lam=0.95,
+                             backend=backend)
+        out.loss.backward()
+    return step
+
+
+def installed(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+
+
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+
+
+def time_ms(fn, device, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+            return float(do_bench(fn, warmup=25, rep=max(100, reps * 10), return_mode="median"))
+        except ImportError:
+            pass
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def peak_mem(fn, device):
-    if device.type != "cuda":
-        return None
+def cuda_peak_mib(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -105,69 +224,220 @@ def peak_mem(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def cpu_peak_mib(op: str, impl: str, shape: List[int]) -> Optional[float]:
+    """Peak RSS of one forward+backward in a fresh process, minus the inputs-only baseline."""
+    def run(what):
+        cmd = [sys.executable, __file__, "--probe", json.dumps([op, what, shape])]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        return float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
+    peak, base = run(impl), run("inputs-only")
+    return None if peak is None or base is None else max(0.0, peak - base)
+
+
+def measure_rates(device) -> Dict[str, float]:
+    """Copy bandwidth (GB/s) and fp32 (CPU) / bf16 (GPU) matmul rate (TFLOP/s), measured."""
+    n = 64 * 2**20 if device.type == "cpu" else 512 * 2**20
+    a = torch.empty(n // 4, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), device, reps=10)
+    bw = 2 * n / (ms / 1e3) / 1e9
+    k = 2048 if device.type == "cpu" else 8192
+    dt_ = torch.float32 if device.type == "cpu" else torch.bfloat16
+    x = torch.randn(k, k, device=device, dtype=dt_)
+    ms = time_ms(lambda: x @ x, device, reps=5)
+    return {"bandwidth_GBps": bw, "matmul_TFLOPs": 2 * k ** 3 / (ms / 1e3) / 1e12,
+            "matmul_dtype": str(dt_)}
+
+
+def floor_ms(op: str, shape, elem: int, rates) -> float:
+    bw, mm = rates["bandwidth_GBps"] * 1e9, rates["matmul_TFLOPs"] * 1e12
+    if op == "dqo_loss":
+        B, T = shape
+        # read logp, ref, values, rewards, mask; write returns, weights, td, 2 grads
+        return B * T * (4 * 4 + 1 + 5 * 4) / bw * 1e3
+    if op == "token_logprobs":
+        N, V = shape
+        return 3 * N * V * elem / bw * 1e3  # read logits twice (fwd, bwd), write the grad
+    N, D, V = shape[-3:] if op == "linear_logprobs" else (shape[0] * shape[1], *shape[2:])
+    flops = 6 * N * D * V  # forward logits, grad of hidden, grad of weight
+    return max(flops / mm, (2 * V * D + 2 * N * D) * elem / bw) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def plan(device, quick: bool, ops) -> List[Dict]:
+    gpu = device.type == "cuda"
+    jobs = []
+    if "dqo_loss" in ops:
+        shapes = ([(8, 512), (16, 2048), (32, 2048), (8, 8192), (2, 32768)] if gpu else
+                  [(8, 256), (16, 1024), (64, 1024), (16, 4096)])
+        for s in shapes[:2] if quick else shapes:
+            impls = ["ours", "eager"] + (["compile"] if gpu and s[1] <= 512 else [])
+            jobs.append(dict(op="dqo_loss", shape=list(s), impls=impls))
+    vocab = [("qwen2-7b", 3584, 152064), ("llama3-8b", 4096, 128256)] if gpu else \
+        [("small", 512, 32000)]
+    tokens = [1024, 4096, 16384] if gpu else [256, 1024]
+    if quick:
+        tokens = tokens[:1]
+    for name, D, V in vocab:
+        for N in tokens:
+            if "token_logprobs" in ops:
+                impls = ["ours", "eager"] + (["compile"] if not quick else [])
+                impls += [i for i, m in (("flash_attn_ce", "flash_attn"), ("liger_ce",
+                          "liger_kernel")) if gpu and installed(m)]
+                jobs.append(dict(op="token_logprobs", shape=[N, V], impls=impls, model=name))
+            if "linear_logprobs" in ops:
+                impls = ["ours", "eager"] + (["compile"] if not quick else [])
+                impls += [i for i, m in (("liger_flce", "liger_kernel"), ("cce",
+                          "cut_cross_entropy")) if gpu and installed(m)]
+                jobs.append(dict(op="linear_logprobs", shape=[N, D, V], impls=impls, model=name))
+            if "loss_head" in ops:
+                B = max(1, N // 1024) if gpu else max(1, N // 256)
+                jobs.append(dict(op="loss_head", shape=[B, N // B, D, V], impls=["ours", "eager"],
+                                 model=name))
+    return jobs
+
+
+def build(op, impl, shape, device, dtype):
+    if op == "dqo_loss":
+        x = dqo_inputs(*shape, device)
+        backend = {"ours": None, "eager": "torch"}.get(impl, "torch")
+        step = dqo_step(x, backend)
+        return torch.compile(step) if impl == "compile" else step
+    if op == "token_logprobs":
+        return token_step(logit_inputs(*shape, device, dtype), impl)
+    if op == "linear_logprobs":
+        return linear_step(linear_inputs(*shape, device, dtype), impl)
+    B, T, D, V = shape
+    return head_step(linear_inputs(B * T, D, V, device, dtype), impl, B, T)
+
+
+def probe(spec: str) -> None:
+    """Subprocess entry of cpu_peak_mib: print this process's peak RSS in MiB."""
+    import resource
+    op, impl, shape = json.loads(spec)
+    if impl == "inputs-only":
+        if op == "dqo_loss":
+            dqo_inputs(*shape, torch.device("cpu"))
+        elif op == "token_logprobs":
+            logit_inputs(*shape, torch.device("cpu"), torch.float32)
+        else:
+            dims = shape if op == "linear_logprobs" else [shape[0] * shape[1], *shape[2:]]
+            linear_inputs(*dims, torch.device("cpu"), torch.float32)
+    else:
+        build(op, impl, shape, torch.device("cpu"), torch.float32)()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def plot(rows, out_png: Path, dev_name: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    fig, axes = plt.subplots(2, len(ops), figsize=(4.5 * len(ops), 7), squeeze=False)
+    for j, op in enumerate(ops):
+        rs = [r for r in rows if r["op"] == op]
+        for impl in sorted({r["impl"] for r in rs}):
+            pts = sorted((r["tokens"], r["ms"], r["peak_mib"]) for r in rs if r["impl"] == impl)
+            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=impl)
+            mem = [(p[0], p[2]) for p in pts if p[2] is not None]
+            if mem:
+                axes[1][j].plot(*zip(*mem), "o-", label=impl)
+        for i, ylabel in enumerate(("median ms (fwd+bwd)", "peak MiB beyond inputs")):
+            axes[i][j].set_xscale("log")
+            axes[i][j].set_yscale("log")
+            axes[i][j].set_xlabel("tokens")
+            axes[i][j].set_ylabel(ylabel)
+            axes[i][j].legend(fontsize=7)
+        axes[0][j].set_title(op)
+    fig.suptitle(dev_name)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few small shapes")
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--memory", action="store_true", help="CPU: measure peak RSS (slow)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.probe:
+        return probe(args.probe)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        shapes = [(8, 512), (16, 2048), (32, 2048), (8, 8192), (2, 32768)]
-        if args.quick:
-            shapes = shapes[:2]
-        reps = args.reps or 50
-        dev_name = torch.cuda.get_device_name()
-    else:
-        shapes = [(8, 256), (16, 1024), (64, 1024), (16, 4096)]
-        if args.quick:
-            shapes = shapes[:2]
-        reps = args.reps or 5
-        dev_name = f"cpu ({platform.processor() or platform.machine()}, " \
-                   f"{torch.get_num_threads()} threads)"
-    ours = dqo_kernels.resolve_backend(None, device)
-
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    reps = args.reps or (30 if gpu else 5)
+    dev_name = torch.cuda.get_device_name() if gpu else \
+        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    rates = measure_rates(device)
+    print(f"{dev_name}: copy {rates['bandwidth_GBps']:.1f} GB/s, {rates['matmul_dtype']} "
+          f"matmul {rates['matmul_TFLOPs']:.3f} TFLOP/s", flush=True)
+    ours_backend = dqo_kernels.resolve_backend(None, device)
     rows = []
-    for B, T in shapes:
-        inputs = make_inputs(B, T, device)
-        cands = [("ours", ours, False), ("eager", "torch", False)]
-        if device.type == "cuda" and T <= 512:
-            cands.append(("compile", "torch", True))
+    for job in plan(device, args.quick, args.ops.split(",")):
+        op, shape = job["op"], job["shape"]
+        elem = torch.tensor([], dtype=dtype).element_size()
+        floor = floor_ms(op, shape, elem, rates)
         res = {}
-        for name, backend, compiled in cands:
-            fn = step_fn(inputs, backend, compiled)
-            ms = time_it(fn, device, reps if name == "ours" else max(3, reps // 5))
-            res[name] = dict(backend=backend, ms=ms, peak_mib=peak_mem(fn, device))
-        for name, r in res.items():
-            rows.append(dict(op="dqo_loss fwd+bwd", B=B, T=T, impl=name, backend=r["backend"],
-                             ms=r["ms"], peak_mib=r["peak_mib"],
-                             speedup_of_ours=r["ms"] / res["ours"]["ms"]))
-        print(f"B={B:4d} T={T:6d}  " + "  ".join(
-            f"{n}={r['ms']:9.3f} ms" for n, r in res.items())
-            + f"  eager/ours={res['eager']['ms'] / res['ours']['ms']:.1f}x", flush=True)
+        for impl in job["impls"]:
+            try:
+                fn = build(op, impl, shape, device, dtype)
+                ms = time_ms(fn, device, reps if impl == "ours" else max(3, reps // 3))
+                mem = cuda_peak_mib(fn) if gpu else (
+                    cpu_peak_mib(op, impl, shape) if args.memory and impl != "compile" else None)
+            except Exception as e:  # an OOM or a peer's failure is a result, not a crash
+                print(f"  {op} {shape} {impl}: failed ({type(e).__name__}: {e})", flush=True)
+                continue
+            finally:
+                if gpu:
+                    torch.cuda.empty_cache()
+            res[impl] = (ms, mem)
+        if "ours" not in res:
+            continue
+        tokens = shape[0] * shape[1] if op in ("dqo_loss", "loss_head") else shape[0]
+        for impl, (ms, mem) in res.items():
+            rows.append(dict(op=op, shape=shape, model=job.get("model"), tokens=tokens, impl=impl,
+                             ms=ms, peak_mib=mem, time_vs_ours=ms / res["ours"][0],
+                             floor_ms=floor, floor_frac=floor / ms))
+        print(f"{op:16s} {str(shape):24s} " + "  ".join(
+            f"{i}={ms:9.3f}ms" + (f"/{m:.0f}MiB" if m is not None else "")
+            for i, (ms, m) in res.items()) + f"  floor={floor:.3f}ms", flush=True)
 
     meta = dict(device=dev_name, date=dt.date.today().isoformat(), torch=torch.__version__,
                 dqo_kernels=dqo_kernels.__version__, python=platform.python_version(),
-                command="python benchmarks/run.py" + (" --quick" if args.quick else ""))
-    try:
+                dtype=str(dtype), ours_dqo_loss_backend=ours_backend, rates=rates,
+                command="python benchmarks/run.py " + " ".join(argv or sys.argv[1:]))
+    if installed("triton"):
         import triton
         meta["triton"] = triton.__version__
-    except ImportError:
-        pass
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{device.type}-{meta['date']}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"# dqo_loss forward+backward on {dev_name}", "",
-             ", ".join(f"{k} {v}" for k, v in meta.items() if k != "device"), "",
-             "| B | T | impl | backend | median ms | peak MiB | time / ours |",
-             "|---:|---:|---|---|---:|---:|---:|"]
+    lines = [f"# dqo-kernels benchmarks on {dev_name}", "",
+             f"`{meta['command'].strip()}`, {meta['date']}, torch {meta['torch']}"
+             + (f", triton {meta['triton']}" if "triton" in meta else "")
+             + f", {dtype}; copy {rates['bandwidth_GBps']:.1f} GB/s, matmul "
+             f"{rates['matmul_TFLOPs']:.3f} TFLOP/s (measured)", "",
+             "| op | shape | impl | median ms | peak MiB | time / ours | floor ms | floor % |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        mem = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-        lines.append(f"| {r['B']} | {r['T']} | {r['impl']} | {r['backend']} | {r['ms']:.3f} "
-                     f"| {mem} | {r['speedup_of_ours']:.1f}x |")
+        mem = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {mem} | "
+                     f"{r['time_vs_ours']:.2f}x | {r['floor_ms']:.3f} | "
+                     f"{100 * r['floor_frac']:.1f}% |")
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / stem}.json and .md")
+    plot(rows, args.out / f"{stem}.png", dev_name)
+    print(f"wrote {args.out / stem}.json, .md and .png")
 
 
 if __name__ == "__main__":

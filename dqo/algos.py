@@ -23,7 +23,6 @@ from dqo_kernels import dro_loss, fused_dqo_loss
 
 from .data import Batch, Example, collate
 from .losses import dpo_loss, kto_loss, sequence_sum, sft_loss
-from .modeling import policy_logprobs
 
 ALGOS = ("dqo", "dro", "sft", "rs", "dpo", "kto")
 NEEDS_VALUE = {"dqo", "dro"}
@@ -57,8 +56,8 @@ def collate_items(algo: str, chunk: Sequence, pad_id: int, padding: str = "right
 
 
 def _logp(engines, b: Batch) -> torch.Tensor:
-    return policy_logprobs(engines["policy"].module, b.input_ids, b.attention_mask,
-                           b.action_mask)
+    # Through the engine (a PolicyLogprobs module), so that ZeRO-3 gathers the parameters.
+    return engines["policy"](b.input_ids, b.attention_mask, b.action_mask)
 
 
 def _backward_and_step(engines, losses: Dict[str, torch.Tensor]) -> None:

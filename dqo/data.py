@@ -165,20 +165,21 @@ def _encode(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _step_end_tokens(tokenizer, steps: Sequence[str], n_tokens: int) -> List[int]:
-    """Index (in the response tokens) of the last token of every step."""
-    response = "\n".join(steps)
+def _step_end_tokens(tokenizer, steps: Sequence[str], response_ids: Sequence[int]) -> List[int]:
+    """Index (in ``response_ids``) of the token that ends every step: the last token starting
+    before the step's last character (an empty step borrows the token before it)."""
     ends, pos = [], 0
     for s in steps:
         pos += len(s)
         ends.append(pos)
         pos += 1  # the newline
-    if getattr(tokenizer, "is_fast", False):
-        offsets = tokenizer(response, add_special_tokens=False,
-                            return_offsets_mapping=True)["offset_mapping"]
-        return [max(i for i, (a, _) in enumerate(offsets) if a < e) for e in ends]
-    # Slow tokenizers: count the tokens of each prefix.
-    return [min(n_tokens, len(_encode(tokenizer, response[:e]))) - 1 for e in ends]
+    # Character offset at which every token starts. From the ids themselves (what is trained
+    # on), decoding token by token: exact for text whose characters do not straddle tokens.
+    starts, pos = [], 0
+    for t in response_ids:
+        starts.append(pos)
+        pos += len(tokenizer.decode([t], skip_special_tokens=True))
+    return [max((i for i, a in enumerate(starts) if a < e), default=0) for e in ends]
 
 
 def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None) -> Example:
@@ -208,7 +209,7 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None) -> E
     rewards = [0.0] * len(response_ids)
     rewards[-1] += float(row["reward"])
     if row.get("step_rewards") is not None:
-        ends = _step_end_tokens(tokenizer, row["steps"], len(response_ids) - 1)
+        ends = _step_end_tokens(tokenizer, row["steps"], response_ids[:-1])  # without EOS
         for e, r in zip(ends, row["step_rewards"]):
             rewards[e] += float(r)
     return Example(prompt_ids, response_ids, rewards, behavior, row["prompt"], row["response"],

@@ -79,6 +79,9 @@ class TorchEngine:
     def eval(self):
         self.module.eval()
 
+    def save_pretrained(self, path) -> None:
+        self.module.save_pretrained(path)
+
     def save_checkpoint(self, path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -150,6 +153,17 @@ class DeepSpeedEngine:
 
     def eval(self):
         self.engine.eval()
+
+    def save_pretrained(self, path) -> None:
+        """The full model in HF format. Collective: under ZeRO-3 every rank must call it (the
+        partitioned parameters are gathered); rank 0 writes."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        gather = self.config["zero_optimization"]["stage"] == 3
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                self.module.save_pretrained(path)
 
     def save_checkpoint(self, path) -> None:
         path = Path(path)

@@ -39,31 +39,21 @@ def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
 
 
 def main(argv=None) -> None:
-    from transformers import AutoTokenizer
-
     from .data import read_prompts
-    from .modeling import build_policy
+    from .modeling import load_for_inference
+    from .sample import add_generation_args
     from .tasks import TASKS, get_verifier
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="jsonl with prompt and answer")
     p.add_argument("--task", choices=TASKS, required=True)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=4, help="samples a problem (0: greedy only)")
+    add_generation_args(p, top_p=1.0, top_k=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = build_policy(path=args.model, dtype=torch.bfloat16 if torch.cuda.is_available()
-                         else torch.float32)
-    if torch.cuda.is_available():
-        model.cuda()
+    tok, model = load_for_inference(args.model)
     prompts, answers = read_prompts(args.data)
     res = accuracy(model, tok, prompts, answers, get_verifier(args.task), samples=args.samples,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

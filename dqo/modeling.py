@@ -53,6 +53,18 @@ def build_policy(config=None, path: Optional[str] = None, dtype=torch.float32):
                                             attn_implementation=attn_implementation())
 
 
+def load_for_inference(path: str):
+    """(tokenizer, policy) from a HF path: bf16 on the GPU when there is one, fp32 on CPU."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    on_gpu = torch.cuda.is_available()
+    model = build_policy(path=path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    return tok, model.cuda() if on_gpu else model
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     # Positions count real tokens, so left- and right-padded rows see the same positions
     # (as in generate()).
@@ -80,6 +92,36 @@ def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         logp = linear_logprobs(hidden[:, :-1], head.weight, targets,
                                bias=getattr(head, "bias", None), temperature=temperature)
     return torch.nn.functional.pad(logp, (1, 0))
+
+
+class PolicyLogprobs(nn.Module):
+    """The policy as the trainer's engine sees it: ``forward`` returns the ``[B, T]`` log-probs
+    of the taken tokens (:func:`policy_logprobs`).
+
+    It reads the lm_head weight without calling the lm_head module, so that weight is
+    registered as an external parameter of this module: under ZeRO-3 DeepSpeed then gathers it
+    for this forward (and reduces its gradient) like any of its own parameters."""
+
+    def __init__(self, model, deepspeed: bool = False):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        if not deepspeed:
+            return
+        # A no-op below ZeRO-3; must happen before deepspeed.initialize partitions.
+        import deepspeed  # deepspeed.zero is an attribute, not an importable module
+
+        register_external_parameter = deepspeed.zero.register_external_parameter
+        head = model.get_output_embeddings()
+        for p in (head.weight, getattr(head, "bias", None)):
+            if p is not None:
+                register_external_parameter(self, p)
+
+    def forward(self, input_ids, attention_mask, action_mask):
+        return policy_logprobs(self.model, input_ids, attention_mask, action_mask)
+
+    def save_pretrained(self, path) -> None:
+        self.model.save_pretrained(path)
 
 
 class ValueModel(nn.Module):

@@ -148,8 +148,18 @@ def _with_step_rewards(row: Dict, k: int, process_reward: float) -> Dict:
                 step_rewards=[process_reward if i < k else 0.0 for i in range(len(steps))])
 
 
+def add_generation_args(p: argparse.ArgumentParser, *, top_p: float, top_k: int) -> None:
+    """The sampling flags shared by dqo.sample and dqo.evaluate."""
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=top_p)
+    p.add_argument("--top-k", type=int, default=top_k)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv=None) -> None:
-    from .modeling import build_policy
+    from .modeling import load_for_inference
     from .tasks import TASKS, get_verifier
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -158,25 +168,15 @@ def main(argv=None) -> None:
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20, help="responses per prompt (paper: 20)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--process-scores", choices=("none", "mc"), default="none")
     p.add_argument("--process-n", type=int, default=8, help="completions per prefix")
-    p.add_argument("--process-reward", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--process-reward", type=float, default=0.1,
+                   help="reward on each step judged correct (the paper's value was lost)")
+    add_generation_args(p, top_p=0.9, top_k=16)  # the paper's appendix A
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from transformers import AutoTokenizer
-
     torch.manual_seed(args.seed)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = build_policy(path=args.model, dtype=torch.bfloat16 if torch.cuda.is_available()
-                         else torch.float32)
-    if torch.cuda.is_available():
-        model.cuda()
+    tok, model = load_for_inference(args.model)
     prompts, answers = read_prompts(args.prompts)
     gen = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

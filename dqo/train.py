@@ -25,7 +25,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -33,9 +33,10 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from . import algos
-from .data import Example, read_jsonl, tokenize_rows, write_jsonl
+from .data import Example, read_jsonl, tokenize_rows
 from .engine import OptimConfig, make_engine, resolve_engine_kind
-from .modeling import ValueModel, policy_logprobs
+from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
+from .modeling import PolicyLogprobs, ValueModel
 from .reference_logps import compute_ref_logps
 
 log = logging.getLogger("dqo.train")
@@ -86,9 +87,10 @@ class TrainArgs:
     progress: bool = True
 
 
-def epoch_order(n: int, seed: int) -> List[int]:
+def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
+    """The data order of one epoch; runs with different seeds share no epoch's order."""
     order = list(range(n))
-    random.Random(seed).shuffle(order)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
     return order
 
 
@@ -148,8 +150,8 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
     total = args.max_steps or args.epochs * steps_per_epoch
     common = dict(weight_decay=0.0, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
                   total_steps=total, grad_accum=grad_accum, micro_batch=args.micro_batch)
-    engines = {"policy": make_engine(policy, OptimConfig(lr=args.lr, **common), kind,
-                                     args.zero_stage)}
+    engines = {"policy": make_engine(PolicyLogprobs(policy, deepspeed=kind == "deepspeed"),
+                                     OptimConfig(lr=args.lr, **common), kind, args.zero_stage)}
     if args.algo in algos.NEEDS_VALUE:
         engines["value"] = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
                                        kind, args.zero_stage)
@@ -180,7 +182,7 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
     for step in steps:
         epoch, k = divmod(step, steps_per_epoch)
         lo = k * global_batch + rank() * args.batch_size  # this rank's share of the step
-        idx = epoch_order(len(data), args.seed + epoch)[lo:lo + args.batch_size]
+        idx = epoch_order(len(data), args.seed, epoch)[lo:lo + args.batch_size]
         batches = [algos.collate_items(args.algo, [data[j] for j in idx[i:i + args.micro_batch]],
                                        tokenizer.pad_token_id, args.padding).to(device)
                    for i in range(0, len(idx), args.micro_batch)]
@@ -204,29 +206,15 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
             save_checkpoint(out_dir, step + 1, engines, {"args": asdict(args)},
                             keep=args.keep_checkpoints)
     final = out_dir / "final"
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        policy_engine.module.save_pretrained(final / "policy")
+    for name, engine in engines.items():  # collective under ZeRO-3
+        engine.save_pretrained(final / name)
+    if rank() == 0:
         tokenizer.save_pretrained(final / "policy")
-        if "value" in engines:
-            engines["value"].module.save_pretrained(final / "value")
     return last_eval
 
 
 # ---------------------------------------------------------------------------------------------
 # The embedded default: tiny model, synthetic task, SFT warm-up, sampling, DQO.
-
-
-@dataclass
-class DefaultPipeline:
-    n_sft: int = 2000  # problems with reference solutions for the warm-up
-    n_offline: int = 256  # prompts sampled for the offline dataset
-    n_test: int = 200
-    samples_per_prompt: int = 8
-    sft_max_steps: int = 1500
-    sft_target: float = 0.35  # stop the warm-up at this greedy accuracy: "right sometimes"
-    top_p: float = 0.9
-    top_k: int = 16
-    max_new_tokens: int = 40
 
 
 def default_overrides() -> Dict:
@@ -236,77 +224,33 @@ def default_overrides() -> Dict:
                 out="runs/default")
 
 
-def run_default(args: TrainArgs, pipe: DefaultPipeline = DefaultPipeline()) -> Dict:
-    from .evaluate import accuracy
-    from .modeling import build_policy, tiny_config
-    from .sample import generate, label_samples
-    from .sft import sft_train
-    from .tasks import arithmetic, get_verifier
-    from .tokenizer import char_tokenizer
-
+def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict:
+    pipe = pipe or DefaultPipeline()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    tok = char_tokenizer()
-    problems = arithmetic.make_problems(pipe.n_sft + pipe.n_offline + pipe.n_test, args.seed)
-    sft_set = problems[:pipe.n_sft]
-    offline_set = problems[pipe.n_sft:pipe.n_sft + pipe.n_offline]
-    test_set = problems[-pipe.n_test:]
-    verify = get_verifier("arithmetic")
-    test_prompts = [p.prompt for p in test_set]
-    test_answers = [p.answer for p in test_set]
-
-    def evaluate(model, samples=args.eval_samples):
-        return accuracy(model, tok, test_prompts, test_answers, verify, samples=samples,
-                        max_new_tokens=pipe.max_new_tokens)
-
-    base_dir = out_dir / "base"
-    if args.resume and (base_dir / "config.json").is_file():
-        policy = build_policy(path=str(base_dir))
-        log.info("reusing the warmed-up base policy in %s", base_dir)
-    else:
-        policy = build_policy(tiny_config(tok))
-        n_params = sum(p.numel() for p in policy.parameters())
-        log.info("stage 1/4: SFT warm-up of a %.2fM-parameter model", n_params / 1e6)
-        dev = problems[-pipe.n_test - 100:-pipe.n_test]
-        steps = sft_train(
-            policy, tok, arithmetic.reference_pairs(sft_set), steps=pipe.sft_max_steps,
-            lr=1e-3, batch_size=64, seed=args.seed, eval_every=100, target=pipe.sft_target,
-            eval_fn=lambda: accuracy(policy, tok, [p.prompt for p in dev],
-                                     [p.answer for p in dev], verify, samples=0,
-                                     max_new_tokens=pipe.max_new_tokens)["greedy"],
-            progress=args.progress)
-        log.info("warm-up stopped after %d steps", steps)
-        policy.save_pretrained(base_dir)
-        tok.save_pretrained(base_dir)
-
+    splits = Splits(pipe, args.seed)
+    log.info("stage 1/4: a tiny base policy, warmed up with SFT on the arithmetic task")
+    tok, policy = warm_up_base(pipe, splits, out_dir, seed=args.seed, reuse=args.resume,
+                               progress=args.progress)
+    evaluate = Evaluator(tok, splits.test, pipe.max_new_tokens, samples=args.eval_samples)
     before = evaluate(policy)
     log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"], before["sampled"])
 
-    data_path = out_dir / "offline.jsonl"
-    if args.resume and data_path.is_file():
-        rows, _ = read_jsonl(data_path, strict=True)
-    else:
-        log.info("stage 2/4: sampling %d responses for each of %d prompts",
-                 pipe.samples_per_prompt, pipe.n_offline)
-        prompts = [p.prompt for p in offline_set]
-        samples = generate(policy, tok, prompts, n=pipe.samples_per_prompt, top_p=pipe.top_p,
-                           top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens,
-                           progress=args.progress)
-        rows = label_samples(prompts, [p.answer for p in offline_set], samples, verify)
-        write_jsonl(data_path, rows)
+    log.info("stage 2/4: sampling %d responses for each of %d prompts",
+             pipe.samples_per_prompt, pipe.n_offline)
+    rows = sample_offline(policy, tok, pipe, splits.offline, out_dir / "offline.jsonl",
+                          reuse=args.resume, progress=args.progress)
     log.info("offline data: %d responses, %.1f%% correct", len(rows),
              100 * sum(r["reward"] > 0 for r in rows) / len(rows))
 
-    log.info("stage 3/4: reference log-probs and DQO training")
+    log.info("stage 3/4: reference log-probs and %s training", args.algo.upper())
     examples, _ = tokenize_rows(rows, tok, strict=True)
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
-    value = ValueModel.from_policy(policy)
+    value = ValueModel.from_policy(policy) if args.algo in algos.NEEDS_VALUE else None
     train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0))
 
     log.info("stage 4/4: evaluation")
-    after = evaluate(policy)
-    return {"before": before, "after": after}
+    return {"before": before, "after": evaluate(policy)}
 
 
 def run_custom(args: TrainArgs) -> Dict:
@@ -391,7 +335,7 @@ def main(argv=None) -> None:
         print("\naccuracy on held-out problems   greedy   sampled")
         for name in ("before", "after"):
             r = res[name]
-            print(f"  {name:6s} DQO                  {r['greedy']:6.3f}   "
+            print(f"  {name:6s} {args.algo.upper():3s}                  {r['greedy']:6.3f}   "
                   f"{r.get('sampled', float('nan')):6.3f}")
     print(f"done in {time.time() - t0:.0f} s; outputs in {args.out}")
 

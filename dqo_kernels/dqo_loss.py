@@ -10,11 +10,10 @@ computes the diagnostics; the math lives in the backends:
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -22,7 +21,7 @@ from . import dqo_scan_cpp
 from .aggregation import LOSS_AGGS, row_scale
 from .dqo_scan_function import run_closed_form
 from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
-from .metrics import dqo_metrics
+from .metrics import LazyMetrics, dqo_metrics
 from .validation import check_mask, check_scalar, check_tensor, check_values
 
 BACKENDS = ("triton", "cpp", "torch")
@@ -38,7 +37,8 @@ class DQOLossOutput:
     returns: torch.Tensor  # [B, T] lambda-returns G_t (0 off the mask), detached
     weights: torch.Tensor  # [B, T] truncated importance weights w_t (0 off the mask), detached
     td_error: torch.Tensor  # [B, T] delta_t = V_t - G_t (0 off the mask), detached
-    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # SPEC section 5, detached 0-dim tensors; computed on first access
+    metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _triton_available() -> bool:
@@ -177,9 +177,11 @@ def fused_dqo_loss(
                   is_value=bool(is_value), target_grad=bool(target_grad))
     res = _run_backend(backend, logp, ref_logp, values, rewards, mask, behavior_logp,
                        bootstrap, scale, params)
-    log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
-    metrics = dqo_metrics(res.returns, values, res.td_error, res.weights, log_ratio, mask,
-                          is_clip)
+    def metrics():
+        log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
+        return dqo_metrics(res.returns, values.detach(), res.td_error, res.weights, log_ratio,
+                           mask, is_clip)
+
     return DQOLossOutput(
         loss=res.policy_loss + res.value_loss,
         policy_loss=res.policy_loss,
@@ -187,7 +189,7 @@ def fused_dqo_loss(
         returns=res.returns,
         weights=res.weights,
         td_error=res.td_error,
-        metrics=metrics,
+        metrics=LazyMetrics(metrics),
     )
 
 

@@ -48,6 +48,14 @@ def _impl(backend: Optional[str], device: torch.device):
     return logprobs_torch
 
 
+def _backend_for(backend: Optional[str], x: torch.Tensor, name: str):
+    impl = _impl(backend, x.device)
+    if impl is not logprobs_torch and x.dtype == torch.float64:
+        raise ValueError(f"{name}: the triton backend takes fp32/fp16/bf16, got float64; "
+                         "use backend='torch' for float64")
+    return impl
+
+
 def _check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise ValueError(f"targets: expected an integer tensor, got dtype {targets.dtype}")
@@ -116,10 +124,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     if V == 0:
         raise ValueError("logits: expected a non-empty vocabulary dimension, got V = 0")
     _check_targets(targets, V, ignore_index)
-    impl = _impl(backend, logits.device)
-    if impl is not logprobs_torch and logits.dtype == torch.float64:
-        raise ValueError("logits: the triton backend takes fp32/fp16/bf16, got float64; "
-                         "use backend='torch' for float64")
+    impl = _backend_for(backend, logits, "logits")
     flat = logits.reshape(-1, V)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
@@ -134,7 +139,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temp, ignore_index, chunk, impl):
-        N, V = hidden.shape[0], weight.shape[0]
+        V = weight.shape[0]
         lse = None
         zt = None
         for v0 in range(0, V, chunk):
@@ -220,10 +225,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                  device=hidden.device)
     temperature = check_scalar("temperature", temperature, low=0.0, low_open=True)
     _check_targets(targets, V, ignore_index)
-    impl = _impl(backend, hidden.device)
-    if impl is not logprobs_torch and hidden.dtype == torch.float64:
-        raise ValueError("hidden: the triton backend takes fp32/fp16/bf16, got float64; "
-                         "use backend='torch' for float64")
+    impl = _backend_for(backend, hidden, "hidden")
     flat = hidden.reshape(-1, D)
     N = flat.shape[0]
     if chunk_size is None:

@@ -7,9 +7,37 @@ the returns have no variance (it is undefined there).
 from __future__ import annotations
 
 import math
-from typing import Dict
+from collections.abc import Mapping
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
+
+
+class LazyMetrics(Mapping):
+    """A read-only dict of metrics computed on first access (a loss call whose metrics are
+    never read pays nothing for them)."""
+
+    def __init__(self, compute: Callable[[], Dict[str, torch.Tensor]]):
+        self._compute: Optional[Callable] = compute
+        self._values: Optional[Dict[str, torch.Tensor]] = None
+
+    def _get(self) -> Dict[str, torch.Tensor]:
+        if self._values is None:
+            self._values = self._compute()
+            self._compute = None  # release the tensors it closed over
+        return self._values
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __repr__(self) -> str:
+        return f"LazyMetrics({self._get()!r})"
 
 
 @torch.no_grad()

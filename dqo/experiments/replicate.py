@@ -1,0 +1,296 @@
+"""A reproducible mini-replication of the paper's comparisons (Tables 3-7, Figure 2) on the
+synthetic arithmetic task, on a CPU.
+
+    python -m dqo.experiments.replicate                 # 3 seeds, about 30 min on 2 cores
+    python -m dqo.experiments.replicate --quick         # toy sizes, a few minutes (CI smoke)
+
+One tiny base policy is warmed up with SFT until it is right sometimes. One offline dataset is
+sampled from it (8 responses a prompt, verified), plus two process-score variants of it: Monte-
+Carlo (paper 4.4: completions sampled from every prefix of a failed response) and the task's
+exact step labels. Then every method below trains from the same base weights on the same
+samples with the same budget (optimizer steps, batch size, learning rate). Each is evaluated
+on held-out problems, greedy and sampled, over several seeds (data order and sampling).
+
+Outputs in ``--out``: ``replication.md`` (mean +- std table), ``replication.json`` (every run),
+``replication.png`` (accuracy, and learned V(s) against true step correctness).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from .. import algos
+from ..data import Example, tokenize_rows
+from ..modeling import ValueModel
+from ..pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
+from ..reference_logps import compute_ref_logps
+from ..sample import exact_process_scores, generate, mc_process_scores
+from ..tasks import arithmetic, get_verifier
+from ..train import TrainArgs, train
+
+log = logging.getLogger("dqo.replicate")
+
+
+@dataclass
+class Method:
+    name: str
+    algo: str
+    data: str = "outcome"  # outcome | mc | exact | reference
+    overrides: Dict = field(default_factory=dict)
+
+
+METHODS = [
+    Method("SFT", "sft", "reference"),
+    Method("RS", "rs"),
+    Method("DPO", "dpo"),
+    Method("KTO", "kto"),
+    Method("DRO", "dro"),
+    Method("DQO", "dqo"),
+    Method("DQO, no IS on policy loss", "dqo", overrides={"is_policy": False}),
+    Method("DQO, no IS on value loss", "dqo", overrides={"is_value": False}),
+    Method("DQO, no IS", "dqo", overrides={"is_policy": False, "is_value": False}),
+    Method("DQO, lambda=0.95", "dqo", overrides={"lam": 0.95}),
+    Method("DQO + process scores (MC)", "dqo", "mc"),
+    Method("DQO + process scores (exact labels)", "dqo", "exact"),
+]
+
+
+@dataclass
+class Budget:
+    max_steps: int = 64
+    batch_size: int = 64
+    lr: float = 2e-5
+    value_lr: float = 1e-3
+    beta: float = 0.1
+    eval_samples: int = 4
+    mc_samples: int = 4  # completions per prefix for the Monte-Carlo process scores
+    process_reward: float = 0.1
+
+
+def quick() -> (DefaultPipeline, Budget):
+    return (DefaultPipeline(n_sft=512, n_offline=16, n_test=16, n_dev=16, samples_per_prompt=8,
+                            sft_max_steps=150, hidden_size=64, layers=2),
+            Budget(max_steps=2, batch_size=4, eval_samples=1, mc_samples=2))
+
+
+def build_datasets(tok, policy, pipe: DefaultPipeline, splits: Splits, budget: Budget,
+                   out: Path) -> Dict[str, List[Example]]:
+    rows = sample_offline(policy, tok, pipe, splits.offline, out / "offline.jsonl",
+                          progress=False)
+    verify = get_verifier("arithmetic")
+    mc = mc_process_scores(policy, tok, rows, verify, n=budget.mc_samples,
+                           process_reward=budget.process_reward, top_p=pipe.top_p,
+                           top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens)
+    exact = exact_process_scores(
+        rows, lambda p, r: arithmetic.step_labels(arithmetic.parse_prompt(p), r),
+        process_reward=budget.process_reward)
+    reference = [dict(prompt=p.prompt, response=p.solution, reward=1.0, answer=p.answer)
+                 for p in splits.offline]
+    out_sets = {}
+    for name, rs in (("outcome", rows), ("mc", mc), ("exact", exact), ("reference", reference)):
+        exs, _ = tokenize_rows(rs, tok, strict=True)
+        compute_ref_logps(policy, exs, tok.pad_token_id)
+        out_sets[name] = exs
+    stats = {name: dict(responses=len(rs),
+                        correct=sum(r["reward"] > 0 for r in rs) / len(rs),
+                        with_process_reward=sum(any(x > 0 for x in r.get("step_rewards", []))
+                                                for r in rs))
+             for name, rs in (("outcome", rows), ("mc", mc), ("exact", exact))}
+    log.info("offline data: %s", json.dumps(stats))
+    return out_sets, stats
+
+
+def value_vs_correctness(value: ValueModel, tok, policy, problems, pipe, n: int = 4):
+    """V(s) of the states after each step of held-out responses sampled from the base policy,
+    with the exact correctness of the prefix that leads there (the paper's Figure 2)."""
+    samples = generate(policy, tok, [p.prompt for p in problems], n=n, top_p=pipe.top_p,
+                       top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens)
+    out = []
+    for prob, ss in zip(problems, samples):
+        for s in ss:
+            steps = s.text.split("\n")
+            labels = arithmetic.step_labels(prob, s.text)
+            prompt_ids = tok(prob.prompt, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt_ids + s.ids])
+            with torch.no_grad():
+                v = value(ids, torch.ones_like(ids))[0]
+            pos = len(prompt_ids)
+            for k, (step, ok) in enumerate(zip(steps, labels)):
+                pos += len(step) + (1 if k < len(steps) - 1 else 0)  # chars = tokens here
+                if pos < ids.shape[1]:
+                    out.append(dict(step=k + 1, correct=bool(ok), value=float(v[pos])))
+    return out
+
+
+def summarize(runs: List[Dict], methods: List[Method]) -> List[Dict]:
+    rows = []
+    for m in [Method("Base (SFT warm-up)", "-")] + methods:
+        rs = [r for r in runs if r["method"] == m.name and "skipped" not in r]
+        row = {"method": m.name, "n": len(rs)}
+        for k in ("greedy", "sampled"):
+            vals = [r[k] for r in rs]
+            row[k] = statistics.mean(vals) if vals else float("nan")
+            row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def auc(pos: List[float], neg: List[float]) -> float:
+    """P(V of a correct prefix > V of an incorrect one): how well V ranks step correctness."""
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def write_report(out: Path, summary, values, meta, data_stats) -> None:
+    lines = [
+        "# Mini-replication on the synthetic arithmetic task", "",
+        f"Command: `{meta['command']}`  ",
+        f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"python {meta['python']}; {meta['device']}; {meta['date']}; {meta['minutes']:.1f} min",
+        "",
+        f"Base: a {meta['params_m']:.2f}M-parameter transformer, SFT warm-up on "
+        f"{meta['pipe']['n_sft']} problems. Offline data: {meta['pipe']['n_offline']} prompts x "
+        f"{meta['pipe']['samples_per_prompt']} samples "
+        f"({100 * data_stats['outcome']['correct']:.1f}% correct). "
+        f"Every method: {meta['budget']['max_steps']} steps of {meta['budget']['batch_size']}, "
+        f"lr {meta['budget']['lr']}, beta {meta['budget']['beta']}. Accuracy on "
+        f"{meta['pipe']['n_test']} held-out problems, mean +- std over seeds {meta['seeds']}.",
+        "",
+        "| method | greedy | sampled |",
+        "|---|---:|---:|",
+    ]
+    for r in summary:
+        if r["n"] == 0:
+            lines.append(f"| {r['method']} | skipped: no training data | |")
+            continue
+        lines.append(f"| {r['method']} | {100 * r['greedy']:.1f} +- {100 * r['greedy_std']:.1f} "
+                     f"| {100 * r['sampled']:.1f} +- {100 * r['sampled_std']:.1f} |")
+    lines += ["", "Learned V(s) after each step of held-out responses vs the exact correctness "
+              "of the prefix (seed 0; AUC = P(V correct prefix > V incorrect prefix)):", "",
+              "| value model | mean V, correct prefix | mean V, incorrect prefix | AUC |",
+              "|---|---:|---:|---:|"]
+    for name, pts in values.items():
+        pos = [p["value"] for p in pts if p["correct"]]
+        neg = [p["value"] for p in pts if not p["correct"]]
+        mean = lambda x: statistics.mean(x) if x else float("nan")  # noqa: E731
+        lines.append(f"| {name} | {mean(pos):.3f} | {mean(neg):.3f} | {auc(pos, neg):.3f} |")
+    (out / "replication.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(out: Path, summary, values) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    names = [r["method"] for r in summary]
+    x = range(len(names))
+    for off, key, color in ((-0.2, "greedy", "tab:blue"), (0.2, "sampled", "tab:orange")):
+        ax1.bar([i + off for i in x], [100 * r[key] for r in summary], 0.4,
+                yerr=[100 * r[key + "_std"] for r in summary], label=key, color=color,
+                capsize=2)
+    ax1.set_xticks(list(x))
+    ax1.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax1.set_ylabel("accuracy on held-out problems (%)")
+    ax1.legend()
+    ax1.set_title("Accuracy (mean +- std over seeds)")
+    data, labels = [], []
+    for name, pts in values.items():
+        for ok in (True, False):
+            data.append([p["value"] for p in pts if p["correct"] == ok] or [float("nan")])
+            labels.append(f"{name}\n{'correct' if ok else 'incorrect'} prefix")
+    ax2.boxplot(data, showfliers=False)
+    ax2.set_xticks(range(1, len(labels) + 1))
+    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.set_ylabel("learned V(s) after the step")
+    ax2.set_title("Value of states vs true step correctness")
+    fig.tight_layout()
+    fig.savefig(out / "replication.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="toy sizes: a smoke test")
+    p.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--methods", default=None, help="comma-separated subset of method names")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+    t0 = time.time()
+    pipe, budget = quick() if args.quick else (DefaultPipeline(), Budget())
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    methods = METHODS if not args.methods else [
+        m for m in METHODS if m.name in args.methods.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    torch.manual_seed(0)
+    splits = Splits(pipe, seed=0)
+    tok, base = warm_up_base(pipe, splits, work, seed=0, progress=False)
+    base.eval()
+    datasets, data_stats = build_datasets(tok, base, pipe, splits, budget, work)
+    evaluate = Evaluator(tok, splits.test, pipe.max_new_tokens, samples=budget.eval_samples)
+
+    runs: List[Dict] = []
+    values: Dict[str, List[Dict]] = {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        runs.append(dict(method="Base (SFT warm-up)", seed=seed, **evaluate(base)))
+        for m in methods:
+            torch.manual_seed(seed)
+            policy = copy.deepcopy(base)
+            value = ValueModel.from_policy(policy) if m.algo in algos.NEEDS_VALUE else None
+            targs = TrainArgs(algo=m.algo, out=str(work / "runs" / f"{m.algo}-{seed}"),
+                              lr=budget.lr, value_lr=budget.value_lr, beta=budget.beta,
+                              batch_size=budget.batch_size, micro_batch=budget.batch_size,
+                              max_steps=budget.max_steps, engine="torch", progress=False,
+                              seed=seed, **m.overrides)
+            n_items = len(algos.items(m.algo, datasets[m.data]))
+            if n_items < budget.batch_size:  # e.g. RS/DPO when no sample is correct
+                log.warning("seed %d %s: skipped, %d training items < one batch", seed, m.name,
+                            n_items)
+                runs.append(dict(method=m.name, seed=seed, skipped=f"{n_items} training items"))
+                continue
+            t = time.time()
+            train(targs, tok, policy, value, datasets[m.data])
+            res = evaluate(policy)
+            runs.append(dict(method=m.name, seed=seed, train_s=time.time() - t, **res))
+            log.info("seed %d %-38s greedy %.3f sampled %.3f", seed, m.name, res["greedy"],
+                     res["sampled"])
+            if seed == 0 and m.name in ("DQO", "DQO + process scores (exact labels)"):
+                values[m.name] = value_vs_correctness(value, tok, base, splits.test, pipe)
+    summary = summarize(runs, methods)
+    import transformers
+    meta = dict(command="python -m dqo.experiments.replicate" + (" --quick" if args.quick else ""),
+                torch=torch.__version__, transformers=transformers.__version__,
+                python=platform.python_version(),
+                device=f"CPU, {torch.get_num_threads()} threads",
+                date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60, seeds=seeds,
+                params_m=sum(x.numel() for x in base.parameters()) / 1e6,
+                pipe=asdict(pipe), budget=asdict(budget))
+    (out / "replication.json").write_text(json.dumps(
+        dict(meta=meta, data=data_stats, summary=summary, runs=runs, values=values), indent=1))
+    write_report(out, summary, values, meta, data_stats)
+    plot(out, summary, values)
+    print((out / "replication.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The stages of the embedded default, shared by ``python -m dqo.train`` and the replication
+(:mod:`dqo.experiments.replicate`): problem splits of the synthetic task, the SFT warm-up of a
+tiny base policy, offline sampling from it, and evaluation on held-out problems."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .data import read_jsonl, write_jsonl
+from .evaluate import accuracy
+from .modeling import build_policy, tiny_config
+from .sample import generate, label_samples
+from .sft import sft_train
+from .tasks import arithmetic, get_verifier
+from .tokenizer import char_tokenizer
+
+log = logging.getLogger("dqo.pipeline")
+
+
+@dataclass
+class DefaultPipeline:
+    n_sft: int = 2000  # problems with reference solutions for the warm-up
+    n_offline: int = 256  # prompts sampled for the offline dataset
+    n_test: int = 200  # held-out problems for evaluation
+    n_dev: int = 100  # problems that decide when the warm-up stops
+    samples_per_prompt: int = 8
+    sft_max_steps: int = 1500
+    sft_target: float = 0.35  # stop the warm-up at this greedy accuracy: "right sometimes"
+    top_p: float = 0.9
+    top_k: int = 16
+    max_new_tokens: int = 40
+    hidden_size: int = 128
+    layers: int = 4
+
+
+class Splits:
+    """Disjoint problem sets of the synthetic task, fixed by the seed."""
+
+    def __init__(self, pipe: DefaultPipeline, seed: int):
+        n = pipe.n_sft + pipe.n_offline + pipe.n_dev + pipe.n_test
+        probs = arithmetic.make_problems(n, seed)
+        self.sft = probs[:pipe.n_sft]
+        self.offline = probs[pipe.n_sft:pipe.n_sft + pipe.n_offline]
+        self.dev = probs[pipe.n_sft + pipe.n_offline:n - pipe.n_test]
+        self.test = probs[n - pipe.n_test:]
+
+
+class Evaluator:
+    """Greedy and sampled accuracy on a fixed problem set."""
+
+    def __init__(self, tokenizer, problems, max_new_tokens: int, samples: int = 4):
+        self.tok, self.samples, self.max_new_tokens = tokenizer, samples, max_new_tokens
+        self.prompts = [p.prompt for p in problems]
+        self.answers = [p.answer for p in problems]
+        self.verify = get_verifier("arithmetic")
+
+    def __call__(self, model, samples: Optional[int] = None) -> Dict[str, float]:
+        return accuracy(model, self.tok, self.prompts, self.answers, self.verify,
+                        samples=self.samples if samples is None else samples,
+                        max_new_tokens=self.max_new_tokens)
+
+
+def warm_up_base(pipe: DefaultPipeline, splits: Splits, out_dir: Path, *, seed: int = 0,
+                 reuse: bool = False, progress: bool = True):
+    """A tiny policy (random init from a config) SFT'd until it is right sometimes; saved to
+    ``out_dir/base``. Returns (tokenizer, policy)."""
+    tok = char_tokenizer()
+    base_dir = Path(out_dir) / "base"
+    if reuse and (base_dir / "config.json").is_file():
+        log.info("reusing the warmed-up base policy in %s", base_dir)
+        return tok, build_policy(path=str(base_dir))
+    torch.manual_seed(seed)
+    policy = build_policy(tiny_config(tok, hidden_size=pipe.hidden_size, layers=pipe.layers))
+    n_params = sum(p.numel() for p in policy.parameters())
+    log.info("SFT warm-up of a %.2fM-parameter model", n_params / 1e6)
+    dev = Evaluator(tok, splits.dev, pipe.max_new_tokens, samples=0)
+    steps = sft_train(policy, tok, arithmetic.reference_pairs(splits.sft),
+                      steps=pipe.sft_max_steps, lr=1e-3, batch_size=64, seed=seed,
+                      eval_every=100, target=pipe.sft_target,
+                      eval_fn=lambda: dev(policy)["greedy"], progress=progress)
+    log.info("warm-up stopped after %d steps", steps)
+    policy.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    return tok, policy
+
+
+def sample_offline(policy, tok, pipe: DefaultPipeline, problems, path: Path, *,
+                   reuse: bool = False, progress: bool = True) -> List[Dict]:
+    """``samples_per_prompt`` responses to every problem, verified, written to ``path``."""
+    path = Path(path)
+    if reuse and path.is_file():
+        rows, _ = read_jsonl(path, strict=True)
+        return rows
+    prompts = [p.prompt for p in problems]
+    samples = generate(policy, tok, prompts, n=pipe.samples_per_prompt, top_p=pipe.top_p,
+                       top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens, progress=progress)
+    rows = label_samples(prompts, [p.answer for p in problems], samples,
+                         get_verifier("arithmetic"))
+    write_jsonl(path, rows)
+    return rows
