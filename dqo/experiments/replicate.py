@@ -210,7 +210,8 @@ def plot(out: Path, summary, values) -> None:
     for name, pts in values.items():
         for ok in (True, False):
             data.append([p["value"] for p in pts if p["correct"] == ok] or [float("nan")])
-            labels.append(f"{name}\n{'correct' if ok else 'incorrect'} prefix")
+            short = name.replace("DQO + process scores", "DQO + PS").replace(" labels", "")
+            labels.append(f"{short}\n{'correct' if ok else 'incorrect'}\nprefix")
     ax2.boxplot(data, showfliers=False)
     ax2.set_xticks(range(1, len(labels) + 1))
     ax2.set_xticklabels(labels, fontsize=7)
