@@ -236,9 +236,9 @@ def cpu_peak_mib(op: str, impl: str, shape: List[int]) -> Optional[float]:
 
 def measure_rates(device) -> Dict[str, float]:
     """Copy bandwidth (GB/s) and fp32 (CPU) / bf16 (GPU) matmul rate (TFLOP/s), measured."""
-    n = 64 * 2**20 if device.type == "cpu" else 512 * 2**20
-    a = torch.empty(n // 4, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
+    n = 2**30  # well past any last-level cache
+    a = torch.rand(n // 4, dtype=torch.float32, device=device)  # touched: no shared zero page
+    b = torch.zeros_like(a)
     ms = time_ms(lambda: b.copy_(a), device, reps=10)
     bw = 2 * n / (ms / 1e3) / 1e9
     k = 2048 if device.type == "cpu" else 8192
@@ -327,7 +327,14 @@ def probe(spec: str) -> None:
             linear_inputs(*dims, torch.device("cpu"), torch.float32)
     else:
         build(op, impl, shape, torch.device("cpu"), torch.float32)()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak across
+    # fork + exec and make every probe look alike.
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(hwm / 1024)
 
 
 def plot(rows, out_png: Path, dev_name: str) -> None:
@@ -339,15 +346,19 @@ def plot(rows, out_png: Path, dev_name: str) -> None:
         print("matplotlib not installed: no plot")
         return
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    impls = sorted({r["impl"] for r in rows}, key=lambda i: (i != "ours", i))
+    colors = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     fig, axes = plt.subplots(2, len(ops), figsize=(4.5 * len(ops), 7), squeeze=False)
     for j, op in enumerate(ops):
         rs = [r for r in rows if r["op"] == op]
         for impl in sorted({r["impl"] for r in rs}):
             pts = sorted((r["tokens"], r["ms"], r["peak_mib"]) for r in rs if r["impl"] == impl)
-            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=impl)
-            mem = [(p[0], p[2]) for p in pts if p[2] is not None]
+            style = dict(marker="o", color=colors[impl], label=impl,
+                         linestyle="-" if len({p[0] for p in pts}) == len(pts) else "none")
+            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], **style)
+            mem = [(p[0], p[2]) for p in pts if p[2]]
             if mem:
-                axes[1][j].plot(*zip(*mem), "o-", label=impl)
+                axes[1][j].plot(*zip(*mem), **style)
         for i, ylabel in enumerate(("median ms (fwd+bwd)", "peak MiB beyond inputs")):
             axes[i][j].set_xscale("log")
             axes[i][j].set_yscale("log")

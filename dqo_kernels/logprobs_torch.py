@@ -25,6 +25,11 @@ def _local_targets(targets: torch.Tensor, v0: int, V: int):
     return y.clamp(0, max(V - 1, 0)), inside
 
 
+def _scaled(x: torch.Tensor, inv_temp: float, acc: torch.dtype) -> torch.Tensor:
+    z = x.to(acc)  # a view when x is already in acc
+    return z * inv_temp if inv_temp != 1.0 else z
+
+
 def lse_forward(logits, targets, v0: int, inv_temp: float, want_ez: bool):
     N, V = logits.shape
     acc = _acc(logits)
@@ -32,29 +37,41 @@ def lse_forward(logits, targets, v0: int, inv_temp: float, want_ez: bool):
     zt = torch.empty_like(lse)
     ez = torch.empty_like(lse) if want_ez else None
     for c in _row_chunks(N, V):
-        z = logits[c].to(acc) * inv_temp
-        lse[c] = torch.logsumexp(z, dim=-1)
+        z = _scaled(logits[c], inv_temp, acc)
+        m = z.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)  # a row of -inf: keep exp() finite
+        e = torch.sub(z, m).exp_()  # one temporary, reused in place
+        s = e.sum(-1)
+        lse[c] = m[:, 0] + s.log()
         y, inside = _local_targets(targets[c], v0, V)
         zt[c] = torch.where(inside, z.gather(1, y[:, None])[:, 0], 0.0)
         if want_ez:
-            p = torch.exp(z - lse[c, None])
-            ez[c] = torch.where(p > 0, p * z, 0.0).sum(-1)
+            ez[c] = (e * torch.where(e > 0, z, 0.0)).sum(-1) / s
     return lse, zt, ez
 
 
 def logits_grad(logits, targets, lse, grad, v0: int, inv_temp: float, out,
                 grad_ent=None, entropy=None):
+    """``out`` may be ``logits`` (in-place backward): each chunk's gradient is then built
+    directly in the logits' memory."""
     N, V = logits.shape
     acc = _acc(logits)
     for c in _row_chunks(N, V):
-        z = logits[c].to(acc) * inv_temp
-        p = torch.exp(z - lse[c, None].to(acc))
-        g = grad[c, None].to(acc)
-        d = -g * p
+        z = _scaled(logits[c], inv_temp, acc)
+        direct = out.dtype == acc and out[c].is_contiguous()
+        d = out[c] if direct else torch.empty_like(z)
+        if grad_ent is not None:  # needs z, which d may overwrite
+            shift = z - (lse[c] - entropy[c])[:, None].to(acc)
+        torch.sub(z, lse[c, None].to(acc), out=d).exp_()  # d = softmax
+        if grad_ent is not None:
+            ent = d * torch.where(d > 0, shift, 0.0) * grad_ent[c, None].to(acc)
+            d.mul_(-grad[c, None].to(acc)).sub_(ent)
+        else:
+            d.mul_(-grad[c, None].to(acc))
         y, inside = _local_targets(targets[c], v0, V)
         d.scatter_add_(1, y[:, None], torch.where(inside, grad[c].to(acc), 0.0)[:, None])
-        if grad_ent is not None:
-            shift = z - lse[c, None] + entropy[c, None]
-            d -= grad_ent[c, None].to(acc) * torch.where(p > 0, p * shift, 0.0)
-        out[c] = (d * inv_temp).to(out.dtype)
+        if inv_temp != 1.0:
+            d.mul_(inv_temp)
+        if not direct:
+            out[c] = d.to(out.dtype)
     return out

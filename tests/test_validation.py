@@ -102,3 +102,20 @@ def test_dro_rejects_token_level_tensors():
     x = torch.zeros(3, 4)
     with pytest.raises(ValueError, match=r"logp: expected shape \[B\] or \[B, 1\], got \(3, 4\)"):
         dro_loss(x, x, x, x)
+
+
+def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    from dqo_kernels import dqo_scan_cpp, resolve_backend
+
+    monkeypatch.setattr(dqo_scan_cpp, "_ext", None)
+    monkeypatch.setattr(dqo_scan_cpp, "_error", RuntimeError("no C++ compiler found"))
+    monkeypatch.setattr(dqo_scan_cpp.is_available, "_warned", False, raising=False)
+    with pytest.warns(RuntimeWarning, match="native CPU kernel could not be built.*no C\\+\\+ "
+                                            "compiler found.*falling back to the PyTorch"):
+        assert resolve_backend(None, torch.device("cpu")) == "torch"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call does not warn again
+        assert resolve_backend(None, torch.device("cpu")) == "torch"
+        out = call(backend=None)
+    assert torch.isfinite(out.loss)
