@@ -297,6 +297,31 @@ def run_custom(args: TrainArgs) -> Dict:
     return {"before": before, "after": after}
 
 
+HELP = {
+    "model": "HF path of the base policy (also the reference); omit for the embedded default",
+    "data": "offline jsonl (see README: dataset format); omit for the embedded default",
+    "task": "verifier used for evaluation", "eval_data": "jsonl with prompt and answer",
+    "out": "run directory: metrics.jsonl, checkpoints/, final/",
+    "value_model": "HF path of the value backbone (default: a copy of the policy)",
+    "strict_data": "fail on the first bad row instead of skipping it",
+    "algo": "dqo, or a baseline on the same samples", "beta": "KL coefficient",
+    "lam": "lambda of the lambda-return", "gamma": "discount",
+    "is_clip": "cap C of the cumulative importance ratio (inf: none)",
+    "is_policy": "importance weights on the policy loss", "is_value": "... on the value loss",
+    "target_grad": "policy gradient also through the lambda-return target",
+    "batch_size": "examples per optimizer step and GPU", "micro_batch": "examples per forward",
+    "max_steps": "optimizer steps (default: epochs x steps per epoch)",
+    "engine": "auto: DeepSpeed on GPU, plain PyTorch on a CPU-only machine",
+    "zero_stage": "DeepSpeed ZeRO stage 0-3", "eval_every": "steps between evaluations (0: none)",
+    "save_every": "steps between checkpoints (0: none)",
+    "resume": "continue from the last complete checkpoint in --out",
+}
+CHOICES = {"algo": algos.ALGOS, "engine": ("auto", "deepspeed", "torch"),
+           "task": ("arithmetic", "gsm8k", "math"), "padding": ("right", "left"),
+           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+           "zero_stage": (0, 1, 2, 3)}
+
+
 def parse_args(argv=None) -> TrainArgs:
     p = argparse.ArgumentParser(prog="python -m dqo.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,12 +329,13 @@ def parse_args(argv=None) -> TrainArgs:
     for f in fields(TrainArgs):
         flag = "--" + f.name.replace("_", "-")
         d = getattr(defaults, f.name)
+        help_ = HELP.get(f.name, "") + (f" (default: {d})" if d is not None else "")
         if isinstance(d, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             typ = {"is_clip": float, "max_steps": int, "value_lr": float, "max_length": int}.get(
                 f.name, type(d) if d is not None else str)
-            p.add_argument(flag, type=typ, default=None)
+            p.add_argument(flag, type=typ, default=None, choices=CHOICES.get(f.name), help=help_)
     ns = vars(p.parse_args(argv))
     given = {k: v for k, v in ns.items() if v is not None}
     base = {} if given.get("data") else default_overrides()

@@ -1,6 +1,7 @@
 """dqo: data, tasks, sampling, the training loop, checkpoints."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,3 +375,75 @@ def test_command_lines_sample_train_evaluate(tok, policy, tmp_path, capsys):
                    "--task", "arithmetic", "--samples", "2", "--max-new-tokens", "10"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 4 and 0 <= res["greedy"] <= 1 and 0 <= res["sampled"] <= 1
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_two_ranks_equal_one_rank_with_the_global_batch(tok, policy, tmp_path):
+    """Two DeepSpeed ranks (torchrun, gloo, CPU) with 4 examples each train exactly like one
+    rank with the 8-example global batch: the data shards, the all-reduced token count and
+    DeepSpeed's averaging compose into the same token-mean gradient."""
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "base"
+    policy.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = []
+    for p in arithmetic.make_problems(8, 4):
+        for j, resp in enumerate((p.solution, p.solution.replace("####", "#### 1"))):
+            rows.append(dict(prompt=p.prompt, response=resp, reward=float(j == 0)))
+    data = tmp_path / "data.jsonl"
+    D.write_jsonl(data, rows)
+    common = ["-m", "dqo.train", "--model", str(model_dir), "--data", str(data),
+              "--engine", "deepspeed", "--zero-stage", "2", "--max-steps", "2",
+              "--lr", "1e-3", "--value-lr", "1e-2", "--no-progress"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                         env.get("PYTHONPATH", "")])
+    one = subprocess.run([sys.executable, *common, "--batch-size", "8", "--micro-batch", "4",
+                          "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(_free_port()), *common, "--batch-size", "4",
+                          "--micro-batch", "2", "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for part in ("policy", "value"):
+        a = load_file(tmp_path / "one" / "final" / part / "model.safetensors")
+        b = load_file(tmp_path / "two" / "final" / part / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    m1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    m2 = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(m1) == len(m2) == 2
+
+
+def test_chat_template_wraps_prompts_in_data_and_sampling(policy):
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}Q{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}#{% endif %}")
+    assert D.format_prompt(tok, "1+2=?") == "Q1+2=?#"
+    ex = D.tokenize_row(D.check_row({"prompt": "1+2=?", "response": "3", "reward": 1}, "x"), tok)
+    assert tok.decode(ex.prompt_ids) == "Q1+2=?#"
+    assert ex.response_ids == tok("3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # sampling conditions on the same wrapped prompt: greedy continuation of it == generate
+    (s,), = generate(policy, tok, ["1+2=?"], greedy=True, max_new_tokens=3)
+    ids = torch.tensor([tok("Q1+2=?#", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        manual = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 do_sample=False, max_new_tokens=3,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert s.ids == [t for t in manual[0, ids.shape[1]:].tolist()][:len(s.ids)]
