@@ -78,8 +78,11 @@ def is_available() -> bool:
 
 def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap, row_scale, *,
                  beta, lam, gamma, is_clip, is_policy, is_value, target_grad):
-    """Run the CPU kernel; float inputs are brought to one dtype (float32 or float64)."""
-    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    """Run the CPU kernel; float inputs are brought to one dtype: float64 if any of them is,
+    else float32 (the compute dtype of the API and of the other backends)."""
+    floats = (logp, ref_logp, values, rewards, behavior_logp, bootstrap)
+    dtype = (torch.float64 if any(x is not None and x.dtype == torch.float64 for x in floats)
+             else torch.float32)
     cast = lambda x: None if x is None else x.detach().to(dtype)  # noqa: E731
     ref = cast(ref_logp)
     beh = ref if behavior_logp is None else cast(behavior_logp)

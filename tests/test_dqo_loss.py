@@ -454,3 +454,16 @@ def test_combines_are_associative():
         right = fn(*x, *fn(*y, *z))
         for a, b in zip(left, right):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_input_dtypes_compute_in_the_widest(backend, device):
+    """fp32 log-probs with fp64 values: every backend computes (and returns) in float64."""
+    dev = device if backend != "cpp" else "cpu"
+    b = to(make_batch("right", B=3, T=9, seed=13), torch.float32, dev)
+    b["values"] = b["values"].detach().double().requires_grad_()
+    out, gl, gv = run(b, backend)
+    assert out.returns.dtype == torch.float64 and out.loss.dtype == torch.float64
+    assert gl.dtype == torch.float32 and gv.dtype == torch.float64
+    ref, rgl, rgv = run(to(b, torch.float64, "cpu"), "torch")
+    torch.testing.assert_close(out.loss.cpu(), ref.loss, **FP32)
