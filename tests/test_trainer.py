@@ -337,11 +337,20 @@ def test_default_pipeline_smoke(tmp_path):
                            sft_max_steps=3, max_new_tokens=12)
     args = TrainArgs(**{**parse_args([]).__dict__, "out": str(tmp_path / "d"), "progress": False,
                         "batch_size": 8, "micro_batch": 8, "epochs": 1, "eval_samples": 1})
+    args.save_every = 1
     res = run_default(args, pipe)
     assert set(res) == {"before", "after"}
     assert 0 <= res["after"]["greedy"] <= 1 and 0 <= res["after"]["sampled"] <= 1
     assert (tmp_path / "d" / "offline.jsonl").is_file()
     assert (tmp_path / "d" / "final" / "policy" / "config.json").is_file()
+    # --resume reuses every stage: same base, same offline data, training already complete
+    data_before = (tmp_path / "d" / "offline.jsonl").read_text()
+    metrics_before = (tmp_path / "d" / "metrics.jsonl").read_text()
+    args.resume = True
+    res2 = run_default(args, pipe)
+    assert (tmp_path / "d" / "offline.jsonl").read_text() == data_before
+    assert (tmp_path / "d" / "metrics.jsonl").read_text() == metrics_before
+    assert res2["after"]["greedy"] == res["after"]["greedy"]
 
 
 def test_command_lines_sample_train_evaluate(tok, policy, tmp_path, capsys):
