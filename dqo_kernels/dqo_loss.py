@@ -21,6 +21,7 @@ from . import dqo_scan_cpp
 from .aggregation import LOSS_AGGS, row_scale
 from .dqo_scan_function import run_closed_form
 from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
+from .dtypes import acc_dtype
 from .metrics import LazyMetrics, dqo_metrics
 from .validation import check_mask, check_scalar, check_tensor, check_values
 
@@ -169,9 +170,7 @@ def fused_dqo_loss(
                   "behavior_logp": behavior_logp, "bootstrap": bootstrap}, mask,
                  rewards=rewards, whole=("rewards", "bootstrap"))
 
-    compute_dtype = torch.float64 if torch.float64 in {
-        x.dtype for x in (logp, ref_logp, values, rewards, behavior_logp, bootstrap)
-        if x is not None} else torch.float32
+    compute_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
     scale = row_scale(mask, loss_agg, num_tokens, dtype=compute_dtype)
     params = dict(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
                   is_value=bool(is_value), target_grad=bool(target_grad))

@@ -13,9 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from .dqo_scan_reference import log_clip
+from .dtypes import acc_dtype
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -80,9 +80,7 @@ def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap
                  beta, lam, gamma, is_clip, is_policy, is_value, target_grad):
     """Run the CPU kernel; float inputs are brought to one dtype: float64 if any of them is,
     else float32 (the compute dtype of the API and of the other backends)."""
-    floats = (logp, ref_logp, values, rewards, behavior_logp, bootstrap)
-    dtype = (torch.float64 if any(x is not None and x.dtype == torch.float64 for x in floats)
-             else torch.float32)
+    dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
     cast = lambda x: None if x is None else x.detach().to(dtype)  # noqa: E731
     ref = cast(ref_logp)
     beh = ref if behavior_logp is None else cast(behavior_logp)

@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .dtypes import acc_dtype
+
 
 class DQOScanResult(NamedTuple):
     """What every backend of the fused loss returns (losses are already aggregated)."""
@@ -64,8 +66,7 @@ def dqo_scan_reference(
     skipped by the recurrences and contribute neither loss nor gradient, whatever they hold.
     """
     mask = mask.bool()
-    dtype = torch.promote_types(logp.dtype, values.dtype)
-    dtype = torch.promote_types(dtype, torch.float32)
+    dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
 
     def clean(x: Optional[torch.Tensor], grad: bool = False) -> Optional[torch.Tensor]:
         # Zero everything off the mask so that nothing there (NaN padding included) can leak

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .dqo_scan_reference import log_clip
+from .dtypes import acc_dtype
 
 
 @triton.jit
@@ -168,9 +169,7 @@ def dqo_scan_triton(logp, ref_logp, values, rewards, mask, behavior_logp, bootst
     block boundaries on short rows).
     """
     B, T = logp.shape
-    floats = [x for x in (logp, ref_logp, values, rewards, behavior_logp, bootstrap)
-              if x is not None]
-    out_dtype = torch.float64 if any(x.dtype == torch.float64 for x in floats) else torch.float32
+    out_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     new = lambda: torch.empty((B, T), dtype=out_dtype, device=logp.device)  # noqa: E731

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import logprobs_torch
+from .dtypes import acc_dtype
 from .validation import check_scalar, check_tensor, data_checks_enabled
 
 LOGPROB_BACKENDS = ("triton", "torch")
@@ -161,7 +162,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         V = weight.shape[0]
         g = torch.where(targets == ignore_index, 0.0, grad_logp.to(lse.dtype)).contiguous()
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(hidden)
         d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         d_weight = torch.empty_like(weight) if need_w else None
         d_bias = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None

@@ -6,13 +6,15 @@ from typing import Optional
 
 import torch
 
+from .dtypes import acc_dtype
+
 
 def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor, *,
                              temperature: float = 1.0, ignore_index: int = -100,
                              return_entropy: bool = False):
     """``log softmax(logits / temperature)[target]`` per token; 0 where target == ignore_index.
     Logits ``[..., V]``, targets ``[...]``; result in fp32 (fp64 for fp64 logits)."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits)
     logp_all = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
     ignore = targets == ignore_index
     y = torch.where(ignore, 0, targets).long()
@@ -30,7 +32,7 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor,
                               targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                               temperature: float = 1.0, ignore_index: int = -100):
     """``token_logprobs_reference(hidden @ weight.T + bias, targets)``, logits in fp32 (fp64)."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(hidden)
     logits = hidden.to(acc) @ weight.to(acc).T
     if bias is not None:
         logits = logits + bias.to(acc)

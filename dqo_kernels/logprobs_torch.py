@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from .dtypes import acc_dtype
+
 CHUNK_BYTES = 64 * 2**20
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _row_chunks(N: int, V: int):
@@ -32,7 +30,7 @@ def _scaled(x: torch.Tensor, inv_temp: float, acc: torch.dtype) -> torch.Tensor:
 
 def lse_forward(logits, targets, v0: int, inv_temp: float, want_ez: bool):
     N, V = logits.shape
-    acc = _acc(logits)
+    acc = acc_dtype(logits)
     lse = torch.empty(N, dtype=acc, device=logits.device)
     zt = torch.empty_like(lse)
     ez = torch.empty_like(lse) if want_ez else None
@@ -55,7 +53,7 @@ def logits_grad(logits, targets, lse, grad, v0: int, inv_temp: float, out,
     """``out`` may be ``logits`` (in-place backward): each chunk's gradient is then built
     directly in the logits' memory."""
     N, V = logits.shape
-    acc = _acc(logits)
+    acc = acc_dtype(logits)
     for c in _row_chunks(N, V):
         z = _scaled(logits[c], inv_temp, acc)
         direct = out.dtype == acc and out[c].is_contiguous()
