@@ -10,7 +10,6 @@ computes the diagnostics; the math lives in the backends:
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
@@ -23,7 +22,8 @@ from .dqo_scan_function import run_closed_form
 from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
 from .dtypes import acc_dtype
 from .metrics import LazyMetrics, dqo_metrics
-from .validation import check_mask, check_scalar, check_tensor, check_values
+from .validation import (check_mask, check_scalar, check_tensor, check_triton_backend,
+                         check_values, triton_available)
 
 BACKENDS = ("triton", "cpp", "torch")
 
@@ -42,34 +42,18 @@ class DQOLossOutput:
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The backend that will run: the requested one (checked), or the best for ``device``."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
         if backend == "triton":
-            if not _triton_available():
-                raise ValueError("backend: 'triton' requested but triton is not installed")
-            if device.type == "cpu" and not _interpreting():
-                raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-                                 "for the interpreter), got tensors on cpu")
+            check_triton_backend(device)
         if backend == "cpp" and device.type != "cpu":
             raise ValueError(f"backend: 'cpp' needs CPU tensors, got tensors on {device}")
         return backend
     if device.type == "cuda":
-        if _triton_available():
+        if triton_available():
             return "triton"
         if not _fallback_warned:
             _fallback_warned.add(device.type)

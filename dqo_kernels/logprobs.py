@@ -17,14 +17,14 @@ accumulator for ``dh``.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from . import logprobs_torch
 from .dtypes import acc_dtype
-from .validation import check_scalar, check_tensor, data_checks_enabled
+from .validation import (check_scalar, check_tensor, check_triton_backend, data_checks_enabled,
+                         triton_available)
 
 LOGPROB_BACKENDS = ("triton", "torch")
 # Bytes of one [N, chunk] logits buffer in linear_logprobs (the chunk width is derived from it).
@@ -34,17 +34,10 @@ LINEAR_CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 def _impl(backend: Optional[str], device: torch.device):
     if backend is not None and backend not in LOGPROB_BACKENDS:
         raise ValueError(f"backend: expected None or one of {LOGPROB_BACKENDS}, got {backend!r}")
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if backend == "triton" or (backend is None and device.type == "cuda"):
-        try:
-            from . import logprobs_triton
-        except ImportError:
-            if backend == "triton":
-                raise ValueError("backend: 'triton' requested but triton is not installed")
-            return logprobs_torch
-        if device.type == "cpu" and not interpreting:
-            raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
-                             "got tensors on cpu")
+    if backend == "triton" or (backend is None and device.type == "cuda"
+                               and triton_available()):
+        check_triton_backend(device)
+        from . import logprobs_triton
         return logprobs_triton
     return logprobs_torch
 

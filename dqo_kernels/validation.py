@@ -74,6 +74,24 @@ def check_scalar(name: str, value, *, low: float, high: float = math.inf,
     return value
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def check_triton_backend(device: torch.device) -> None:
+    """Raise unless the Triton backend can run on ``device``: triton installed, and CUDA tensors
+    or (tests, CPU) the interpreter, ``TRITON_INTERPRET=1``."""
+    if not triton_available():
+        raise ValueError("backend: 'triton' requested but triton is not installed")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the "
+                         "interpreter), got tensors on cpu")
+
+
 def check_values(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor,
                  rewards: Optional[torch.Tensor] = None,
                  whole: Sequence[str] = ()) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from batches import LAYOUTS, make_batch, stable_seed, to
 from dqo_kernels import dqo_scan_reference, dro_loss, fused_dqo_loss, row_scale
-from dqo_kernels.dqo_loss import _triton_available
+from dqo_kernels.validation import triton_available as _triton_available
 
 BACKENDS = ["torch", "cpp"] + (["triton"] if _triton_available() else [])
 ON_GPU = torch.cuda.is_available()

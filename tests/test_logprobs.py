@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dqo_kernels import fused_dqo_loss, linear_logprobs, token_logprobs
-from dqo_kernels.dqo_loss import _triton_available
+from dqo_kernels.validation import triton_available as _triton_available
 from dqo_kernels.logprobs_reference import linear_logprobs_reference, token_logprobs_reference
 
 BACKENDS = ["torch"] + (["triton"] if _triton_available() else [])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from batches import LAYOUTS, make_batch, to  # noqa: E402
 from dqo_kernels import dqo_scan_cpp, fused_dqo_loss  # noqa: E402
-from dqo_kernels.dqo_loss import _triton_available  # noqa: E402
+from dqo_kernels.validation import triton_available as _triton_available  # noqa: E402
 
 needs_cpp = pytest.mark.skipif(not dqo_scan_cpp.is_available(), reason="no C++ compiler")
 

@@ -89,7 +89,7 @@ def test_cpp_backend_rejects_cuda_and_triton_needs_gpu_or_interpreter(monkeypatc
     with pytest.raises(ValueError, match="backend: 'cpp' needs CPU tensors, got tensors on meta"):
         resolve_backend("cpp", torch.device("meta"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    if dqo_kernels.dqo_loss._triton_available():
+    if dqo_kernels.validation.triton_available():
         with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
             resolve_backend("triton", torch.device("cpu"))
 
