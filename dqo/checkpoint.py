@@ -15,14 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
-
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+from .engine import barrier, rank
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -39,14 +32,14 @@ def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,
     root = Path(out_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    if _is_main():
+    if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(tmp / name)
-    _barrier()
-    if _is_main():
+    barrier()
+    if rank() == 0:
         state = dict(state, step=step, torch_rng=torch.get_rng_state().tolist())
         _write_atomic(tmp / "trainer_state.json", json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -55,7 +48,7 @@ def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,
         kept = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in kept[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

@@ -162,7 +162,7 @@ class DeepSpeedEngine:
         params = list(self.module.parameters())
         gather = self.config["zero_optimization"]["stage"] == 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
-            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            if rank() == 0:
                 self.module.save_pretrained(path)
 
     def save_checkpoint(self, path) -> None:
@@ -172,6 +172,19 @@ class DeepSpeedEngine:
     def load_checkpoint(self, path) -> None:
         path = Path(path)
         self.engine.load_checkpoint(str(path.parent), tag=path.name)
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def init_distributed_env() -> None:

@@ -34,7 +34,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from . import algos
 from .data import Example, read_jsonl, tokenize_rows
-from .engine import OptimConfig, make_engine, resolve_engine_kind
+from .engine import OptimConfig, make_engine, rank, resolve_engine_kind, world_size
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .modeling import PolicyLogprobs, ValueModel
 from .reference_logps import compute_ref_logps
@@ -92,14 +92,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
     order = list(range(n))
     random.Random(f"{seed}/{epoch}").shuffle(order)
     return order
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def step_token_count(batches, grad_accum: int) -> torch.Tensor:
