@@ -19,6 +19,7 @@ The recipe, one optimizer step:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -87,11 +88,12 @@ class TrainArgs:
     progress: bool = True
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
+@functools.lru_cache(maxsize=1)  # every step of an epoch reads the same order
+def epoch_order(n: int, seed: int, epoch: int) -> Tuple[int, ...]:
     """The data order of one epoch; runs with different seeds share no epoch's order."""
     order = list(range(n))
     random.Random(f"{seed}/{epoch}").shuffle(order)
-    return order
+    return tuple(order)
 
 
 def step_token_count(batches, grad_accum: int) -> torch.Tensor:
