@@ -40,7 +40,7 @@ def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
 
 def main(argv=None) -> None:
     from .data import read_prompts
-    from .modeling import load_for_inference
+    from .modeling import load_policy
     from .sample import add_generation_args
     from .tasks import TASKS, get_verifier
 
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
-    tok, model = load_for_inference(args.model)
+    tok, model = load_policy(args.model)
     prompts, answers = read_prompts(args.data)
     res = accuracy(model, tok, prompts, answers, get_verifier(args.task), samples=args.samples,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

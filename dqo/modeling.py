@@ -53,8 +53,9 @@ def build_policy(config=None, path: Optional[str] = None, dtype=torch.float32):
                                             attn_implementation=attn_implementation())
 
 
-def load_for_inference(path: str):
-    """(tokenizer, policy) from a HF path: bf16 on the GPU when there is one, fp32 on CPU."""
+def load_policy(path: str):
+    """(tokenizer, policy) from a HF path, for sampling, evaluation and training: bf16 on the
+    GPU when there is one (the current device), fp32 on CPU."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)

@@ -159,7 +159,7 @@ def add_generation_args(p: argparse.ArgumentParser, *, top_p: float, top_k: int)
 
 
 def main(argv=None) -> None:
-    from .modeling import load_for_inference
+    from .modeling import load_policy
     from .tasks import TASKS, get_verifier
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
-    tok, model = load_for_inference(args.model)
+    tok, model = load_policy(args.model)
     prompts, answers = read_prompts(args.prompts)
     gen = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

@@ -249,23 +249,15 @@ def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict
 
 def run_custom(args: TrainArgs) -> Dict:
     """``--model PATH --data FILE``: train a real model on an offline dataset."""
-    from transformers import AutoTokenizer
-
     from .evaluate import accuracy
-    from .modeling import build_policy
+    from .modeling import load_policy
     from .tasks import get_verifier
 
     torch.manual_seed(args.seed)
     if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    tok = AutoTokenizer.from_pretrained(args.model)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    policy = build_policy(path=args.model, dtype=dtype)
-    if on_gpu:
-        policy.cuda()
+    tok, policy = load_policy(args.model)
+    dtype = next(policy.parameters()).dtype
     rows, _ = read_jsonl(args.data, strict=args.strict_data)
     examples, _ = tokenize_rows(rows, tok, max_length=args.max_length, strict=args.strict_data)
     if args.algo in algos.NEEDS_REF:
@@ -275,8 +267,7 @@ def run_custom(args: TrainArgs) -> Dict:
     if args.algo in algos.NEEDS_VALUE:
         value = (ValueModel.from_pretrained(args.value_model, dtype=dtype) if args.value_model
                  else ValueModel.from_policy(policy))
-        if on_gpu:
-            value.cuda()
+        value.to(next(policy.parameters()).device)
     eval_fn = None
     if args.eval_data:
         from .data import read_prompts
