@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from dqo_kernels import token_logprobs
+
 from .data import format_prompt, read_prompts, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -66,10 +68,13 @@ def generate(model, tokenizer, prompts: Sequence[str], *, n: int = 1, greedy: bo
         res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                              output_logits=True, return_dict_in_generate=True, **kw)
-        new = res.sequences[:, width:].cpu()
-        logits = torch.stack(res.logits, dim=1).float().cpu()  # [b, L, V]
+        new = res.sequences[:, width:]
         temp = 1.0 if greedy else temperature
-        logp = torch.log_softmax(logits / temp, -1).gather(-1, new[..., None])[..., 0]
+        # One [b, V] step at a time through the fused op: no [b, L, V] fp32 stack, no full
+        # log_softmax output, just the taken tokens' log-probs.
+        logp = torch.stack([token_logprobs(step_logits, new[:, j], temperature=temp)
+                            for j, step_logits in enumerate(res.logits)], dim=1).cpu()
+        new = new.cpu()
         for r, (i, _) in enumerate(batch):
             toks = new[r].tolist()
             cut = toks.index(eos) + 1 if eos in toks else len(toks)
