@@ -15,16 +15,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .atomic import atomic_write
 from .engine import barrier, rank
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,
@@ -41,10 +33,10 @@ def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,
     barrier()
     if rank() == 0:
         state = dict(state, step=step, torch_rng=torch.get_rng_state().tolist())
-        _write_atomic(tmp / "trainer_state.json", json.dumps(state))
+        atomic_write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(state)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomic(root / "latest", final.name)
+        atomic_write(root / "latest", lambda f: f.write(final.name))
         kept = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in kept[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

@@ -21,10 +21,11 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,11 @@ def read_prompts(path) -> Tuple[List[str], List[str]]:
 
 def write_jsonl(path, rows: Iterable[Dict]) -> None:
     """Write rows atomically (a partial file is never left under ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    def write(f):
         for r in rows:
             f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n")
-    tmp.replace(path)
+
+    atomic_write(path, write)
 
 
 def format_prompt(tokenizer, prompt: str) -> str:

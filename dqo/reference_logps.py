@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .atomic import atomic_write
 from .data import Example, collate
 from .modeling import policy_logprobs
 
@@ -55,7 +56,4 @@ def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size
             out.append(row)
     model.train(was_training)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda f: torch.save(out, f), binary=True)

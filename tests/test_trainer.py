@@ -456,3 +456,41 @@ def test_chat_template_wraps_prompts_in_data_and_sampling(policy):
                                  do_sample=False, max_new_tokens=3,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     assert s.ids == [t for t in manual[0, ids.shape[1]:].tolist()][:len(s.ids)]
+
+
+def test_atomic_write_survives_concurrent_writers_and_failures(tmp_path):
+    """Every rank of a data-parallel job writes the same reference-log-prob cache file: the
+    writers must not trip over each other's temporary files, and a failed write leaves the
+    old file and no debris."""
+    import threading
+
+    from dqo.atomic import atomic_write
+
+    path = tmp_path / "cache" / "same.pt"
+    errors = []
+
+    def writer(i):
+        try:
+            for _ in range(50):
+                atomic_write(path, lambda f: torch.save(torch.full((64,), float(i)), f),
+                             binary=True)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    final = torch.load(path)
+    assert final.unique().numel() == 1 and int(final[0]) in range(4)
+
+    def broken(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, broken, binary=True)
+    assert torch.equal(torch.load(path), final)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["same.pt"]

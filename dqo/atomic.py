@@ -1,0 +1,32 @@
+"""Atomic file writes: a reader sees the old file or the new one, never a partial one."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+
+def atomic_write(path, write: Callable[[IO], None], *, binary: bool = False) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    The temporary name is unique per call, so several writers of the same path (every rank of
+    a data-parallel job caching the same reference log-probs, say) never share or delete each
+    other's temporary file; the last rename wins. A failed write leaves ``path`` untouched and
+    no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        mode = dict(mode="wb") if binary else dict(mode="w", encoding="utf-8")
+        with os.fdopen(fd, **mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
