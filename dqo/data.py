@@ -164,7 +164,13 @@ def _encode(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _step_end_tokens(tokenizer, steps: Sequence[str], response_ids: Sequence[int]) -> List[int]:
+def split_steps(response: str) -> List[str]:
+    """A response's steps, as the data format defines them: its lines, blank ones included
+    (``"\\n".join(steps) == response``), so that step i always means the same line."""
+    return response.split("\n")
+
+
+def step_end_tokens(tokenizer, steps: Sequence[str], response_ids: Sequence[int]) -> List[int]:
     """Index (in ``response_ids``) of the token that ends every step: the last token starting
     before the step's last character (an empty step borrows the token before it)."""
     ends, pos = [], 0
@@ -208,7 +214,7 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None) -> E
     rewards = [0.0] * len(response_ids)
     rewards[-1] += float(row["reward"])
     if row.get("step_rewards") is not None:
-        ends = _step_end_tokens(tokenizer, row["steps"], response_ids[:-1])  # without EOS
+        ends = step_end_tokens(tokenizer, row["steps"], response_ids[:-1])  # without EOS
         for e, r in zip(ends, row["step_rewards"]):
             rewards[e] += float(r)
     return Example(prompt_ids, response_ids, rewards, behavior, row["prompt"], row["response"],

@@ -23,7 +23,7 @@ import torch
 
 from dqo_kernels import token_logprobs
 
-from .data import format_prompt, read_prompts, write_jsonl
+from .data import format_prompt, read_prompts, split_steps, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,6 @@ def label_samples(prompts, answers, samples: List[List[Sample]], verify: Verifie
             rows.append(dict(prompt=p, response=s.text, response_ids=s.ids,
                              behavior_logp=s.logp, reward=float(good), answer=a))
     return rows
-
-
-def split_steps(text: str) -> List[str]:
-    return text.split("\n")
 
 
 def mc_process_scores(model, tokenizer, rows: List[Dict], verify: Verifier, *, n: int = 8,

@@ -129,6 +129,10 @@ def test_arithmetic_task_and_exact_step_labels():
     lucky = "7+3=11\n11*2=20\n20-5=15\n#### 15"  # right answer, wrong reasoning
     assert arithmetic.verify(lucky, p.answer)
     assert arithmetic.step_labels(p, lucky) == [False] * 4
+    # one label per line: a blank line keeps the state's label and skips no operation
+    assert arithmetic.step_labels(p, "7+3=10\n\n10*2=20\n20-5=15\n#### 15\n") == [True] * 6
+    assert arithmetic.step_labels(p, "7+3=10\n10*2=21\n\n#### 21") == [True, False, False,
+                                                                          False]
     assert len(set(arithmetic.make_problems(50, 1))) == 50
     assert arithmetic.make_problems(5, 3) == arithmetic.make_problems(5, 3)
 
@@ -210,6 +214,11 @@ def test_exact_process_scores():
         arithmetic.parse_prompt(pr), r), process_reward=0.2)
     assert out[0]["step_rewards"] == [0.2, 0.0, 0.0]
     assert "steps" not in out[1]
+    blank = dict(prompt=p.prompt, response="7+3=10\n\n10*2=21\n#### 21", reward=0.0)
+    out = exact_process_scores([blank], lambda pr, r: arithmetic.step_labels(
+        arithmetic.parse_prompt(pr), r), process_reward=0.2)
+    assert out[0]["steps"] == blank["response"].split("\n")
+    assert out[0]["step_rewards"] == [0.2, 0.2, 0.0, 0.0]
 
 
 # ---- the training loop ------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Dict, List
 import torch
 
 from .. import algos
-from ..data import Example, tokenize_rows
+from ..data import Example, split_steps, step_end_tokens, tokenize_rows
 from ..modeling import ValueModel
 from ..pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from ..reference_logps import compute_ref_logps
@@ -115,20 +115,26 @@ def value_vs_correctness(value: ValueModel, tok, policy, problems, pipe, n: int 
     with the exact correctness of the prefix that leads there (the paper's Figure 2)."""
     samples = generate(policy, tok, [p.prompt for p in problems], n=n, top_p=pipe.top_p,
                        top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens)
-    out = []
-    for prob, ss in zip(problems, samples):
-        for s in ss:
-            steps = s.text.split("\n")
-            labels = arithmetic.step_labels(prob, s.text)
-            prompt_ids = tok(prob.prompt, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt_ids + s.ids])
-            with torch.no_grad():
-                v = value(ids, torch.ones_like(ids))[0]
-            pos = len(prompt_ids)
-            for k, (step, ok) in enumerate(zip(steps, labels)):
-                pos += len(step) + (1 if k < len(steps) - 1 else 0)  # chars = tokens here
-                if pos < ids.shape[1]:
-                    out.append(dict(step=k + 1, correct=bool(ok), value=float(v[pos])))
+    return [row for prob, ss in zip(problems, samples) for s in ss
+            for row in step_values(value, tok, prob, s.text, s.ids)]
+
+
+def step_values(value, tok, problem, text: str, response_ids) -> List[Dict]:
+    """One row per non-blank step of a response: its 1-based index among the steps, its exact
+    label, and V of the state after its last token."""
+    prompt_ids = tok(problem.prompt, add_special_tokens=False)["input_ids"]
+    steps = split_steps(text)
+    labels = arithmetic.step_labels(problem, text)
+    ends = step_end_tokens(tok, steps, response_ids)
+    ids = torch.tensor([prompt_ids + list(response_ids)])
+    with torch.no_grad():
+        v = value(ids, torch.ones_like(ids))[0]
+    out, k = [], 0
+    for step, ok, end in zip(steps, labels, ends):
+        pos = len(prompt_ids) + end + 1  # V(s_t) sits at t: the state after token t - 1
+        if step.strip() and pos < ids.shape[1]:
+            k += 1
+            out.append(dict(step=k, correct=bool(ok), value=float(v[pos])))
     return out
 
 

@@ -76,11 +76,6 @@ def make_problems(n: int, seed: int, min_steps: int = 2, max_steps: int = 3,
     return out
 
 
-def split_steps(response: str) -> List[str]:
-    """A response's steps: its lines (the ``####`` line is the last step)."""
-    return [line for line in response.split("\n") if line.strip()]
-
-
 def verify(response: str, answer: str) -> bool:
     """Outcome check: the number after ``####`` equals the reference answer."""
     got = extract_hash_answer(response)
@@ -88,20 +83,27 @@ def verify(response: str, answer: str) -> bool:
 
 
 def step_labels(problem: Problem, response: str) -> List[bool]:
-    """Exact correctness of every step (line) of ``response``; see the module docstring.
-    A step after a wrong one is wrong; the final ``####`` line is correct iff the outcome is."""
+    """Exact correctness of every line of ``response`` (its steps in the data format, blank
+    lines included, so label i belongs to ``response.split("\\n")[i]``); see the module
+    docstring. A step after a wrong one is wrong; the final ``####`` line is correct iff the
+    outcome is. A blank line is no step of the solution: it keeps the label of the state it
+    follows and does not advance the operation index."""
     vals = problem.values()
-    labels, ok = [], True
-    for i, line in enumerate(split_steps(response)):
+    labels, ok, i = [], True, 0  # i: non-blank lines so far
+    for line in response.split("\n"):
+        if not line.strip():
+            labels.append(ok)
+            continue
+        i += 1
         if line.startswith("####"):
             labels.append(ok and verify(line, problem.answer))
             continue
         m = _STEP.match(line)
-        if not (ok and m and i < len(problem.ops)):
+        if not (ok and m and i <= len(problem.ops)):
             ok = False
         else:
             a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-            ok = (a == vals[i] and (op, b) == problem.ops[i] and c == vals[i + 1])
+            ok = (a == vals[i - 1] and (op, b) == problem.ops[i - 1] and c == vals[i])
         labels.append(ok)
     return labels
 
