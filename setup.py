@@ -31,7 +31,7 @@ setup(
         # the trainer (python -m dqo.train); flash-attn is used on GPU when installed
         "train": ["transformers>=4.56", "deepspeed>=0.16", "math-verify>=0.7", "tqdm"],
         "experiments": ["matplotlib"],  # python -m dqo.experiments.replicate
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "ruff>=0.6"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

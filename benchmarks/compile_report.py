@@ -40,7 +40,7 @@ INT_PTRS = {"targets": "*i64", "mask": "*u8"}
 
 def signature(kernel, dtype: str, constexprs: dict) -> dict:
     sig = {}
-    for name, p in inspect.signature(kernel.fn).parameters.items():
+    for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in INPUTS:

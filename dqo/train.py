@@ -32,12 +32,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from . import algos
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, read_jsonl, tokenize_rows
 from .engine import OptimConfig, make_engine, rank, resolve_engine_kind, world_size
-from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .modeling import PolicyLogprobs, ValueModel
+from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .reference_logps import compute_ref_logps
 
 log = logging.getLogger("dqo.train")

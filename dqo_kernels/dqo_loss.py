@@ -22,8 +22,14 @@ from .dqo_scan_function import run_closed_form
 from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
 from .dtypes import acc_dtype
 from .metrics import LazyMetrics, dqo_metrics
-from .validation import (check_mask, check_scalar, check_tensor, check_triton_backend,
-                         check_values, triton_available)
+from .validation import (
+    check_mask,
+    check_scalar,
+    check_tensor,
+    check_triton_backend,
+    check_values,
+    triton_available,
+)
 
 BACKENDS = ("triton", "cpp", "torch")
 

@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-
 from .dqo_scan_reference import log_clip
 from .dtypes import acc_dtype
 

@@ -23,8 +23,13 @@ import torch
 
 from . import logprobs_torch
 from .dtypes import acc_dtype
-from .validation import (check_scalar, check_tensor, check_triton_backend, data_checks_enabled,
-                         triton_available)
+from .validation import (
+    check_scalar,
+    check_tensor,
+    check_triton_backend,
+    data_checks_enabled,
+    triton_available,
+)
 
 LOGPROB_BACKENDS = ("triton", "torch")
 # Bytes of one [N, chunk] logits buffer in linear_logprobs (the chunk width is derived from it).

@@ -31,7 +31,8 @@ def test_kto_loss_directions():
     loss.backward()
     assert logp.grad[0] < 0 < logp.grad[1]  # push desirable up, undesirable down
     z = 1.0  # mean log-ratio, clamped at 0
-    exp = ((1 - torch.sigmoid(torch.tensor(1.0 - z))) + (1 - torch.sigmoid(torch.tensor(z - 1.0)))) / 2
+    exp = ((1 - torch.sigmoid(torch.tensor(1.0 - z)))
+           + (1 - torch.sigmoid(torch.tensor(z - 1.0)))) / 2
     torch.testing.assert_close(loss, exp)
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from batches import LAYOUTS, make_batch, stable_seed, to
+
 from dqo_kernels import dqo_scan_reference, dro_loss, fused_dqo_loss, row_scale
 from dqo_kernels.validation import triton_available as _triton_available
 

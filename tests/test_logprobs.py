@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dqo_kernels import fused_dqo_loss, linear_logprobs, token_logprobs
-from dqo_kernels.validation import triton_available as _triton_available
 from dqo_kernels.logprobs_reference import linear_logprobs_reference, token_logprobs_reference
+from dqo_kernels.validation import triton_available as _triton_available
 
 BACKENDS = ["torch"] + (["triton"] if _triton_available() else [])
 ON_GPU = torch.cuda.is_available()
@@ -251,7 +251,8 @@ def test_lm_head_to_dqo_loss_composition(backend, device, small_blocks):
      r"logits: expected \[N, V\] or \[B, T, V\], got shape \(5,\)"),
     (lambda: token_logprobs(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), temperature=0),
      r"temperature: expected a value in \(0.0, inf\]"),
-    (lambda: linear_logprobs(torch.zeros(3, 4), torch.zeros(6, 5), torch.zeros(3, dtype=torch.long)),
+    (lambda: linear_logprobs(torch.zeros(3, 4), torch.zeros(6, 5),
+                             torch.zeros(3, dtype=torch.long)),
      r"weight: expected shape \[V, 4\] \(hidden's last dim\), got \(6, 5\)"),
     (lambda: linear_logprobs(torch.zeros(3, 4), torch.zeros(6, 4).double(),
                              torch.zeros(3, dtype=torch.long)),

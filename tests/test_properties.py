@@ -6,10 +6,10 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from batches import LAYOUTS, make_batch, to  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from batches import LAYOUTS, make_batch, to  # noqa: E402
 from dqo_kernels import dqo_scan_cpp, fused_dqo_loss  # noqa: E402
 from dqo_kernels.validation import triton_available as _triton_available  # noqa: E402
 

@@ -34,6 +34,7 @@ class PairTokenizer:
 
 def test_step_values_follow_tokens_and_skip_blank_lines():
     import torch
+
     from dqo.tasks import arithmetic
 
     prob = arithmetic.Problem(7, (("+", 3), ("*", 2), ("-", 5)))

@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from batches import make_batch
 
 import dqo_kernels
-from batches import make_batch
 from dqo_kernels import dro_loss, fused_dqo_loss
 
 
@@ -47,7 +47,8 @@ CASES = [
     (dict(bootstrap=lambda b: torch.tensor([0.0, math.inf, 0.0])),
      r"bootstrap: expected finite values, got inf at index \(1,\)"),
     (dict(logp=nan_on_action), r"logp: expected finite values, got nan .* on an action"),
-    (dict(values=lambda b: b["values"].masked_fill(b["mask"], math.inf)), r"values: expected finite"),
+    (dict(values=lambda b: b["values"].masked_fill(b["mask"], math.inf)),
+     r"values: expected finite"),
     (dict(rewards=reward_off_mask), r"rewards: expected 0 on positions where mask is 0"),
     (dict(beta=0.0), r"beta: expected a value in \(0.0, inf\], got 0.0"),
     (dict(beta="0.1"), r"beta: expected a real number, got '0.1'"),
