@@ -11,6 +11,8 @@
 #include <cmath>
 #include <vector>
 
+#include "ops.h"
+
 namespace {
 
 template <typename scalar_t>
@@ -124,8 +126,4 @@ std::vector<torch::Tensor> dqo_scan_forward(
     });
   });
   return {policy_rows, value_rows, returns, weights, td, dlogp, dvalues};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dqo_scan_forward", &dqo_scan_forward, "Fused DQO loss forward + gradients (CPU)");
 }

@@ -1,8 +1,9 @@
 """Per-token log-probs of the taken tokens: :func:`token_logprobs` from logits and
 :func:`linear_logprobs` straight from the lm_head input, never holding ``[N, V]`` logits.
 
-Both use one pair of launchers, Triton (:mod:`.logprobs_triton`) on CUDA or chunked PyTorch
-(:mod:`.logprobs_torch`) on CPU: ``lse_forward`` (online logsumexp and target logit over a
+Both use one pair of launchers, Triton (:mod:`.logprobs_triton`) on CUDA, native kernels
+(:mod:`.logprobs_cpp`) on CPU, or chunked PyTorch (:mod:`.logprobs_torch`) anywhere:
+``lse_forward`` (online logsumexp and target logit over a
 slice of vocabulary columns) and ``logits_grad`` (``g (onehot - softmax) / temperature`` of a
 slice, optionally in place). The definitions they are tested against are in
 :mod:`.logprobs_reference`.
@@ -21,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import logprobs_torch
+from . import logprobs_torch, native
 from .dtypes import acc_dtype
 from .validation import (
     check_scalar,
@@ -31,7 +32,7 @@ from .validation import (
     triton_available,
 )
 
-LOGPROB_BACKENDS = ("triton", "torch")
+LOGPROB_BACKENDS = ("triton", "cpp", "torch")
 # Bytes of one [N, chunk] logits buffer in linear_logprobs (the chunk width is derived from it).
 LINEAR_CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 
@@ -44,14 +45,22 @@ def _impl(backend: Optional[str], device: torch.device):
         check_triton_backend(device)
         from . import logprobs_triton
         return logprobs_triton
+    if backend == "cpp" or (backend is None and device.type == "cpu" and native.is_available()):
+        if device.type != "cpu":
+            raise ValueError(f"backend: 'cpp' runs on CPU tensors, got device {device}")
+        if not native.is_available():
+            raise ValueError("backend: 'cpp' needs the native CPU kernels, which could not be "
+                             "built here (see the warning above)")
+        from . import logprobs_cpp
+        return logprobs_cpp
     return logprobs_torch
 
 
 def _backend_for(backend: Optional[str], x: torch.Tensor, name: str):
     impl = _impl(backend, x.device)
-    if impl is not logprobs_torch and x.dtype == torch.float64:
+    if impl.__name__.endswith("_triton") and x.dtype == torch.float64:
         raise ValueError(f"{name}: the triton backend takes fp32/fp16/bf16, got float64; "
-                         "use backend='torch' for float64")
+                         "use backend='cpp' or 'torch' for float64")
     return impl
 
 
@@ -107,7 +116,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
             buffer; ``logits`` must not be used after backward).
         return_entropy: also return the entropy of ``softmax(logits / temperature)``,
             differentiable.
-        backend: None (Triton on CUDA, chunked PyTorch on CPU), "triton" or "torch".
+        backend: None (Triton on CUDA, the native kernels on CPU, chunked PyTorch where
+            neither is available), "triton", "cpp" or "torch".
 
     Returns:
         ``logp`` shaped like ``targets`` (and ``entropy`` if asked), fp32 (fp64 for fp64
@@ -197,7 +207,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         targets: ``[N]`` / ``[B, T]`` token ids; ``ignore_index`` gives 0 and no gradient.
         chunk_size: vocabulary columns per chunk; default: a ~512 MiB (GPU) / 64 MiB (CPU)
             ``[N, chunk]`` buffer.
-        backend: None (Triton on CUDA, chunked PyTorch on CPU), "triton" or "torch".
+        backend: None (Triton on CUDA, the native kernels on CPU, chunked PyTorch where
+            neither is available), "triton", "cpp" or "torch".
 
     Returns:
         fp32 log-probs shaped like ``targets`` (fp64 for fp64 inputs). Gradients reach

@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
-from dqo_kernels import fused_dqo_loss, linear_logprobs, token_logprobs
+from dqo_kernels import fused_dqo_loss, linear_logprobs, native, token_logprobs
 from dqo_kernels.logprobs_reference import linear_logprobs_reference, token_logprobs_reference
 from dqo_kernels.validation import triton_available as _triton_available
 
-BACKENDS = ["torch"] + (["triton"] if _triton_available() else [])
+BACKENDS = (["torch"] + (["cpp"] if native.is_available() else [])
+            + (["triton"] if _triton_available() else []))
 ON_GPU = torch.cuda.is_available()
 
 
@@ -260,8 +261,34 @@ def test_lm_head_to_dqo_loss_composition(backend, device, small_blocks):
     (lambda: linear_logprobs(torch.zeros(3, 4), torch.zeros(6, 4), torch.zeros(3, dtype=torch.long),
                              bias=torch.zeros(5)), r"bias: expected shape \(6,\)"),
     (lambda: token_logprobs(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), backend="cuda"),
-     r"backend: expected None or one of \('triton', 'torch'\)"),
+     r"backend: expected None or one of \('triton', 'cpp', 'torch'\)"),
 ])
 def test_logprobs_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_cpp_backend_refuses_gpu_tensors():
+    from dqo_kernels import logprobs
+    with pytest.raises(ValueError, match=r"backend: 'cpp' runs on CPU tensors, got device cuda"):
+        logprobs._impl("cpp", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_row_strided_logits(backend, dtype, device, small_blocks):
+    """Logits that are a column slice of a wider buffer (row stride > V) are read in place."""
+    dev = dev_for(backend, device)
+    logits, targets, up = make_logits(6, 300, seed=11)
+    wide = torch.full((6, 320), 1e4, dtype=dtype, device=dev)  # poison beyond the slice
+    wide[:, :300] = logits.to(dtype).to(dev)
+    x = wide[:, :300]
+    assert x.stride(0) == 320
+    leaf = x.detach().requires_grad_()
+    got = token_logprobs(leaf, targets.to(dev), backend=backend)
+    ref_x = x.detach().double().cpu().requires_grad_()
+    exp = token_logprobs_reference(ref_x, targets)
+    torch.testing.assert_close(got.double().cpu(), exp, **TOL[dtype])
+    (gx,) = torch.autograd.grad(got, leaf, up.float().to(dev))
+    (ex,) = torch.autograd.grad(exp, ref_x, up)
+    torch.testing.assert_close(gx.double().cpu(), ex, **TOL[dtype])

@@ -106,17 +106,21 @@ def test_dro_rejects_token_level_tensors():
 
 
 def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch):
-    from dqo_kernels import dqo_scan_cpp, resolve_backend
+    from dqo_kernels import logprobs, logprobs_torch, native, resolve_backend, token_logprobs
 
-    monkeypatch.setattr(dqo_scan_cpp, "_ext", None)
-    monkeypatch.setattr(dqo_scan_cpp, "_error", RuntimeError("no C++ compiler found"))
-    monkeypatch.setattr(dqo_scan_cpp.is_available, "_warned", False, raising=False)
-    with pytest.warns(RuntimeWarning, match="native CPU kernel could not be built.*no C\\+\\+ "
-                                            "compiler found.*falling back to the PyTorch"):
+    monkeypatch.setattr(native, "_ext", None)
+    monkeypatch.setattr(native, "_error", RuntimeError("no C++ compiler found"))
+    monkeypatch.setattr(native.is_available, "_warned", False, raising=False)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels could not be built.*no C\\+\\+ "
+                                            "compiler found.*falling back to PyTorch"):
         assert resolve_backend(None, torch.device("cpu")) == "torch"
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call does not warn again
         assert resolve_backend(None, torch.device("cpu")) == "torch"
         out = call(backend=None)
-    assert torch.isfinite(out.loss)
+        assert logprobs._impl(None, torch.device("cpu")) is logprobs_torch
+        lp = token_logprobs(torch.randn(3, 5), torch.tensor([0, 4, 2]))
+    assert torch.isfinite(out.loss) and torch.isfinite(lp).all()
+    with pytest.raises(ValueError, match="backend: 'cpp' needs the native CPU kernels"):
+        token_logprobs(torch.randn(3, 5), torch.tensor([0, 4, 2]), backend="cpp")
