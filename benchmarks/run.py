@@ -7,9 +7,11 @@
 Each op is timed forward + backward, median of repeated runs, for every implementation that
 can run here, all in one process:
 
-- ``dqo_loss``: ours (Triton on CUDA, the C++ kernel on CPU) vs ``eager`` (the PyTorch
-  reference: a Python loop over T with autograd, the shape of verl's
-  ``compute_gae_advantage_return``) vs ``compile`` (torch.compile of it, GPU, short T only).
+Ours is the Triton kernels on CUDA and the native kernels (``csrc/``) on CPU.
+
+- ``dqo_loss``: ours vs ``eager`` (the PyTorch reference: a Python loop over T with autograd,
+  the shape of verl's ``compute_gae_advantage_return``) vs ``compile`` (torch.compile of it,
+  GPU, short T only).
 - ``token_logprobs``: ours vs eager ``log_softmax(logits).gather`` vs its torch.compile, and
   flash-attn's Triton cross-entropy / Liger-Kernel's cross-entropy where installed (GPU).
 - ``linear_logprobs``: ours vs eager (``h @ W.T`` then log_softmax) vs its torch.compile, and
@@ -22,7 +24,9 @@ inputs. The roofline floor of each op is its unavoidable bytes over the measured
 bandwidth, or its matmul flops over the measured matmul rate, whichever is larger; ``floor %``
 is floor / our time. Results: ``benchmarks/results/<device>-<date>.{json,md,png}``. Absolute
 times are only meaningful with the device name; on CPU compare ratios within one run.
-Triton-interpreter timings are refused (TRITON_INTERPRET=1).
+Triton-interpreter timings are refused (TRITON_INTERPRET=1). A peer that fails (out of
+memory, say) is a row of the table with its error. The same steps as a pytest-benchmark suite:
+``python -m pytest benchmarks/bench_ops.py --benchmark-enable --benchmark-only``.
 """
 from __future__ import annotations
 
@@ -270,14 +274,15 @@ def plan(device, quick: bool, ops) -> List[Dict]:
     gpu = device.type == "cuda"
     jobs = []
     if "dqo_loss" in ops:
-        shapes = ([(8, 512), (16, 2048), (32, 2048), (8, 8192), (2, 32768)] if gpu else
-                  [(8, 256), (16, 1024), (64, 1024), (16, 4096)])
+        shapes = ([(2, 512), (8, 512), (16, 2048), (32, 2048), (8, 8192), (2, 32768)] if gpu
+                  else [(8, 256), (16, 1024), (64, 1024), (16, 4096), (2, 32768)])
         for s in shapes[:2] if quick else shapes:
             impls = ["ours", "eager"] + (["compile"] if gpu and s[1] <= 512 else [])
             jobs.append(dict(op="dqo_loss", shape=list(s), impls=impls))
     vocab = [("qwen2-7b", 3584, 152064), ("llama3-8b", 4096, 128256)] if gpu else \
         [("small", 512, 32000)]
-    tokens = [1024, 4096, 16384] if gpu else [256, 1024]
+    # 64k tokens: eager's [N, V] logits and their fp32 softmax no longer fit (recorded as failed)
+    tokens = [1024, 4096, 16384, 65536] if gpu else [256, 1024, 4096]
     if quick:
         tokens = tokens[:1]
     for name, D, V in vocab:
@@ -350,7 +355,7 @@ def plot(rows, out_png: Path, dev_name: str) -> None:
     colors = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     fig, axes = plt.subplots(2, len(ops), figsize=(4.5 * len(ops), 7), squeeze=False)
     for j, op in enumerate(ops):
-        rs = [r for r in rows if r["op"] == op]
+        rs = [r for r in rows if r["op"] == op and not r.get("failed")]
         for impl in sorted({r["impl"] for r in rs}):
             pts = sorted((r["tokens"], r["ms"], r["peak_mib"]) for r in rs if r["impl"] == impl)
             style = dict(marker="o", color=colors[impl], label=impl,
@@ -364,7 +369,8 @@ def plot(rows, out_png: Path, dev_name: str) -> None:
             axes[i][j].set_yscale("log")
             axes[i][j].set_xlabel("tokens")
             axes[i][j].set_ylabel(ylabel)
-            axes[i][j].legend(fontsize=7)
+            if axes[i][j].get_legend_handles_labels()[0]:
+                axes[i][j].legend(fontsize=7)
         axes[0][j].set_title(op)
     fig.suptitle(dev_name)
     fig.tight_layout()
@@ -399,7 +405,7 @@ def main(argv=None):
         op, shape = job["op"], job["shape"]
         elem = torch.tensor([], dtype=dtype).element_size()
         floor = floor_ms(op, shape, elem, rates)
-        res = {}
+        res, failed = {}, {}
         for impl in job["impls"]:
             try:
                 fn = build(op, impl, shape, device, dtype)
@@ -407,7 +413,9 @@ def main(argv=None):
                 mem = cuda_peak_mib(fn) if gpu else (
                     cpu_peak_mib(op, impl, shape) if args.memory and impl != "compile" else None)
             except Exception as e:  # an OOM or a peer's failure is a result, not a crash
-                print(f"  {op} {shape} {impl}: failed ({type(e).__name__}: {e})", flush=True)
+                first = (str(e).strip().splitlines() or [""])[0][:160]
+                failed[impl] = f"{type(e).__name__}: {first}"
+                print(f"  {op} {shape} {impl}: failed ({failed[impl]})", flush=True)
                 continue
             finally:
                 if gpu:
@@ -420,6 +428,10 @@ def main(argv=None):
             rows.append(dict(op=op, shape=shape, model=job.get("model"), tokens=tokens, impl=impl,
                              ms=ms, peak_mib=mem, time_vs_ours=ms / res["ours"][0],
                              floor_ms=floor, floor_frac=floor / ms))
+        for impl, why in failed.items():
+            rows.append(dict(op=op, shape=shape, model=job.get("model"), tokens=tokens, impl=impl,
+                             ms=None, peak_mib=None, time_vs_ours=None, floor_ms=floor,
+                             floor_frac=None, failed=why))
         print(f"{op:16s} {str(shape):24s} " + "  ".join(
             f"{i}={ms:9.3f}ms" + (f"/{m:.0f}MiB" if m is not None else "")
             for i, (ms, m) in res.items()) + f"  floor={floor:.3f}ms", flush=True)
@@ -427,7 +439,10 @@ def main(argv=None):
     meta = dict(device=dev_name, date=dt.date.today().isoformat(), torch=torch.__version__,
                 dqo_kernels=dqo_kernels.__version__, python=platform.python_version(),
                 dtype=str(dtype), ours_dqo_loss_backend=ours_backend, rates=rates,
-                command="python benchmarks/run.py " + " ".join(argv or sys.argv[1:]))
+                command="python benchmarks/run.py " + " ".join(argv or sys.argv[1:]),
+                # these change CPU timings a lot (THP: page faults of fresh large buffers)
+                env={k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS",
+                                                    "CUDA_VISIBLE_DEVICES")})
     if installed("triton"):
         import triton
         meta["triton"] = triton.__version__
@@ -442,6 +457,10 @@ def main(argv=None):
              "| op | shape | impl | median ms | peak MiB | time / ours | floor ms | floor % |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if r.get("failed"):
+            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | failed: {r['failed']} "
+                         f"| | | {r['floor_ms']:.3f} | |")
+            continue
         mem = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {mem} | "
                      f"{r['time_vs_ours']:.2f}x | {r['floor_ms']:.3f} | "

@@ -21,6 +21,45 @@ def test_benchmark_script_quick(tmp_path):
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
 
 
+def test_a_failing_peer_is_a_row_of_the_table(tmp_path, monkeypatch):
+    import importlib.util
+
+    import torch
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    build = run.build
+
+    def eager_oom(op, impl, *a):
+        if impl == "eager":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB\nmore")
+        return build(op, impl, *a)
+
+    monkeypatch.setattr(run, "build", eager_oom)
+    monkeypatch.setattr(run, "plan", lambda *a: [dict(op="dqo_loss", shape=[2, 8],
+                                                      impls=["ours", "eager"])])
+    monkeypatch.setattr(run, "measure_rates", lambda device: dict(
+        bandwidth_GBps=10.0, matmul_TFLOPs=0.1, matmul_dtype="torch.float32"))
+    run.main(["--reps", "1", "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("*.json")
+    rows = {r["impl"]: r for r in json.loads(result.read_text())["rows"]}
+    assert rows["ours"]["ms"] > 0 and rows["eager"]["ms"] is None
+    assert rows["eager"]["failed"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate " \
+                                      "40.00 GiB"
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert "| dqo_loss | [2, 8] | eager | failed: OutOfMemoryError: CUDA out of memory." in table
+
+
+def test_pytest_benchmark_suite_runs_each_case_once():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "bench_ops.py"),
+                          "-q", "-p", "no:cacheprovider", "-k", "dqo_loss or token_logprobs"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout
+
+
 def test_benchmark_script_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick"],
