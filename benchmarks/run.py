@@ -367,6 +367,8 @@ def plot(rows, out_png: Path, dev_name: str) -> None:
         for i, ylabel in enumerate(("median ms (fwd+bwd)", "peak MiB beyond inputs")):
             axes[i][j].set_xscale("log")
             axes[i][j].set_yscale("log")
+            for axis in (axes[i][j].xaxis, axes[i][j].yaxis):  # decades only: no overlaps
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             axes[i][j].set_xlabel("tokens")
             axes[i][j].set_ylabel(ylabel)
             if axes[i][j].get_legend_handles_labels()[0]:

@@ -16,8 +16,11 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
+
+#include <sys/mman.h>
 
 #include "ops.h"
 
@@ -125,6 +128,33 @@ void grad_rows(const scalar_t* logits, int64_t stride, const int64_t* targets, c
     }
   }
 }
+
+// posix_memalign'd storage, freed with free().
+void free_aligned(void* p) { std::free(p); }
+
+}  // namespace
+
+torch::Tensor empty_huge(std::vector<int64_t> sizes, at::ScalarType dtype) {
+  // A fresh multi-MB buffer costs a page fault and a kernel zero-fill per 4 KiB page on first
+  // write, which took longer than the softmax gradient itself (benchmarks/NOTES.md). Huge pages
+  // (2 MiB) cut the faults 512-fold where THP is in "madvise" mode, as torch's own
+  // THP_MEM_ALLOC_ENABLE=1 does for every tensor.
+  const auto opts = torch::TensorOptions().dtype(dtype);
+  int64_t numel = 1;
+  for (auto n : sizes) numel *= n;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (bytes < 2 * kHuge) return torch::empty(sizes, opts);
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, rounded) != 0) return torch::empty(sizes, opts);
+#ifdef MADV_HUGEPAGE
+  madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without THP it changes nothing
+#endif
+  return torch::from_blob(p, sizes, free_aligned, opts);
+}
+
+namespace {
 
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 

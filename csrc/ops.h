@@ -19,3 +19,5 @@ torch::Tensor logits_grad(torch::Tensor logits, torch::Tensor targets, torch::Te
                           torch::Tensor grad, int64_t v0, double inv_temp, torch::Tensor out,
                           c10::optional<torch::Tensor> grad_ent,
                           c10::optional<torch::Tensor> entropy);
+// An uninitialised CPU tensor whose storage is advised to use transparent huge pages.
+torch::Tensor empty_huge(std::vector<int64_t> sizes, at::ScalarType dtype);

@@ -97,7 +97,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         g = torch.where(ignore, 0.0, grad_logp.to(lse.dtype)).contiguous()
         if grad_ent is not None:
             grad_ent = torch.where(ignore, 0.0, grad_ent.to(lse.dtype)).contiguous()
-        out = logits if inplace_backward else torch.empty_like(logits)
+        out = logits if inplace_backward else _empty(impl, logits.shape, logits.dtype,
+                                                     logits.device)
         impl.logits_grad(logits, targets, lse, g, 0, inv_temp, out, grad_ent=grad_ent,
                          entropy=ent if grad_ent is not None else None)
         return out, None, None, None, None, None, None
@@ -151,9 +152,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
         V = weight.shape[0]
         lse = None
         zt = None
+        buf = _empty(impl, (hidden.shape[0] * min(chunk, V),), hidden.dtype, hidden.device)
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
-            logits = _chunk_logits(hidden, weight, bias, v0, v1)
+            logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
             lse_c, zt_c, _ = impl.lse_forward(logits, targets, v0, inv_temp, False)
             lse = lse_c if lse is None else torch.logaddexp(lse, lse_c)
             zt = zt_c if zt is None else zt + zt_c
@@ -174,9 +176,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
         d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         d_weight = torch.empty_like(weight) if need_w else None
         d_bias = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
+        buf = _empty(impl, (hidden.shape[0] * min(chunk, V),), hidden.dtype, hidden.device)
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
-            logits = _chunk_logits(hidden, weight, bias, v0, v1)
+            logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
             d_logits = impl.logits_grad(logits, targets, lse, g, v0, inv_temp, out=logits)
             if need_h:
                 d_hidden += d_logits @ weight[v0:v1]  # in place: no fp32 copy of the product
@@ -188,10 +191,21 @@ class LinearLogprobsFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _chunk_logits(hidden, weight, bias, v0, v1):
+def _empty(impl, shape, dtype, device) -> torch.Tensor:
+    """A large scratch buffer: on CPU the native ops hand out huge-page memory, whose first
+    touch costs far fewer page faults (see csrc/logprobs.cpp)."""
+    make = getattr(impl, "empty", None)
+    return make(shape, dtype) if make is not None else torch.empty(shape, dtype=dtype,
+                                                                     device=device)
+
+
+def _chunk_logits(hidden, weight, bias, v0, v1, buf):
+    """Logits of vocabulary columns [v0, v1) written into ``buf``, one scratch buffer reused
+    by every chunk (a fresh one per chunk pays its page faults again on CPU)."""
+    out = buf[:hidden.shape[0] * (v1 - v0)].view(hidden.shape[0], v1 - v0)
     if bias is None:
-        return hidden @ weight[v0:v1].T
-    return torch.addmm(bias[v0:v1], hidden, weight[v0:v1].T)
+        return torch.mm(hidden, weight[v0:v1].T, out=out)
+    return torch.addmm(bias[v0:v1], hidden, weight[v0:v1].T, out=out)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

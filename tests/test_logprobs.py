@@ -268,6 +268,28 @@ def test_logprobs_bad_input(call, message):
         call()
 
 
+@pytest.mark.skipif(not native.is_available(), reason="no C++ compiler")
+@pytest.mark.parametrize("hugepages", ["1", "0"])
+def test_cpp_large_buffers_on_huge_pages(hugepages, monkeypatch):
+    """Gradient and chunk buffers of 4 MiB and more come from the huge-page allocator."""
+    from dqo_kernels import logprobs_cpp
+    monkeypatch.setenv("DQO_KERNELS_HUGEPAGES", hugepages)
+    buf = logprobs_cpp.empty((3, 2**20), torch.float16)
+    assert buf.shape == (3, 2**20) and buf.dtype == torch.float16 and buf.is_contiguous()
+    buf.fill_(1.5)
+    assert float(buf.float().sum()) == 1.5 * 3 * 2**20
+    logits, targets, up = make_logits(64, 20000, seed=3)  # 5 MB of fp32 logits
+    check_token_logprobs(logits, targets, up, "cpp", torch.float32, torch.device("cpu"),
+                         TOL[torch.float32])
+    h, w = torch.randn(300, 16, dtype=torch.float64), torch.randn(5000, 16, dtype=torch.float64)
+    y, g = torch.randint(0, 5000, (300,)), torch.randn(300, dtype=torch.float64)
+    got, grads = run_linear(h, w, None, y, g, linear_logprobs, backend="cpp")  # 12 MB chunk
+    exp, egrads = run_linear(h, w, None, y, g, linear_logprobs_reference)
+    torch.testing.assert_close(got, exp)
+    for a, e in zip(grads, egrads):
+        torch.testing.assert_close(a, e)
+
+
 def test_cpp_backend_refuses_gpu_tensors():
     from dqo_kernels import logprobs
     with pytest.raises(ValueError, match=r"backend: 'cpp' runs on CPU tensors, got device cuda"):
