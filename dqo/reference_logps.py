@@ -1,7 +1,9 @@
 """Reference log-probs, computed once over the dataset with the fused log-prob op and cached.
 
 The cache file is keyed by a fingerprint of the reference model's weights and of the data, so
-a changed model or dataset is recomputed and never silently reused.
+a changed model or dataset is recomputed and never silently reused. Under data parallelism
+every rank computes a 1/world_size share of the examples and the shares are all-gathered, so
+the pass takes 1/world_size of the time; rank 0 writes the cache.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from .atomic import atomic_write
 from .data import Example, collate
+from .engine import barrier, rank, world_size
 from .modeling import policy_logprobs
 
 log = logging.getLogger(__name__)
@@ -45,15 +48,26 @@ def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        b = collate(chunk, pad_id).to(device)
+    r, w = rank(), world_size()
+    mine = list(range(r, len(examples), w))
+    log.info("reference log-probs: %d of %d examples on rank %d", len(mine), len(examples), r)
+    rows = []  # (example index, log-probs of its response tokens)
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        b = collate([examples[i] for i in idx], pad_id).to(device)
         lp = policy_logprobs(model, b.input_ids, b.attention_mask, b.action_mask).float().cpu()
-        for i, e in enumerate(chunk):
-            row = lp[i][b.action_mask[i].cpu()]
-            e.ref_logp = row.tolist()
-            out.append(row)
+        mask = b.action_mask.cpu()
+        rows.extend((i, lp[k][mask[k]]) for k, i in enumerate(idx))
     model.train(was_training)
-    if path is not None:
+    if w > 1:
+        shares = [None] * w
+        torch.distributed.all_gather_object(shares, rows)
+        rows = [row for share in shares for row in share]
+    out = [None] * len(examples)
+    for i, lp in rows:
+        out[i] = lp
+    for e, lp in zip(examples, out):
+        e.ref_logp = lp.tolist()
+    if path is not None and r == 0:
         atomic_write(path, lambda f: torch.save(out, f), binary=True)
+    barrier()  # no rank reads the cache before it is complete

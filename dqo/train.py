@@ -35,7 +35,15 @@ import torch
 from . import algos
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, read_jsonl, tokenize_rows
-from .engine import OptimConfig, make_engine, rank, resolve_engine_kind, world_size
+from .engine import (
+    OptimConfig,
+    join_launcher_group,
+    leave_process_group,
+    make_engine,
+    rank,
+    resolve_engine_kind,
+    world_size,
+)
 from .modeling import PolicyLogprobs, ValueModel
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .reference_logps import compute_ref_logps
@@ -256,6 +264,7 @@ def run_custom(args: TrainArgs) -> Dict:
     torch.manual_seed(args.seed)
     if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    join_launcher_group(args.engine)
     tok, policy = load_policy(args.model)
     dtype = next(policy.parameters()).dtype
     rows, _ = read_jsonl(args.data, strict=args.strict_data)
@@ -342,6 +351,7 @@ def main(argv=None) -> None:
                          "python -m dqo.sample first")
     t0 = time.time()
     res = run_default(args) if args.data is None else run_custom(args)
+    leave_process_group()
     if res["before"]:
         print("\naccuracy on held-out problems   greedy   sampled")
         for name in ("before", "after"):

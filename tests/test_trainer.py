@@ -447,6 +447,16 @@ def test_data_parallel_two_ranks_equal_one_rank_with_the_global_batch(tok, polic
     m1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     m2 = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert len(m1) == len(m2) == 2
+    # the reference log-probs were computed half on each rank and gathered in example order
+    assert "reference log-probs: 16 of 16 examples on rank 0" in one.stderr
+    for r in (0, 1):
+        assert f"reference log-probs: 8 of 16 examples on rank {r}" in two.stderr, two.stderr
+    (c1,), (c2,) = [list((tmp_path / run / "cache").glob("ref_logps-*.pt")) for run in ("one",
+                                                                                      "two")]
+    r1, r2 = torch.load(c1, weights_only=True), torch.load(c2, weights_only=True)
+    assert len(r1) == len(r2) == 16
+    for a, b in zip(r1, r2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_chat_template_wraps_prompts_in_data_and_sampling(policy):
