@@ -1,7 +1,7 @@
 """A reproducible mini-replication of the paper's comparisons (Tables 3-7, Figure 2) on the
 synthetic arithmetic task, on a CPU.
 
-    python -m dqo.experiments.replicate                 # 3 seeds, about 30 min on 2 cores
+    python -m dqo.experiments.replicate                 # 3 seeds, about 13 min on 2 cores
     python -m dqo.experiments.replicate --quick         # toy sizes, a few minutes (CI smoke)
 
 One tiny base policy is warmed up with SFT until it is right sometimes. One offline dataset is
