@@ -210,7 +210,8 @@ def plot(out: Path, summary, values) -> None:
     ax1.set_xticks(list(x))
     ax1.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     ax1.set_ylabel("accuracy on held-out problems (%)")
-    ax1.legend()
+    ax1.set_ylim(0, 1.2 * max(100 * r[k] for r in summary for k in ("greedy", "sampled")))
+    ax1.legend(ncol=2, loc="upper center")  # above the bars: the ylim leaves room
     ax1.set_title("Accuracy (mean +- std over seeds)")
     data, labels = [], []
     for name, pts in values.items():
