@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,28 +95,31 @@ def check_row(row, where: str) -> Dict:
     return dict(row, _source=where)
 
 
+def _lines(path) -> Iterator[Tuple[str, str]]:
+    """``("path:lineno", line)`` for every non-blank line of a jsonl file."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{i}", line
+
+
+def _parse(where: str, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+
+
 def read_jsonl(path, *, strict: bool = False) -> Tuple[List[Dict], List[str]]:
     """Rows of a jsonl file and the errors of the rows that were skipped."""
     rows, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                row = check_row(json.loads(line), where)
-            except json.JSONDecodeError as e:
-                err = DataError(f"{where}: invalid JSON ({e.msg})")
-                if strict:
-                    raise err from None
-                errors.append(str(err))
-                continue
-            except DataError as e:
-                if strict:
-                    raise
-                errors.append(str(e))
-                continue
-            rows.append(row)
+    for where, line in _lines(path):
+        try:
+            rows.append(check_row(_parse(where, line), where))
+        except DataError as e:
+            if strict:
+                raise
+            errors.append(str(e))
     for e in errors:
         log.warning("skipped bad row: %s", e)
     if errors:
@@ -128,18 +131,12 @@ def read_jsonl(path, *, strict: bool = False) -> Tuple[List[Dict], List[str]]:
 def read_prompts(path) -> Tuple[List[str], List[str]]:
     """``prompt`` and ``answer`` of every row of a jsonl file (for sampling and evaluation)."""
     prompts, answers = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or "prompt" not in obj or "answer" not in obj:
-                raise DataError(f"{path}:{i}: expected an object with 'prompt' and 'answer'")
-            prompts.append(str(obj["prompt"]))
-            answers.append(str(obj["answer"]))
+    for where, line in _lines(path):
+        obj = _parse(where, line)
+        if not isinstance(obj, dict) or "prompt" not in obj or "answer" not in obj:
+            raise DataError(f"{where}: expected an object with 'prompt' and 'answer'")
+        prompts.append(str(obj["prompt"]))
+        answers.append(str(obj["answer"]))
     return prompts, answers
 
 

@@ -107,6 +107,18 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path, caplog):
         D.read_jsonl(p, strict=True)
 
 
+def test_read_prompts_names_the_bad_line(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"prompt": "1+1=?", "answer": "2"}\n\n{"prompt": "2+2=?", "answer": 4}\n')
+    assert D.read_prompts(p) == (["1+1=?", "2+2=?"], ["2", "4"])
+    p.write_text('{"prompt": "1+1=?", "answer": "2"}\n{"prompt": "x"}\n')
+    with pytest.raises(D.DataError, match=rf"{p}:2: expected an object with 'prompt' and"):
+        D.read_prompts(p)
+    p.write_text('\n{"prompt": "1+1=?",\n')
+    with pytest.raises(D.DataError, match=rf"{p}:2: invalid JSON"):
+        D.read_prompts(p)
+
+
 def test_behavior_logp_length_must_match_tokens(tok):
     row = D.check_row({"prompt": "Q", "response": "12", "reward": 0,
                        "behavior_logp": [-0.1]}, "f:3")
