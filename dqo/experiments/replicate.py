@@ -1,15 +1,19 @@
 """A reproducible mini-replication of the paper's comparisons (Tables 3-7, Figure 2) on the
 synthetic arithmetic task, on a CPU.
 
-    python -m dqo.experiments.replicate                 # 3 seeds, about 13 min on 2 cores
-    python -m dqo.experiments.replicate --quick         # toy sizes, a few minutes (CI smoke)
+    python -m dqo.experiments.replicate                 # 3 bases x 2 seeds, about 25 min
+    python -m dqo.experiments.replicate --quick         # toy sizes, seconds (CI smoke)
 
-One tiny base policy is warmed up with SFT until it is right sometimes. One offline dataset is
+A tiny base policy is warmed up with SFT until it is right sometimes. An offline dataset is
 sampled from it (8 responses a prompt, verified), plus two process-score variants of it: Monte-
 Carlo (paper 4.4: completions sampled from every prefix of a failed response) and the task's
 exact step labels. Then every method below trains from the same base weights on the same
 samples with the same budget (optimizer steps, batch size, learning rate). Each is evaluated
 on held-out problems, greedy and sampled, over several seeds (data order and sampling).
+
+All of that is repeated for several bases (``--bases``: SFT warm-ups from different seeds,
+each with its own offline data): differences between methods that are smaller than the
+base-to-base spread are not findings.
 
 Outputs in ``--out``: ``replication.md`` (mean +- std table), ``replication.json`` (every run),
 ``replication.png`` (accuracy, and learned V(s) against true step correctness).
@@ -147,6 +151,9 @@ def summarize(runs: List[Dict], methods: List[Method]) -> List[Dict]:
             vals = [r[k] for r in rs]
             row[k] = statistics.mean(vals) if vals else float("nan")
             row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            # mean over seeds for each base: the spread a single-base study cannot see
+            row[k + "_by_base"] = {b: statistics.mean(r[k] for r in rs if r["base"] == b)
+                                   for b in sorted({r["base"] for r in rs})}
         rows.append(row)
     return rows
 
@@ -160,19 +167,20 @@ def auc(pos: List[float], neg: List[float]) -> float:
 
 
 def write_report(out: Path, summary, values, meta, data_stats) -> None:
+    correct = ", ".join(f"{100 * d['outcome']['correct']:.1f}%" for d in data_stats.values())
     lines = [
         "# Mini-replication on the synthetic arithmetic task", "",
         f"Command: `{meta['command']}`  ",
         f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, "
         f"python {meta['python']}; {meta['device']}; {meta['date']}; {meta['minutes']:.1f} min",
         "",
-        f"Base: a {meta['params_m']:.2f}M-parameter transformer, SFT warm-up on "
-        f"{meta['pipe']['n_sft']} problems. Offline data: {meta['pipe']['n_offline']} prompts x "
-        f"{meta['pipe']['samples_per_prompt']} samples "
-        f"({100 * data_stats['outcome']['correct']:.1f}% correct). "
-        f"Every method: {meta['budget']['max_steps']} steps of {meta['budget']['batch_size']}, "
-        f"lr {meta['budget']['lr']}, beta {meta['budget']['beta']}. Accuracy on "
-        f"{meta['pipe']['n_test']} held-out problems, mean +- std over seeds {meta['seeds']}.",
+        f"Bases: {len(meta['bases'])} {meta['params_m']:.2f}M-parameter transformers, SFT "
+        f"warm-ups on {meta['pipe']['n_sft']} problems from seeds {meta['bases']}. Offline data "
+        f"of each: {meta['pipe']['n_offline']} prompts x {meta['pipe']['samples_per_prompt']} "
+        f"samples ({correct} correct). Every method: {meta['budget']['max_steps']} steps of "
+        f"{meta['budget']['batch_size']}, lr {meta['budget']['lr']}, beta "
+        f"{meta['budget']['beta']}. Accuracy on {meta['pipe']['n_test']} held-out problems, "
+        f"mean +- std over {len(meta['bases'])} bases x {len(meta['seeds'])} training seeds.",
         "",
         "| method | greedy | sampled |",
         "|---|---:|---:|",
@@ -183,8 +191,19 @@ def write_report(out: Path, summary, values, meta, data_stats) -> None:
             continue
         lines.append(f"| {r['method']} | {100 * r['greedy']:.1f} +- {100 * r['greedy_std']:.1f} "
                      f"| {100 * r['sampled']:.1f} +- {100 * r['sampled_std']:.1f} |")
+    bases = meta["bases"]
+    lines += ["", "Greedy accuracy of each base and what each method made of it (mean over "
+              "training seeds):", "",
+              "| method | " + " | ".join(f"base {b}" for b in bases) + " |",
+              "|---|" + "---:|" * len(bases)]
+    for r in summary:
+        if r["n"]:
+            lines.append(f"| {r['method']} | " + " | ".join(
+                f"{100 * r['greedy_by_base'][b]:.1f}" if b in r["greedy_by_base"] else ""
+                for b in bases) + " |")
     lines += ["", "Learned V(s) after each step of held-out responses vs the exact correctness "
-              "of the prefix (seed 0; AUC = P(V correct prefix > V incorrect prefix)):", "",
+              "of the prefix (base 0, seed 0; AUC = P(V correct prefix > V incorrect prefix)):",
+              "",
               "| value model | mean V, correct prefix | mean V, incorrect prefix | AUC |",
               "|---|---:|---:|---:|"]
     for name, pts in values.items():
@@ -229,10 +248,42 @@ def plot(out: Path, summary, values) -> None:
     plt.close(fig)
 
 
+VALUE_METHODS = ("DQO", "DQO + process scores (exact labels)")  # the Figure-2 analysis
+
+
+def run_method(m: Method, b: int, seed: int, tok, base, datasets, budget: Budget, work: Path,
+               evaluate) -> Dict:
+    """Train one method from a copy of ``base`` and evaluate it; the row of the results (with
+    the value model under ``_value``, for the Figure-2 analysis)."""
+    torch.manual_seed(seed)
+    policy = copy.deepcopy(base)
+    value = ValueModel.from_policy(policy) if m.algo in algos.NEEDS_VALUE else None
+    targs = TrainArgs(algo=m.algo, out=str(work / "runs" / f"{m.algo}-{seed}"),
+                      lr=budget.lr, value_lr=budget.value_lr, beta=budget.beta,
+                      batch_size=budget.batch_size, micro_batch=budget.batch_size,
+                      max_steps=budget.max_steps, engine="torch", progress=False,
+                      seed=seed, **m.overrides)
+    n_items = len(algos.items(m.algo, datasets[m.data]))
+    if n_items < budget.batch_size:  # e.g. RS/DPO when no sample is correct
+        log.warning("base %d seed %d %s: skipped, %d training items < one batch", b, seed,
+                    m.name, n_items)
+        return dict(method=m.name, base=b, seed=seed, skipped=f"{n_items} training items")
+    t = time.time()
+    train(targs, tok, policy, value, datasets[m.data])
+    res = evaluate(policy)
+    log.info("base %d seed %d %-38s greedy %.3f sampled %.3f", b, seed, m.name,
+             res["greedy"], res["sampled"])
+    return dict(method=m.name, base=b, seed=seed, train_s=time.time() - t, _value=value, **res)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy sizes: a smoke test")
-    p.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
+    p.add_argument("--bases", type=int, default=None,
+                   help="SFT-warmed base models, each with its own data; default 3 (1 with "
+                        "--quick)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per base; default 2 (1 with --quick)")
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     args = p.parse_args(argv)
@@ -243,47 +294,32 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     pipe, budget = quick() if args.quick else (DefaultPipeline(), Budget())
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    bases = list(range(args.bases or (1 if args.quick else 3)))
+    seeds = list(range(args.seeds or (1 if args.quick else 2)))
     methods = METHODS if not args.methods else [
         m for m in METHODS if m.name in args.methods.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
     torch.manual_seed(0)
-    splits = Splits(pipe, seed=0)
-    tok, base = warm_up_base(pipe, splits, work, seed=0, progress=False)
-    base.eval()
-    datasets, data_stats = build_datasets(tok, base, pipe, splits, budget, work)
-    evaluate = Evaluator(tok, splits.test, pipe.max_new_tokens, samples=budget.eval_samples)
-
+    splits = Splits(pipe, seed=0)  # one split: every base is tested on the same problems
     runs: List[Dict] = []
     values: Dict[str, List[Dict]] = {}
-    for seed in seeds:
-        torch.manual_seed(seed)
-        runs.append(dict(method="Base (SFT warm-up)", seed=seed, **evaluate(base)))
-        for m in methods:
+    data_stats: Dict[int, Dict] = {}
+    for b in bases:
+        work = out / "work" / f"base-{b}"
+        tok, base = warm_up_base(pipe, splits, work, seed=b, progress=False)
+        base.eval()
+        datasets, data_stats[b] = build_datasets(tok, base, pipe, splits, budget, work)
+        evaluate = Evaluator(tok, splits.test, pipe.max_new_tokens, samples=budget.eval_samples)
+        for seed in seeds:
             torch.manual_seed(seed)
-            policy = copy.deepcopy(base)
-            value = ValueModel.from_policy(policy) if m.algo in algos.NEEDS_VALUE else None
-            targs = TrainArgs(algo=m.algo, out=str(work / "runs" / f"{m.algo}-{seed}"),
-                              lr=budget.lr, value_lr=budget.value_lr, beta=budget.beta,
-                              batch_size=budget.batch_size, micro_batch=budget.batch_size,
-                              max_steps=budget.max_steps, engine="torch", progress=False,
-                              seed=seed, **m.overrides)
-            n_items = len(algos.items(m.algo, datasets[m.data]))
-            if n_items < budget.batch_size:  # e.g. RS/DPO when no sample is correct
-                log.warning("seed %d %s: skipped, %d training items < one batch", seed, m.name,
-                            n_items)
-                runs.append(dict(method=m.name, seed=seed, skipped=f"{n_items} training items"))
-                continue
-            t = time.time()
-            train(targs, tok, policy, value, datasets[m.data])
-            res = evaluate(policy)
-            runs.append(dict(method=m.name, seed=seed, train_s=time.time() - t, **res))
-            log.info("seed %d %-38s greedy %.3f sampled %.3f", seed, m.name, res["greedy"],
-                     res["sampled"])
-            if seed == 0 and m.name in ("DQO", "DQO + process scores (exact labels)"):
-                values[m.name] = value_vs_correctness(value, tok, base, splits.test, pipe)
+            runs.append(dict(method="Base (SFT warm-up)", base=b, seed=seed, **evaluate(base)))
+            for m in methods:
+                runs.append(run_method(m, b, seed, tok, base, datasets, budget, work, evaluate))
+                if b == 0 and seed == 0 and m.name in VALUE_METHODS:
+                    values[m.name] = value_vs_correctness(runs[-1].pop("_value"), tok, base,
+                                                          splits.test, pipe)
+                runs[-1].pop("_value", None)
     summary = summarize(runs, methods)
     import transformers
     meta = dict(command="python -m dqo.experiments.replicate" + (" --quick" if args.quick else ""),
@@ -292,7 +328,7 @@ def main(argv=None) -> None:
                 device=f"CPU, {torch.get_num_threads()} threads",
                 date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60, seeds=seeds,
                 params_m=sum(x.numel() for x in base.parameters()) / 1e6,
-                pipe=asdict(pipe), budget=asdict(budget))
+                bases=bases, pipe=asdict(pipe), budget=asdict(budget))
     (out / "replication.json").write_text(json.dumps(
         dict(meta=meta, data=data_stats, summary=summary, runs=runs, values=values), indent=1))
     write_report(out, summary, values, meta, data_stats)
