@@ -88,7 +88,12 @@ def test_cpp_token_logprobs_equal_reference(N, V, seed, temperature, dtype, entr
     dt = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     tol = {"fp64": dict(rtol=1e-10, atol=1e-10), "fp32": dict(rtol=2e-5, atol=2e-5),
            "bf16": dict(rtol=1e-4, atol=1e-4)}[dtype]  # bf16 inputs, fp32 arithmetic
-    gtol = dict(rtol=8e-3, atol=8e-3) if dtype == "bf16" else tol  # the gradient is bf16
+    gtol = dict(rtol=8e-3, atol=8e-3) if dtype == "bf16" else dict(tol)  # bf16 gradient
+    if dtype == "fp32" and entropy:
+        # the entropy gradient is p (z - E[z]) with E[z] = lse - H: fp32 rounding of z-sized
+        # terms (|z| = |x| / T reaches ~50 here), a few ulps of max|z|
+        zmax = float(x64[torch.isfinite(x64)].abs().max()) / temperature if V > 1 else 1.0
+        gtol["atol"] = max(gtol["atol"], 2e-6 * zmax)
     x = x64.to(dt).requires_grad_()
     ref_x = x.detach().double().requires_grad_()  # the reference sees the rounded inputs
     kw = dict(temperature=temperature, return_entropy=entropy)

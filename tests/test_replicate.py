@@ -54,3 +54,17 @@ def test_step_values_follow_tokens_and_skip_blank_lines():
               dict(step=3, correct=False, value=n_prompt + last_char[3] // 2 + 1)]
     # the "####" step ends on the last token: no state after it inside the sequence
     assert rows == expect
+
+
+def test_paired_to_compares_on_the_same_base_and_seed():
+    runs = [dict(method=m, base=b, seed=s, greedy=g) for m, b, s, g in (
+        ("DQO", 0, 0, 0.5), ("DQO", 0, 1, 0.7), ("DQO", 1, 0, 0.2), ("DQO", 1, 1, 0.2),
+        ("RS", 0, 0, 0.6), ("RS", 0, 1, 0.6), ("RS", 1, 0, 0.1), ("RS", 1, 1, 0.3))]
+    runs.append(dict(method="KTO", base=0, seed=0, skipped="0 training items"))
+    (rs,) = replicate.paired_to(runs)
+    assert rs["method"] == "RS" and rs["bases"] == 2
+    assert abs(rs["diff"] - 0.0) < 1e-12  # +0.1, -0.1, -0.1, +0.1
+    assert rs["ahead"] == 0  # base 0: 0.6 vs 0.6, base 1: 0.2 vs 0.2, neither strictly ahead
+    runs[4]["greedy"] = 0.9
+    (rs,) = replicate.paired_to(runs)
+    assert rs["ahead"] == 1 and abs(rs["diff"] - 0.075) < 1e-12

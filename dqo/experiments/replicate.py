@@ -158,6 +158,25 @@ def summarize(runs: List[Dict], methods: List[Method]) -> List[Dict]:
     return rows
 
 
+def paired_to(runs: List[Dict], ref: str = "DQO") -> List[Dict]:
+    """Each method minus ``ref`` on the same base and training seed (greedy accuracy): the
+    comparison the base-to-base spread does not blur. ``ahead``: in how many bases the method's
+    mean over seeds is above ``ref``'s."""
+    acc = {(r["method"], r["base"], r["seed"]): r["greedy"] for r in runs if "greedy" in r}
+    out = []
+    for name in dict.fromkeys(r["method"] for r in runs):
+        pairs = [(b, acc[(name, b, s)] - acc[(ref, b, s)]) for (m, b, s) in acc
+                 if m == name and (ref, b, s) in acc]
+        if name == ref or not pairs:
+            continue
+        diffs = [d for _, d in pairs]
+        by_base = {b: statistics.mean(d for bb, d in pairs if bb == b) for b, _ in pairs}
+        out.append(dict(method=name, diff=statistics.mean(diffs),
+                        diff_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                        ahead=sum(d > 0 for d in by_base.values()), bases=len(by_base)))
+    return out
+
+
 def auc(pos: List[float], neg: List[float]) -> float:
     """P(V of a correct prefix > V of an incorrect one): how well V ranks step correctness."""
     if not pos or not neg:
@@ -166,7 +185,7 @@ def auc(pos: List[float], neg: List[float]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def write_report(out: Path, summary, values, meta, data_stats) -> None:
+def write_report(out: Path, summary, values, meta, data_stats, runs) -> None:
     correct = ", ".join(f"{100 * d['outcome']['correct']:.1f}%" for d in data_stats.values())
     lines = [
         "# Mini-replication on the synthetic arithmetic task", "",
@@ -201,6 +220,12 @@ def write_report(out: Path, summary, values, meta, data_stats) -> None:
             lines.append(f"| {r['method']} | " + " | ".join(
                 f"{100 * r['greedy_by_base'][b]:.1f}" if b in r["greedy_by_base"] else ""
                 for b in bases) + " |")
+    lines += ["", "Greedy accuracy minus DQO's on the same base and training seed (mean +- std "
+              "over the pairs), and in how many bases the method is ahead of DQO:", "",
+              "| method | minus DQO | ahead in |", "|---|---:|---:|"]
+    for r in paired_to(runs):
+        lines.append(f"| {r['method']} | {100 * r['diff']:+.1f} +- {100 * r['diff_std']:.1f} "
+                     f"| {r['ahead']} of {r['bases']} |")
     lines += ["", "Learned V(s) after each step of held-out responses vs the exact correctness "
               "of the prefix (base 0, seed 0; AUC = P(V correct prefix > V incorrect prefix)):",
               "",
@@ -331,7 +356,7 @@ def main(argv=None) -> None:
                 bases=bases, pipe=asdict(pipe), budget=asdict(budget))
     (out / "replication.json").write_text(json.dumps(
         dict(meta=meta, data=data_stats, summary=summary, runs=runs, values=values), indent=1))
-    write_report(out, summary, values, meta, data_stats)
+    write_report(out, summary, values, meta, data_stats, runs)
     plot(out, summary, values)
     print((out / "replication.md").read_text())
 
