@@ -3,7 +3,8 @@
 >>> from dqo_kernels import fused_dqo_loss
 """
 from .aggregation import LOSS_AGGS, row_scale
-from .dqo_loss import BACKENDS, DQOLossOutput, dro_loss, fused_dqo_loss, resolve_backend
+from .backends import BACKENDS, resolve_backend
+from .dqo_loss import DQOLossOutput, dro_loss, fused_dqo_loss
 from .dqo_scan_reference import dqo_scan_reference
 from .logprobs import linear_logprobs, token_logprobs
 from .logprobs_reference import linear_logprobs_reference, token_logprobs_reference

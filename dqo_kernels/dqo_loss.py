@@ -10,7 +10,6 @@ computes the diagnostics; the math lives in the backends:
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
@@ -18,20 +17,12 @@ import torch
 
 from . import dqo_scan_cpp
 from .aggregation import LOSS_AGGS, row_scale
+from .backends import resolve_backend
 from .dqo_scan_function import run_closed_form
 from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
 from .dtypes import acc_dtype
 from .metrics import LazyMetrics, dqo_metrics
-from .validation import (
-    check_mask,
-    check_scalar,
-    check_tensor,
-    check_triton_backend,
-    check_values,
-    triton_available,
-)
-
-BACKENDS = ("triton", "cpp", "torch")
+from .validation import check_mask, check_scalar, check_tensor, check_values
 
 
 @dataclass
@@ -46,32 +37,6 @@ class DQOLossOutput:
     td_error: torch.Tensor  # [B, T] delta_t = V_t - G_t (0 off the mask), detached
     # SPEC section 5, detached 0-dim tensors; computed on first access
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
-
-
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend that will run: the requested one (checked), or the best for ``device``."""
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
-        if backend == "triton":
-            check_triton_backend(device)
-        if backend == "cpp" and device.type != "cpu":
-            raise ValueError(f"backend: 'cpp' needs CPU tensors, got tensors on {device}")
-        return backend
-    if device.type == "cuda":
-        if triton_available():
-            return "triton"
-        if not _fallback_warned:
-            _fallback_warned.add(device.type)
-            warnings.warn("dqo_kernels: triton is not installed; the fused DQO loss runs the "
-                          "PyTorch reference on CUDA tensors (slow)", RuntimeWarning,
-                          stacklevel=3)
-    elif device.type == "cpu" and dqo_scan_cpp.is_available():
-        return "cpp"
-    return "torch"
-
-
-_fallback_warned: set = set()
 
 
 def _run_backend(name: str, logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,

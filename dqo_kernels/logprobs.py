@@ -22,35 +22,21 @@ from typing import Optional
 
 import torch
 
-from . import logprobs_torch, native
+from . import logprobs_torch
+from .backends import resolve_backend
 from .dtypes import acc_dtype
-from .validation import (
-    check_scalar,
-    check_tensor,
-    check_triton_backend,
-    data_checks_enabled,
-    triton_available,
-)
+from .validation import check_scalar, check_tensor, data_checks_enabled
 
-LOGPROB_BACKENDS = ("triton", "cpp", "torch")
 # Bytes of one [N, chunk] logits buffer in linear_logprobs (the chunk width is derived from it).
 LINEAR_CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 
 
 def _impl(backend: Optional[str], device: torch.device):
-    if backend is not None and backend not in LOGPROB_BACKENDS:
-        raise ValueError(f"backend: expected None or one of {LOGPROB_BACKENDS}, got {backend!r}")
-    if backend == "triton" or (backend is None and device.type == "cuda"
-                               and triton_available()):
-        check_triton_backend(device)
+    name = resolve_backend(backend, device)
+    if name == "triton":
         from . import logprobs_triton
         return logprobs_triton
-    if backend == "cpp" or (backend is None and device.type == "cpu" and native.is_available()):
-        if device.type != "cpu":
-            raise ValueError(f"backend: 'cpp' runs on CPU tensors, got device {device}")
-        if not native.is_available():
-            raise ValueError("backend: 'cpp' needs the native CPU kernels, which could not be "
-                             "built here (see the warning above)")
+    if name == "cpp":
         from . import logprobs_cpp
         return logprobs_cpp
     return logprobs_torch

@@ -292,7 +292,7 @@ def test_cpp_large_buffers_on_huge_pages(hugepages, monkeypatch):
 
 def test_cpp_backend_refuses_gpu_tensors():
     from dqo_kernels import logprobs
-    with pytest.raises(ValueError, match=r"backend: 'cpp' runs on CPU tensors, got device cuda"):
+    with pytest.raises(ValueError, match=r"backend: 'cpp' needs CPU tensors, got tensors on cuda"):
         logprobs._impl("cpp", torch.device("cuda"))
 
 
