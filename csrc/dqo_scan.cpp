@@ -101,8 +101,6 @@ std::vector<torch::Tensor> dqo_scan_forward(
   auto td = torch::empty({B, T}, opts), dlogp = torch::empty({B, T}, opts);
   auto dvalues = torch::empty({B, T}, opts);
   auto policy_rows = torch::empty({B}, opts), value_rows = torch::empty({B}, opts);
-  // Rows are independent; a grain of ~16k elements keeps thread start-up amortised.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
   AT_DISPATCH_FLOATING_TYPES(dtype, "dqo_scan_forward", [&] {
     auto lp = logp.accessor<scalar_t, 2>();
     auto rf = ref_logp.accessor<scalar_t, 2>();
@@ -119,7 +117,7 @@ std::vector<torch::Tensor> dqo_scan_forward(
     auto dv = dvalues.accessor<scalar_t, 2>();
     scalar_t* pr = policy_rows.data_ptr<scalar_t>();
     scalar_t* vr = value_rows.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
       dqo_scan_rows<scalar_t>(lp, rf, bh, vl, rw, mk, bt, sc, ret, wt, tda, dl, dv, pr, vr, T,
                               beta, gamma, lam, log_clip, is_policy, is_value, target_grad,
                               begin, end);

@@ -132,32 +132,6 @@ void grad_rows(const scalar_t* logits, int64_t stride, const int64_t* targets, c
 // posix_memalign'd storage, freed with free().
 void free_aligned(void* p) { std::free(p); }
 
-}  // namespace
-
-torch::Tensor empty_huge(std::vector<int64_t> sizes, at::ScalarType dtype) {
-  // A fresh multi-MB buffer costs a page fault and a kernel zero-fill per 4 KiB page on first
-  // write, which took longer than the softmax gradient itself (benchmarks/NOTES.md). Huge pages
-  // (2 MiB) cut the faults 512-fold where THP is in "madvise" mode, as torch's own
-  // THP_MEM_ALLOC_ENABLE=1 does for every tensor.
-  const auto opts = torch::TensorOptions().dtype(dtype);
-  int64_t numel = 1;
-  for (auto n : sizes) numel *= n;
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes < 2 * kHuge) return torch::empty(sizes, opts);
-  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = nullptr;
-  if (posix_memalign(&p, kHuge, rounded) != 0) return torch::empty(sizes, opts);
-#ifdef MADV_HUGEPAGE
-  madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without THP it changes nothing
-#endif
-  return torch::from_blob(p, sizes, free_aligned, opts);
-}
-
-namespace {
-
-int64_t grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
-
 void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1,
               name, ": expected a CPU [N, V] tensor with unit column stride, got sizes ",
@@ -182,7 +156,7 @@ std::vector<torch::Tensor> lse_forward(torch::Tensor logits, torch::Tensor targe
     const int64_t* y = targets.data_ptr<int64_t>();
     acc_t *l = lse.data_ptr<acc_t>(), *t = zt.data_ptr<acc_t>();
     acc_t* e = want_ez ? ez.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       lse_rows<scalar_t, acc_t>(x, logits.stride(0), y, V, v0, static_cast<acc_t>(inv_temp), l,
                                 t, e, begin, end);
     });
@@ -223,17 +197,37 @@ torch::Tensor logits_grad(torch::Tensor logits, torch::Tensor targets, torch::Te
     const acc_t it = static_cast<acc_t>(inv_temp);
     if (out.scalar_type() == acc) {
       acc_t* o = out.data_ptr<acc_t>();
-      at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
         grad_rows<scalar_t, acc_t, acc_t>(x, logits.stride(0), y, l, g, gh, h, V, v0, it, o,
                                           out.stride(0), begin, end);
       });
     } else {
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
         grad_rows<scalar_t, scalar_t, acc_t>(x, logits.stride(0), y, l, g, gh, h, V, v0, it, o,
                                              out.stride(0), begin, end);
       });
     }
   });
   return out;
+}
+
+torch::Tensor empty_huge(std::vector<int64_t> sizes, at::ScalarType dtype) {
+  // A fresh multi-MB buffer costs a page fault and a kernel zero-fill per 4 KiB page on first
+  // write, which took longer than the softmax gradient itself (benchmarks/NOTES.md). Huge pages
+  // (2 MiB) cut the faults 512-fold where THP is in "madvise" mode, as torch's own
+  // THP_MEM_ALLOC_ENABLE=1 does for every tensor.
+  const auto opts = torch::TensorOptions().dtype(dtype);
+  int64_t numel = 1;
+  for (auto n : sizes) numel *= n;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (bytes < 2 * kHuge) return torch::empty(sizes, opts);
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, rounded) != 0) return torch::empty(sizes, opts);
+#ifdef MADV_HUGEPAGE
+  madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without THP it changes nothing
+#endif
+  return torch::from_blob(p, sizes, free_aligned, opts);
 }
