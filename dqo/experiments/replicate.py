@@ -29,7 +29,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -277,9 +277,9 @@ VALUE_METHODS = ("DQO", "DQO + process scores (exact labels)")  # the Figure-2 a
 
 
 def run_method(m: Method, b: int, seed: int, tok, base, datasets, budget: Budget, work: Path,
-               evaluate) -> Dict:
-    """Train one method from a copy of ``base`` and evaluate it; the row of the results (with
-    the value model under ``_value``, for the Figure-2 analysis)."""
+               evaluate) -> Tuple[Dict, Optional[ValueModel]]:
+    """Train one method from a copy of ``base`` and evaluate it: the row of the results, and
+    the trained value model (None for methods without one) for the Figure-2 analysis."""
     torch.manual_seed(seed)
     policy = copy.deepcopy(base)
     value = ValueModel.from_policy(policy) if m.algo in algos.NEEDS_VALUE else None
@@ -292,13 +292,13 @@ def run_method(m: Method, b: int, seed: int, tok, base, datasets, budget: Budget
     if n_items < budget.batch_size:  # e.g. RS/DPO when no sample is correct
         log.warning("base %d seed %d %s: skipped, %d training items < one batch", b, seed,
                     m.name, n_items)
-        return dict(method=m.name, base=b, seed=seed, skipped=f"{n_items} training items")
+        return dict(method=m.name, base=b, seed=seed, skipped=f"{n_items} training items"), None
     t = time.time()
     train(targs, tok, policy, value, datasets[m.data])
     res = evaluate(policy)
     log.info("base %d seed %d %-38s greedy %.3f sampled %.3f", b, seed, m.name,
              res["greedy"], res["sampled"])
-    return dict(method=m.name, base=b, seed=seed, train_s=time.time() - t, _value=value, **res)
+    return dict(method=m.name, base=b, seed=seed, train_s=time.time() - t, **res), value
 
 
 def main(argv=None) -> None:
@@ -340,11 +340,10 @@ def main(argv=None) -> None:
             torch.manual_seed(seed)
             runs.append(dict(method="Base (SFT warm-up)", base=b, seed=seed, **evaluate(base)))
             for m in methods:
-                runs.append(run_method(m, b, seed, tok, base, datasets, budget, work, evaluate))
+                row, value = run_method(m, b, seed, tok, base, datasets, budget, work, evaluate)
+                runs.append(row)
                 if b == 0 and seed == 0 and m.name in VALUE_METHODS:
-                    values[m.name] = value_vs_correctness(runs[-1].pop("_value"), tok, base,
-                                                          splits.test, pipe)
-                runs[-1].pop("_value", None)
+                    values[m.name] = value_vs_correctness(value, tok, base, splits.test, pipe)
     summary = summarize(runs, methods)
     import transformers
     meta = dict(command="python -m dqo.experiments.replicate" + (" --quick" if args.quick else ""),
