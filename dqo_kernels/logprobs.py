@@ -138,7 +138,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         V = weight.shape[0]
         lse = None
         zt = None
-        buf = _empty(impl, (hidden.shape[0] * min(chunk, V),), hidden.dtype, hidden.device)
+        buf = _chunk_buffer(impl, hidden, chunk)
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
             logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
@@ -162,7 +162,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         d_weight = torch.empty_like(weight) if need_w else None
         d_bias = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
-        buf = _empty(impl, (hidden.shape[0] * min(chunk, V),), hidden.dtype, hidden.device)
+        buf = _chunk_buffer(impl, hidden, chunk)
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
             logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
@@ -183,6 +183,11 @@ def _empty(impl, shape, dtype, device) -> torch.Tensor:
     make = getattr(impl, "empty", None)
     return make(shape, dtype) if make is not None else torch.empty(shape, dtype=dtype,
                                                                      device=device)
+
+
+def _chunk_buffer(impl, hidden, chunk: int) -> torch.Tensor:
+    """The flat scratch buffer of one ``[N, chunk]`` logits chunk (``chunk <= V``)."""
+    return _empty(impl, (hidden.shape[0] * chunk,), hidden.dtype, hidden.device)
 
 
 def _chunk_logits(hidden, weight, bias, v0, v1, buf):
