@@ -10,9 +10,9 @@ from typing import IO, Callable
 def atomic_write(path, write: Callable[[IO], None], *, binary: bool = False) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over ``path``.
 
-    The temporary name is unique per call, so several writers of the same path (every rank of
-    a data-parallel job caching the same reference log-probs, say) never share or delete each
-    other's temporary file; the last rename wins. A failed write leaves ``path`` untouched and
+    The temporary name is unique per call, so several writers of the same path (concurrent
+    jobs sharing an output folder, say) never share or delete each other's temporary file; the
+    last rename wins. A failed write leaves ``path`` untouched and
     no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

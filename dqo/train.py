@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import algos
+from .atomic import atomic_write
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, read_jsonl, tokenize_rows
 from .engine import (
@@ -170,10 +171,11 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
         start = load_checkpoint(ckpt, engines)["step"]
         log.info("resumed from %s at step %d", ckpt, start)
     metrics_path = out_dir / "metrics.jsonl"
-    if metrics_path.exists():  # drop rows of steps after the checkpoint (they are redone)
+    if rank() == 0 and metrics_path.exists():  # the one writer of the metrics file
+        # drop rows of steps after the checkpoint (they are redone)
         kept = [line for line in metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        atomic_write(metrics_path, lambda f: f.writelines(line + "\n" for line in kept))
     last_eval: Dict = {}
     steps = range(start, total)
     if args.progress:
