@@ -1,17 +1,21 @@
 """Answer extraction and checking for GSM8K (``#### 42``) and MATH (the last ``\\boxed{}``).
 
 MATH answers are compared with math-verify. Its parser and verifier guard themselves with
-``signal.alarm`` timeouts, which only work on a process's main thread, so they run in a small
-process pool whose workers call them on their main thread; an answer that still hangs is
-abandoned after ``timeout`` seconds and counted wrong.
+``signal.alarm`` timeouts, which only work on a process's main thread, so they run in worker
+processes that call them on their main thread. An answer that still hangs ``timeout`` seconds
+after its worker started on it is counted wrong and that worker alone is killed and replaced:
+the answers queued behind it are still checked.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import multiprocessing as mp
 import re
+import time
+import warnings
+from collections import deque
 from fractions import Fraction
-from typing import List, Optional, Sequence
+from multiprocessing.connection import wait
+from typing import Callable, List, Optional, Sequence
 
 _HASH = re.compile(r"####\s*([^\n]*)")
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -67,37 +71,132 @@ def _math_verify_worker(pred: str, gold: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed))
 
 
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401  (sympy takes seconds to import: not on an answer's clock)
+
+
+_READY = "ready"
+
+
+def _serve(conn, worker: Callable[[str, str], bool], init: Optional[Callable[[], None]]) -> None:
+    """A worker process: check one (index, pred, gold) at a time, answer (index, ok)."""
+    if init is not None:
+        try:
+            init()
+        except Exception:
+            pass  # the worker itself will fail the same way, and each answer counts wrong
+    conn.send(_READY)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the parent closed us
+            return
+        i, pred, gold = task
+        try:
+            ok = bool(worker(pred, gold))
+        except Exception:
+            ok = False
+        conn.send((i, ok))
+
+
+class _Proc:
+    """One worker process, its end of the pipe, and the answer it is checking (if any)."""
+
+    def __init__(self, ctx, worker, init):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, worker, init), daemon=True)
+        self.proc.start()
+        child.close()  # so that our recv sees EOF if the worker dies
+        self.spawned = time.monotonic()
+        self.ready = False
+        self.task: Optional[int] = None
+        self.started = 0.0
+
+    def kill(self) -> None:
+        self.conn.close()
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+
+
 class MathVerifier:
-    """Batch MATH checker: last ``\\boxed{}`` of a response against the reference answer."""
+    """Batch MATH checker: last ``\\boxed{}`` of a response against the reference answer.
 
-    def __init__(self, workers: int = 1, timeout: float = 10.0):
-        self.workers, self.timeout = workers, timeout
-        self._pool: Optional[cf.ProcessPoolExecutor] = None
+    ``workers`` processes check answers in parallel and are kept between calls (a spawn plus
+    math-verify's import costs seconds). ``worker``/``init`` replace the check and its warm-up
+    (module-level functions, as they are pickled to the processes; tests use them).
+    """
 
-    def _get_pool(self) -> cf.ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
-        return self._pool
+    # a worker that is not up after this long (import stuck, machine swapping) is replaced;
+    # after this many failed starts in a row the remaining answers are counted wrong
+    startup_timeout = 120.0
+    max_failed_starts = 3
+
+    def __init__(self, workers: int = 1, timeout: float = 10.0,
+                 worker: Callable[[str, str], bool] = _math_verify_worker,
+                 init: Optional[Callable[[], None]] = _import_math_verify):
+        self.workers, self.timeout = max(1, workers), timeout
+        self._worker, self._init = worker, init
+        self._procs: List[_Proc] = []
+
+    def _spawn(self) -> _Proc:
+        return _Proc(mp.get_context("spawn"), self._worker, self._init)
 
     def __call__(self, responses: Sequence[str], answers: Sequence[str]) -> List[bool]:
         preds = [last_boxed(r) for r in responses]
         golds = [last_boxed(a) if "\\boxed" in a else a for a in answers]
-        futures = {i: self._get_pool().submit(_math_verify_worker, p, g)
-                   for i, (p, g) in enumerate(zip(preds, golds)) if p is not None and g}
+        todo = deque((i, p, g) for i, (p, g) in enumerate(zip(preds, golds)) if p is not None and g)
         out = [False] * len(responses)
-        for i, fut in futures.items():
-            try:
-                out[i] = fut.result(timeout=self.timeout)
-            except cf.TimeoutError:
-                self.close()  # a hung worker: start a fresh pool for the rest
-            except Exception:
-                out[i] = False
+        while len(self._procs) < min(self.workers, len(todo)):
+            self._procs.append(self._spawn())
+        failed_starts = 0
+        while todo or any(w.task is not None for w in self._procs):
+            dead: List[_Proc] = []
+            for w in self._procs:  # the clock of an answer starts when a worker takes it
+                if w.ready and w.task is None and todo:
+                    try:
+                        w.conn.send(todo[0])
+                    except OSError:  # died while idle (e.g. between two calls): not its fault
+                        dead.append(w)
+                        continue
+                    w.task, w.started = todo.popleft()[0], time.monotonic()
+            deadlines = [w.started + self.timeout if w.ready else w.spawned + self.startup_timeout
+                         for w in self._procs if w.task is not None or not w.ready]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            for conn in wait([w.conn for w in self._procs], timeout=wait_s):
+                w = next(w for w in self._procs if w.conn is conn)
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):  # the worker died (crash, OOM kill): its answer is lost
+                    dead.append(w)
+                    continue
+                if msg == _READY:
+                    w.ready, failed_starts = True, 0
+                else:
+                    out[msg[0]], w.task = msg[1], None
+            now = time.monotonic()
+            for w in self._procs:
+                if w.task is not None and now >= w.started + self.timeout:
+                    dead.append(w)  # hung on one answer: that answer stays False
+                elif not w.ready and now >= w.spawned + self.startup_timeout:
+                    dead.append(w)
+            for w in dict.fromkeys(dead):  # a worker can be both dead and late
+                failed_starts += not w.ready
+                w.kill()
+                self._procs.remove(w)
+                if failed_starts > self.max_failed_starts:
+                    warnings.warn(f"MathVerifier: {failed_starts} worker processes in a row died "
+                                  f"or hung before they were ready; {len(todo)} answers are "
+                                  "counted wrong unchecked", RuntimeWarning, stacklevel=2)
+                    todo.clear()  # workers cannot start here: stop trying
+                elif todo:
+                    self._procs.append(self._spawn())
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for w in self._procs:
+            w.kill()
+        self._procs = []
 
     def __del__(self):
         self.close()

@@ -1,0 +1,71 @@
+"""MathVerifier: one answer that hangs costs that answer only, never the answers behind it."""
+import importlib.util
+import os
+import time
+
+import pytest
+
+from dqo.tasks.verify import MathVerifier
+
+# Module-level, so that the spawned workers can unpickle them (they import this file).
+
+
+def _fake_check(pred: str, gold: str) -> bool:
+    """Stands in for math-verify: "hang" never returns, "crash" kills its worker, "slowN:x"
+    takes N tenths of a second to check x."""
+    if pred == "hang":
+        time.sleep(600)
+    if pred.startswith("slow"):
+        tenths, pred = pred[4:].split(":")
+        time.sleep(int(tenths) / 10)
+    if pred == "crash":
+        os._exit(3)
+    return pred == gold
+
+
+def _boxed(xs):
+    return [f"so the answer is \\boxed{{{x}}}" for x in xs]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_hanging_answer_costs_only_itself(workers):
+    preds = ["1", "2", "hang", "4", "5", "x", "7", "crash", "9"]
+    golds = ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
+    v = MathVerifier(workers=workers, timeout=1.5, worker=_fake_check, init=None)
+    try:
+        t0 = time.monotonic()
+        got = v(_boxed(preds), golds)
+        took = time.monotonic() - t0
+        assert got == [True, True, False, True, True, False, True, False, True]
+        assert took < 30, took  # the hung worker was killed after its 1.5 s, not waited on
+        # the killed and crashed workers were replaced: a second batch on the same verifier works
+        assert v(_boxed(["1", "hang", "3"]), ["1", "2", "3"]) == [True, False, True]
+    finally:
+        v.close()
+
+
+def test_timeout_runs_from_when_an_answer_starts_not_from_submission():
+    # one worker, six answers of 0.4 s each: the last one starts 2 s after submission, past
+    # the 1.5 s timeout, yet none of them may be counted as timed out
+    v = MathVerifier(workers=1, timeout=1.5, worker=_fake_check, init=None)
+    try:
+        assert v(_boxed([f"slow4:{k}" for k in range(6)]), [f"{k}" for k in range(6)]) == [True] * 6
+    finally:
+        v.close()
+
+
+def test_no_boxed_answer_is_wrong_without_a_worker():
+    v = MathVerifier(worker=_fake_check, init=None)
+    assert v(["no box here", ""], ["1", "2"]) == [False, False]
+    assert v._procs == []  # nothing to check: no process was started
+
+
+@pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
+                    reason="math-verify not installed (the train extra)")
+def test_real_math_verify():
+    v = MathVerifier(timeout=60)
+    try:
+        got = v(["\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{3}}"], ["0.5", "\\boxed{0.5}"])
+        assert got == [True, False]
+    finally:
+        v.close()
