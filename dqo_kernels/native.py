@@ -131,6 +131,22 @@ def _load_prebuilt():
     return None
 
 
+class _WaitReport:
+    """When a waiting loop is due to say what it waits for: every ``WAIT_REPORT_S``."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+        self.next = self.t0 + WAIT_REPORT_S
+
+    def due(self) -> Optional[float]:
+        """Seconds waited so far if a report is due now, else None."""
+        now = time.monotonic()
+        if now < self.next:
+            return None
+        self.next += WAIT_REPORT_S
+        return now - self.t0
+
+
 def _say(msg: str) -> None:
     """Warn through logging and on stderr: a wait that nobody sees looks like a hang."""
     _log.warning(msg)
@@ -204,8 +220,7 @@ def _clear_stale_lock(lock: Path, owner: Optional[Dict]) -> None:
     ``owner`` is the record found in the owner file. Our builders clear it when their build
     ends, so a record means that its builder died mid-build (we could not have the flock
     otherwise) and the lock, if any, is its own."""
-    t0 = next_report = time.monotonic()
-    next_report += WAIT_REPORT_S
+    report = _WaitReport()
     while True:
         try:
             age = time.time() - lock.stat().st_mtime
@@ -220,9 +235,9 @@ def _clear_stale_lock(lock: Path, owner: Optional[Dict]) -> None:
                    else f"it has no owner record and is {age:.0f} s old")
             _say(f"dqo_kernels: removed the stale build lock {lock}: {why}")
             return
-        if time.monotonic() >= next_report:
-            next_report += WAIT_REPORT_S
-            _say(f"dqo_kernels: waited {time.monotonic() - t0:.0f} s for the build lock {lock}, "
+        waited = report.due()
+        if waited is not None:
+            _say(f"dqo_kernels: waited {waited:.0f} s for the build lock {lock}, "
                  f"held by a builder that is not dqo_kernels (no owner record); it counts as "
                  f"stale {STALE_AGE_S:.0f} s after its creation ({age:.0f} s ago)")
         time.sleep(0.25)
@@ -239,8 +254,7 @@ def _build_guard(build_dir: Path) -> Iterator[None]:
     lock = build_dir / "lock"
     fd = os.open(build_dir / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        t0 = next_report = time.monotonic()
-        next_report += WAIT_REPORT_S
+        report = _WaitReport()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -248,9 +262,9 @@ def _build_guard(build_dir: Path) -> Iterator[None]:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
                     raise
-            if time.monotonic() >= next_report:
-                next_report += WAIT_REPORT_S
-                _say(f"dqo_kernels: waited {time.monotonic() - t0:.0f} s for "
+            waited = report.due()
+            if waited is not None:
+                _say(f"dqo_kernels: waited {waited:.0f} s for "
                      f"{_describe(_read_owner(fd))}, which is building the native CPU kernels "
                      f"(lock {lock}); still waiting")
             time.sleep(0.25)
