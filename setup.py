@@ -40,6 +40,7 @@ def native_extension():
     ext = CppExtension(
         name=f"dqo_kernels.{native.prebuilt_module_name()}",
         sources=[f"csrc/{s}" for s in native.SOURCES],
+        depends=[f"csrc/{s}" for s in native.INCLUDED],  # included by the one source
         include_dirs=[str(here / "csrc")],
         extra_compile_args=[*native.CFLAGS, *native.isa_flags()],
         extra_link_args=list(native.LDFLAGS),

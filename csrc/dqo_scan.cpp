@@ -4,8 +4,9 @@
 // OpenMP underneath). Per row: a backward pass for the lambda-return and the residual, then a
 // forward pass for the truncated importance weights, the losses, the closed-form gradients and,
 // with target_grad, the forward discounted scan of SPEC 3.8. Accumulation is in double.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -73,10 +74,10 @@ void dqo_scan_rows(
 
 }  // namespace
 
-std::vector<torch::Tensor> dqo_scan_forward(
-    torch::Tensor logp, torch::Tensor ref_logp, torch::Tensor behavior_logp,
-    torch::Tensor values, torch::Tensor rewards, torch::Tensor mask,
-    c10::optional<torch::Tensor> bootstrap, torch::Tensor row_scale, double beta, double gamma,
+std::vector<at::Tensor> dqo_scan_forward(
+    at::Tensor logp, at::Tensor ref_logp, at::Tensor behavior_logp,
+    at::Tensor values, at::Tensor rewards, at::Tensor mask,
+    c10::optional<at::Tensor> bootstrap, at::Tensor row_scale, double beta, double gamma,
     double lam, double log_clip, bool is_policy, bool is_value, bool target_grad) {
   TORCH_CHECK(logp.device().is_cpu(), "dqo_scan_forward: CPU tensors only");
   TORCH_CHECK(logp.dim() == 2, "dqo_scan_forward: logp must be [B, T]");
@@ -88,7 +89,7 @@ std::vector<torch::Tensor> dqo_scan_forward(
   }
   TORCH_CHECK(mask.sizes() == logp.sizes(), "dqo_scan_forward: mask must match logp's shape");
   const int64_t B = logp.size(0), T = logp.size(1);
-  torch::Tensor boot;
+  at::Tensor boot;
   if (bootstrap.has_value()) {
     boot = bootstrap->contiguous();
     TORCH_CHECK(boot.scalar_type() == dtype && boot.numel() == B,
@@ -97,10 +98,10 @@ std::vector<torch::Tensor> dqo_scan_forward(
   auto scale = row_scale.to(dtype).contiguous();
   TORCH_CHECK(scale.numel() == B, "dqo_scan_forward: row_scale must be [B]");
   auto opts = logp.options();
-  auto returns = torch::empty({B, T}, opts), weights = torch::empty({B, T}, opts);
-  auto td = torch::empty({B, T}, opts), dlogp = torch::empty({B, T}, opts);
-  auto dvalues = torch::empty({B, T}, opts);
-  auto policy_rows = torch::empty({B}, opts), value_rows = torch::empty({B}, opts);
+  auto returns = at::empty({B, T}, opts), weights = at::empty({B, T}, opts);
+  auto td = at::empty({B, T}, opts), dlogp = at::empty({B, T}, opts);
+  auto dvalues = at::empty({B, T}, opts);
+  auto policy_rows = at::empty({B}, opts), value_rows = at::empty({B}, opts);
   AT_DISPATCH_FLOATING_TYPES(dtype, "dqo_scan_forward", [&] {
     auto lp = logp.accessor<scalar_t, 2>();
     auto rf = ref_logp.accessor<scalar_t, 2>();

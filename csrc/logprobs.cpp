@@ -10,8 +10,10 @@
 // vocabulary (at::vec, Sleef's exp with 1-ulp error when built for AVX2). A row is first
 // converted to the compute dtype (fp32, fp64 for fp64) in a per-thread buffer, so that fp16 and
 // bf16 logits are read once and the passes after the first run from cache.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -132,7 +134,7 @@ void grad_rows(const scalar_t* logits, int64_t stride, const int64_t* targets, c
 // posix_memalign'd storage, freed with free().
 void free_aligned(void* p) { std::free(p); }
 
-void check_rows(const torch::Tensor& t, const char* name) {
+void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1,
               name, ": expected a CPU [N, V] tensor with unit column stride, got sizes ",
               t.sizes(), " strides ", t.strides());
@@ -140,15 +142,15 @@ void check_rows(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
-std::vector<torch::Tensor> lse_forward(torch::Tensor logits, torch::Tensor targets, int64_t v0,
+std::vector<at::Tensor> lse_forward(at::Tensor logits, at::Tensor targets, int64_t v0,
                                        double inv_temp, bool want_ez) {
   check_rows(logits, "logits");
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   targets = targets.to(at::kLong).contiguous();
   auto opts = logits.options().dtype(acc);
-  auto lse = torch::empty({N}, opts), zt = torch::empty({N}, opts);
-  auto ez = want_ez ? torch::empty({N}, opts) : torch::Tensor();
+  auto lse = at::empty({N}, opts), zt = at::empty({N}, opts);
+  auto ez = at::empty({want_ez ? N : 0}, opts);  // a list of tensors holds no undefined one
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lse_forward",
                                   [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -164,10 +166,10 @@ std::vector<torch::Tensor> lse_forward(torch::Tensor logits, torch::Tensor targe
   return {lse, zt, ez};
 }
 
-torch::Tensor logits_grad(torch::Tensor logits, torch::Tensor targets, torch::Tensor lse,
-                          torch::Tensor grad, int64_t v0, double inv_temp, torch::Tensor out,
-                          c10::optional<torch::Tensor> grad_ent,
-                          c10::optional<torch::Tensor> entropy) {
+at::Tensor logits_grad(at::Tensor logits, at::Tensor targets, at::Tensor lse,
+                          at::Tensor grad, int64_t v0, double inv_temp, at::Tensor out,
+                          c10::optional<at::Tensor> grad_ent,
+                          c10::optional<at::Tensor> entropy) {
   check_rows(logits, "logits");
   check_rows(out, "out");
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -178,7 +180,7 @@ torch::Tensor logits_grad(torch::Tensor logits, torch::Tensor targets, torch::Te
   targets = targets.to(at::kLong).contiguous();
   lse = lse.to(acc).contiguous();
   grad = grad.to(acc).contiguous();
-  torch::Tensor ge, ent;
+  at::Tensor ge, ent;
   if (has_ent) {
     ge = grad_ent->to(acc).contiguous();
     ent = entropy.value().to(acc).contiguous();
@@ -212,22 +214,22 @@ torch::Tensor logits_grad(torch::Tensor logits, torch::Tensor targets, torch::Te
   return out;
 }
 
-torch::Tensor empty_huge(std::vector<int64_t> sizes, at::ScalarType dtype) {
+at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
   // A fresh multi-MB buffer costs a page fault and a kernel zero-fill per 4 KiB page on first
   // write, which took longer than the softmax gradient itself (benchmarks/NOTES.md). Huge pages
   // (2 MiB) cut the faults 512-fold where THP is in "madvise" mode, as torch's own
   // THP_MEM_ALLOC_ENABLE=1 does for every tensor.
-  const auto opts = torch::TensorOptions().dtype(dtype);
+  const auto opts = at::TensorOptions().dtype(dtype);
   int64_t numel = 1;
   for (auto n : sizes) numel *= n;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes < 2 * kHuge) return torch::empty(sizes, opts);
+  if (bytes < 2 * kHuge) return at::empty(sizes, opts);
   const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
   void* p = nullptr;
-  if (posix_memalign(&p, kHuge, rounded) != 0) return torch::empty(sizes, opts);
+  if (posix_memalign(&p, kHuge, rounded) != 0) return at::empty(sizes, opts);
 #ifdef MADV_HUGEPAGE
   madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without THP it changes nothing
 #endif
-  return torch::from_blob(p, sizes, free_aligned, opts);
+  return at::from_blob(p, sizes, free_aligned, opts);
 }

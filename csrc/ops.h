@@ -1,7 +1,9 @@
-// The native CPU ops of dqo_kernels, bound to Python in bindings.cpp.
+// The native CPU ops of dqo_kernels, registered as torch.ops.dqo_kernels.* in module.cpp.
 #pragma once
 
-#include <torch/extension.h>
+// ATen's core headers only, not torch/extension.h (the C++ frontend and pybind11): the ops are
+// registered with the dispatcher (module.cpp), and these headers parse several times faster.
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <vector>
@@ -13,18 +15,18 @@ inline int64_t row_grain(int64_t row_len) {
 }
 
 // csrc/dqo_scan.cpp: the fused DQO loss, forward values and closed-form gradients.
-std::vector<torch::Tensor> dqo_scan_forward(
-    torch::Tensor logp, torch::Tensor ref_logp, torch::Tensor behavior_logp,
-    torch::Tensor values, torch::Tensor rewards, torch::Tensor mask,
-    c10::optional<torch::Tensor> bootstrap, torch::Tensor row_scale, double beta, double gamma,
+std::vector<at::Tensor> dqo_scan_forward(
+    at::Tensor logp, at::Tensor ref_logp, at::Tensor behavior_logp,
+    at::Tensor values, at::Tensor rewards, at::Tensor mask,
+    c10::optional<at::Tensor> bootstrap, at::Tensor row_scale, double beta, double gamma,
     double lam, double log_clip, bool is_policy, bool is_value, bool target_grad);
 
 // csrc/logprobs.cpp: the two launchers of dqo_kernels/logprobs.py.
-std::vector<torch::Tensor> lse_forward(torch::Tensor logits, torch::Tensor targets, int64_t v0,
+std::vector<at::Tensor> lse_forward(at::Tensor logits, at::Tensor targets, int64_t v0,
                                        double inv_temp, bool want_ez);
-torch::Tensor logits_grad(torch::Tensor logits, torch::Tensor targets, torch::Tensor lse,
-                          torch::Tensor grad, int64_t v0, double inv_temp, torch::Tensor out,
-                          c10::optional<torch::Tensor> grad_ent,
-                          c10::optional<torch::Tensor> entropy);
+at::Tensor logits_grad(at::Tensor logits, at::Tensor targets, at::Tensor lse,
+                          at::Tensor grad, int64_t v0, double inv_temp, at::Tensor out,
+                          c10::optional<at::Tensor> grad_ent,
+                          c10::optional<at::Tensor> entropy);
 // An uninitialised CPU tensor whose storage is advised to use transparent huge pages.
-torch::Tensor empty_huge(std::vector<int64_t> sizes, at::ScalarType dtype);
+at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype);

@@ -2,13 +2,13 @@
 
 Two ways in, tried in this order:
 
-1. The module prebuilt at install (``setup.py``, when torch is importable there, e.g.
+1. The library prebuilt at install (``setup.py``, when torch is importable there, e.g.
    ``pip install --no-build-isolation``). Its name says what it was built for,
    ``_C_torch<version>_<isa>`` (see :func:`prebuilt_module_name`), so that it is chosen before
-   it is imported: a module built for another torch, or with AVX2 on a CPU without it, is never
-   loaded (importing it could crash, not just raise); the JIT build below is used instead.
+   it is loaded: one built for another torch, or with AVX2 on a CPU without it, is never
+   loaded (that could crash, not just raise); the JIT build below is used instead.
    ``DQO_KERNELS_FORCE_JIT=1`` skips it.
-2. A just-in-time build with ``torch.utils.cpp_extension.load`` (about half a minute, once;
+2. A just-in-time build with ``torch.utils.cpp_extension.load`` (seconds to minutes, once;
    torch caches it under ``TORCH_EXTENSIONS_DIR`` per source hash and flags). torch guards that
    build with a ``lock`` file and, if a process is killed mid-build, every later process waits
    on the leftover lock forever, silently. :func:`_build_guard` prevents this: our builders
@@ -22,15 +22,17 @@ and Sleef's exp; elsewhere for the baseline ISA (correct, slower). Where no comp
 :func:`is_available` is False, one warning says why, and the callers fall back to PyTorch.
 ``DQO_KERNELS_DISABLE_CPP=1`` turns the native ops off.
 
-This file imports only the standard library at module level: ``setup.py`` loads it by path
-for the names and flags, so that the prebuilt and the JIT module are built alike.
+Either way the ops register with torch's dispatcher as ``torch.ops.dqo_kernels.*``
+(``csrc/module.cpp``), which is what :func:`load_extension` returns. This file imports only
+the standard library at module level: ``setup.py`` loads it by path for the names and flags,
+so that the prebuilt and the JIT library are built alike.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
-import importlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -49,8 +51,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _ext = None
+_library_path: Optional[str] = None
 _error: Optional[BaseException] = None
-SOURCES = ("dqo_scan.cpp", "logprobs.cpp", "bindings.cpp")
+# One translation unit (see csrc/module.cpp); the others are included by it.
+SOURCES = ("module.cpp",)
+INCLUDED = ("dqo_scan.cpp", "logprobs.cpp", "ops.h")
 CFLAGS = ("-O3", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 JIT_NAME = "dqo_kernels_cpu"
@@ -65,9 +70,19 @@ BUILDER_ENV = "DQO_KERNELS_BUILDER"  # marks the processes of our build (see _pr
 def _source_dir() -> Path:
     here = Path(__file__).resolve().parent
     for candidate in (here / "csrc", here.parent / "csrc"):  # installed wheel, source tree
-        if all((candidate / s).is_file() for s in SOURCES):
+        if all((candidate / s).is_file() for s in (*SOURCES, *INCLUDED)):
             return candidate
-    raise FileNotFoundError(f"{', '.join(SOURCES)} not found next to {here} (looked in csrc/)")
+    raise FileNotFoundError(
+        f"{', '.join((*SOURCES, *INCLUDED))} not found next to {here} (looked in csrc/)")
+
+
+def _sources_digest(src: Path) -> str:
+    """Hash of every file the build reads: torch's JIT rebuild check hashes only the listed
+    ``sources``, so an edit of an included file must change the flags instead."""
+    h = hashlib.sha256()
+    for name in (*SOURCES, *INCLUDED):
+        h.update((src / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def isa_flags() -> List[str]:
@@ -123,10 +138,10 @@ def _load_prebuilt():
                          spec.origin)
             continue
         try:
-            return importlib.import_module(name)
-        except ImportError as exc:  # e.g. a libstdc++ older than the build machine's
-            _log.warning("dqo_kernels: the prebuilt native module %s does not load (%s); "
-                         "building it instead", name, exc)
+            return _load_library(spec.origin)
+        except OSError as exc:  # e.g. a libstdc++ older than the build machine's
+            _log.warning("dqo_kernels: the prebuilt native library %s does not load (%s); "
+                         "building it instead", spec.origin, exc)
     _log.info("dqo_kernels: no prebuilt native module for this torch and CPU")
     return None
 
@@ -294,32 +309,49 @@ def _jit_build(verbose: bool):
     with _build_guard(build_dir):
         _log.info("dqo_kernels: building the native CPU kernels in %s (first use only)",
                   build_dir)
-        return load(
+        return load(  # loads the library too, and returns its path
             name=JIT_NAME,
             sources=[str(src / s) for s in SOURCES],
-            extra_cflags=[*CFLAGS, *isa_flags()],
+            extra_cflags=[*CFLAGS, *isa_flags(),
+                          f"-DDQO_SOURCES_DIGEST={_sources_digest(src)}"],
             extra_include_paths=[str(src)],
             extra_ldflags=list(LDFLAGS),
             build_directory=str(build_dir),
             verbose=verbose,
+            is_python_module=False,  # a library of dispatcher ops, loaded by torch
         )
 
 
+def _load_library(path: str) -> str:
+    import torch
+
+    torch.ops.load_library(path)  # registers torch.ops.dqo_kernels.*
+    return path
+
+
 def load_extension(verbose: bool = False):
-    """Import the prebuilt extension, or compile it (first time) and import it; raises if
-    neither is possible."""
-    global _ext, _error
+    """The native ops, ``torch.ops.dqo_kernels``: from the library prebuilt at install, or
+    compiled now (first use only); raises if neither is possible."""
+    global _ext, _error, _library_path
     with _lock:
         if _ext is not None:
             return _ext
         if _error is not None:
             raise _error
         try:
-            _ext = _load_prebuilt() or _jit_build(verbose)
+            path = _load_prebuilt() or _jit_build(verbose)
         except Exception as exc:  # no compiler, no headers, ...
             _error = exc
             raise
+        import torch
+
+        _ext, _library_path = torch.ops.dqo_kernels, path
         return _ext
+
+
+def library_path() -> Optional[str]:
+    """The file the native ops were loaded from, once :func:`load_extension` succeeded."""
+    return _library_path
 
 
 def is_available() -> bool:
