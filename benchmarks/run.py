@@ -66,7 +66,8 @@ def dqo_inputs(B, T, device, seed=0):
     pos = torch.arange(T)
     mask = (pos >= prompt[:, None]) & (pos < (prompt + length)[:, None])
     logp = -torch.rand(B, T, generator=g) * 3
-    out = dict(logp=logp, ref_logp=logp + 0.1 * torch.randn(B, T, generator=g),
+    # log-probs are <= 0 (the loss's data checks refuse positive ones)
+    out = dict(logp=logp, ref_logp=(logp + 0.1 * torch.randn(B, T, generator=g)).clamp(max=0),
                values=0.5 * torch.randn(B, T, generator=g), mask=mask)
     rewards = torch.zeros(B, T)
     rewards[torch.arange(B), (prompt + length - 1).clamp(0, T - 1)] = 1.0

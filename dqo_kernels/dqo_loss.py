@@ -21,8 +21,15 @@ from .backends import resolve_backend
 from .dqo_scan_function import run_closed_form
 from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
 from .dtypes import acc_dtype
-from .metrics import LazyMetrics, dqo_metrics
-from .validation import check_mask, check_scalar, check_tensor, check_values
+from .metrics import LazyMetrics, clipped_weights, dqo_metrics
+from .validation import (
+    check_mask,
+    check_scalar,
+    check_tensor,
+    importance_weight_checks,
+    run_checks,
+    value_checks,
+)
 
 
 @dataclass
@@ -88,13 +95,17 @@ def fused_dqo_loss(
         behavior_logp: log-probs under the policy that sampled the data; None = ``ref_logp``.
         bootstrap: ``[B]`` value of the state after the last action (responses cut at a length
             limit); None = 0 (responses ended with EOS).
-        beta: KL coefficient, > 0.
+        beta: KL coefficient, finite and > 0.
         lam, gamma: lambda-return parameters, ``lam`` in [0, 1], ``gamma`` in (0, 1].
         is_clip: cap ``C >= 1`` of the cumulative importance ratio; ``float('inf')``: none.
+            With the data checks on, a batch whose weights would overflow the compute dtype
+            (``c_t > log(finfo.max)``, 88.7 in fp32, with no cap below that) is a ValueError;
+            with them off, the loss is then inf or NaN.
         is_policy, is_value: apply the importance weights to the policy / value loss.
         target_grad: let the policy gradient flow through the lambda-return target too.
         loss_agg: ``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum``.
-        num_tokens: global action-token count for ``token-mean`` across micro-batches.
+        num_tokens: global action-token count for ``token-mean`` across micro-batches
+            (finite, >= 1; a fraction such as tokens / ranks is fine).
         backend: None (auto: triton on CUDA, the native kernel on CPU), "triton", "cpp",
             "torch".
 
@@ -112,29 +123,40 @@ def fused_dqo_loss(
     if bootstrap is not None:
         check_tensor("bootstrap", bootstrap, shape=(shape[0],), device=device)
     mask = check_mask(mask, shape, device)
-    beta = check_scalar("beta", beta, low=0.0, low_open=True)
+    beta = check_scalar("beta", beta, low=0.0, low_open=True, high_open=True)
     lam = check_scalar("lam", lam, low=0.0, high=1.0)
     gamma = check_scalar("gamma", gamma, low=0.0, high=1.0, low_open=True)
     is_clip = check_scalar("is_clip", is_clip, low=1.0)
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg: expected one of {LOSS_AGGS}, got {loss_agg!r}")
     if num_tokens is not None:
-        check_scalar("num_tokens", num_tokens, low=0.0, low_open=True)
+        # A count below one token would be clamped to one by row_scale: refuse it instead.
+        check_scalar("num_tokens", num_tokens, low=1.0, high_open=True)
     backend = resolve_backend(backend, device)
-    check_values({"logp": logp, "ref_logp": ref_logp, "values": values, "rewards": rewards,
-                  "behavior_logp": behavior_logp, "bootstrap": bootstrap}, mask,
-                 rewards=rewards, whole=("rewards", "bootstrap"))
-
     compute_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
+    behavior, behavior_name = ((ref_logp, "ref_logp") if behavior_logp is None
+                               else (behavior_logp, "behavior_logp"))
+    checks = value_checks({"logp": logp, "ref_logp": ref_logp, "values": values,
+                           "rewards": rewards, "behavior_logp": behavior_logp,
+                           "bootstrap": bootstrap}, mask, rewards=rewards,
+                          whole=("rewards", "bootstrap"),
+                          log_probs=("logp", "ref_logp", "behavior_logp"))
+    if is_policy or is_value:  # otherwise the weights are only reported, never used
+        checks += importance_weight_checks(logp, behavior, behavior_name, mask, is_clip,
+                                           compute_dtype)
+    run_checks(checks)
+
     scale = row_scale(mask, loss_agg, num_tokens, dtype=compute_dtype)
     params = dict(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
                   is_value=bool(is_value), target_grad=bool(target_grad))
     res = _run_backend(backend, logp, ref_logp, values, rewards, mask, behavior_logp,
                        bootstrap, scale, params)
+
     def metrics():
         log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
+        clipped = clipped_weights(logp, behavior, mask, is_clip, compute_dtype)
         return dqo_metrics(res.returns, values.detach(), res.td_error, res.weights, log_ratio,
-                           mask, is_clip)
+                           mask, clipped)
 
     return DQOLossOutput(
         loss=res.policy_loss + res.value_loss,
@@ -172,6 +194,9 @@ def dro_loss(
     False here; turn them on for the sequence-level analogue of DQO's weights. ``num_sequences``
     is the global batch size when a batch is split into micro-batches.
     """
+    if num_sequences is not None:
+        check_scalar("num_sequences", num_sequences, low=1.0, high_open=True)
+
     def as_col(name, x):
         if x is None:
             return None

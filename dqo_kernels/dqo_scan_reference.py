@@ -31,6 +31,16 @@ def log_clip(is_clip: float) -> float:
     return math.inf if math.isinf(is_clip) else math.log(is_clip)
 
 
+def cumulative_log_ratio(logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """``c_t = sum over action positions j <= t of (logp_j - behavior_logp_j)`` ([B, T],
+    detached, in ``dtype``): the untruncated log importance weight. Off the mask it carries the
+    sum of the actions before it, and whatever the inputs hold there is never read."""
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    d = torch.where(mask, logp.detach().to(dtype) - behavior_logp.detach().to(dtype), zero)
+    return torch.cumsum(d, dim=1)
+
+
 def dqo_scan_reference(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
@@ -89,7 +99,7 @@ def dqo_scan_reference(
     )
 
     # Truncated cumulative importance weight, inclusive of t, never differentiated.
-    c = torch.cumsum(logp_.detach() - behavior_, dim=1)
+    c = cumulative_log_ratio(logp_, behavior_, mask, dtype)
     w = torch.exp(torch.clamp(c, max=log_clip(is_clip)))
     w = torch.where(mask, w, torch.zeros((), dtype=dtype, device=w.device))
 

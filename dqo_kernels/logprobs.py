@@ -87,6 +87,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
                                                      logits.device)
         impl.logits_grad(logits, targets, lse, g, 0, inv_temp, out, grad_ent=grad_ent,
                          entropy=ent if grad_ent is not None else None)
+        if inplace_backward:
+            # The native and Triton kernels write through raw pointers, which autograd does not
+            # see: bump the version so that any backward that saved this storage (the op that
+            # produced the logits, or this one run again) raises instead of reading gradients.
+            torch.autograd.graph.increment_version(logits)
         return out, None, None, None, None, None, None
 
 
@@ -100,7 +105,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         targets: ``[N]`` or ``[B, T]`` token ids; ``ignore_index`` gives 0 and no gradient.
         temperature: the sampling temperature the log-probs are taken at (> 0).
         inplace_backward: write the gradient into ``logits``' memory (saves a ``[N, V]``
-            buffer; ``logits`` must not be used after backward).
+            buffer). After backward, ``logits`` and every tensor that shares its storage (the
+            model output it is a view of, say) hold the gradient, not the logits; a backward
+            that saved that storage raises (autograd's in-place check). Refused for logits
+            whose rows overlap in memory (``expand()``, stride 0): their gradients would
+            overwrite each other.
         return_entropy: also return the entropy of ``softmax(logits / temperature)``,
             differentiable.
         backend: None (Triton on CUDA, the native kernels on CPU, chunked PyTorch where
@@ -124,6 +133,12 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     flat = logits.reshape(-1, V)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
+    if inplace_backward and flat.shape[0] > 1 and flat.stride(0) < V:
+        raise ValueError(
+            f"inplace_backward: expected logits whose rows do not overlap in memory (the "
+            f"gradient of each row is written over it), got shape {tuple(logits.shape)} with "
+            f"strides {logits.stride()}, as from expand(); pass inplace_backward=False, or "
+            "logits.contiguous()")
     out = TokenLogprobsFunction.apply(flat, targets.reshape(-1).contiguous(), 1.0 / temperature,
                                       int(ignore_index), bool(inplace_backward),
                                       bool(return_entropy), impl)
@@ -247,7 +262,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         budget = LINEAR_CHUNK_BYTES["cuda" if hidden.is_cuda else "cpu"]
         chunk_size = max(256, budget // max(1, N * hidden.element_size()) // 256 * 256)
     else:
-        chunk_size = int(check_scalar("chunk_size", chunk_size, low=1.0))
+        chunk_size = int(check_scalar("chunk_size", chunk_size, low=1.0, high_open=True))
     out = LinearLogprobsFunction.apply(flat, weight, bias, targets.reshape(-1).contiguous(),
                                        1.0 / temperature, int(ignore_index),
                                        int(min(chunk_size, V)), impl)

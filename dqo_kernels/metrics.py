@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+from .dqo_scan_reference import cumulative_log_ratio, log_clip
+
 
 class LazyMetrics(Mapping):
     """A read-only dict of metrics computed on first access (a loss call whose metrics are
@@ -41,9 +43,36 @@ class LazyMetrics(Mapping):
 
 
 @torch.no_grad()
+def clipped_weights(logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor,
+                    is_clip: float, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] bool: the action positions whose importance weight the cap C truncated.
+
+    A weight is clipped when its untruncated log ``c_t`` is above ``log C`` by more than
+    rounding can explain::
+
+        c_t - log C > 8 eps (sum over actions j <= t of (|logp_j| + |behavior_logp_j|) + |log C|)
+
+    with ``eps`` that of the coarsest of the two inputs' dtypes and the compute dtype. The
+    right-hand side bounds the rounding of the inputs, of their differences, of the cumulative
+    sum and of ``log C``, so a weight that *equals* the cap (``pi_theta = pi_beta`` at
+    ``C = 1``, the start of training) or exceeds it by a few ulps of its inputs is not clipped.
+    """
+    cap = log_clip(is_clip)
+    if math.isinf(cap):
+        return torch.zeros_like(mask)
+    c = cumulative_log_ratio(logp, behavior_logp, mask, dtype)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    magnitude = logp.detach().to(dtype).abs() + behavior_logp.detach().to(dtype).abs()
+    size = torch.where(mask, magnitude, zero).cumsum(dim=1)
+    eps = max(torch.finfo(t).eps for t in (logp.dtype, behavior_logp.dtype, dtype))
+    return mask & (c - cap > 8 * eps * (size + abs(cap)))
+
+
+@torch.no_grad()
 def dqo_metrics(returns: torch.Tensor, values: torch.Tensor, td_error: torch.Tensor,
                 weights: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
-                is_clip: float) -> Dict[str, torch.Tensor]:
+                clipped: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """``clipped``: :func:`clipped_weights`, counted by ``is_weight_clip_frac``."""
     dtype = returns.dtype
     m = mask.to(dtype)
     n = m.sum()
@@ -63,10 +92,6 @@ def dqo_metrics(returns: torch.Tensor, values: torch.Tensor, td_error: torch.Ten
     abs_delta = torch.where(mask, td_error.abs(), zero)
     w_sum = weights.sum()
     w_sq = weights.square().sum()
-    if math.isinf(is_clip):
-        clip_frac = zero
-    else:
-        clip_frac = mean((weights >= is_clip * (1.0 - 1e-6)).to(dtype))
     return {
         "return_mean": ret_mean,
         "value_mean": mean(values),
@@ -75,7 +100,7 @@ def dqo_metrics(returns: torch.Tensor, values: torch.Tensor, td_error: torch.Ten
         "td_abs_max": abs_delta.max() if abs_delta.numel() else zero,
         "kl": mean(log_ratio.detach()),
         "is_weight_mean": mean(weights),
-        "is_weight_clip_frac": clip_frac,
+        "is_weight_clip_frac": mean(clipped),
         "is_ess": torch.where(w_sq > 0, w_sum.square() / (w_sq * n1), zero),
         "num_tokens": n,
     }

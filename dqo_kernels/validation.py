@@ -2,24 +2,28 @@
 was expected and what was given.
 
 Shape, dtype, device and hyper-parameter checks are free. The data checks (finite values, a
-0/1 mask, no reward off the mask) read the tensors and, on a GPU, cost one synchronisation per
-call; they are on by default and can be turned off for throughput with
-``dqo_kernels.set_data_checks(False)`` or ``DQO_KERNELS_DATA_CHECKS=0``.
+0/1 mask, log-probs <= 0, no reward off the mask, importance weights that fit the compute dtype)
+read the tensors and, on a GPU, cost one synchronisation per call; they are on by default and
+can be turned off for throughput with ``dqo_kernels.set_data_checks(False)`` or
+``DQO_KERNELS_DATA_CHECKS=0``.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .dqo_scan_reference import cumulative_log_ratio, log_clip
 
 _data_checks = os.environ.get("DQO_KERNELS_DATA_CHECKS", "1") != "0"
 
 
 def set_data_checks(enabled: bool) -> None:
-    """Turn the value checks (NaN/inf, mask values, rewards off the mask) on or off."""
+    """Turn the value checks (NaN/inf, mask values, log-probs <= 0, rewards off the mask,
+    overflowing importance weights) on or off."""
     global _data_checks
     _data_checks = bool(enabled)
 
@@ -92,41 +96,106 @@ def check_triton_backend(device: torch.device) -> None:
                          "interpreter), got tensors on cpu")
 
 
-def check_values(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor,
-                 rewards: Optional[torch.Tensor] = None,
-                 whole: Sequence[str] = ()) -> None:
-    """Finite values on action positions (everywhere for names in ``whole``) and no reward
-    off the mask. One host synchronisation for all checks together."""
-    if not _data_checks:
+# A data check: a 0-dim bool tensor that is True when the check failed, and the function that
+# raises the error for it (it may read the tensors again: that only happens on failure).
+Check = Tuple[torch.Tensor, Callable[[], None]]
+
+
+def run_checks(checks: Sequence[Check]) -> None:
+    """Raise the error of the first failed check. One host synchronisation for all of them."""
+    if not checks:
         return
-    names, flags = [], []
+    failed = torch.stack([flag for flag, _ in checks]).tolist()
+    for (_, report), bad in zip(checks, failed):
+        if bad:
+            report()
+
+
+def logprob_tolerance(dtype: torch.dtype) -> float:
+    """How far above 0 a log-prob stored in ``dtype`` may be before it is an error.
+
+    ``log softmax`` is <= 0; a positive value comes from rounding ``z_t - logsumexp(z)``, whose
+    error is a few ulps of the logsumexp: below 1e-3 in fp32 for logsumexps up to ~8000, and up
+    to ``16 eps`` where the log-probs were computed in the (half) dtype they are stored in.
+    What goes beyond that is a bug upstream (logits or negative log-likelihoods passed as
+    log-probs), not rounding.
+    """
+    return max(1e-3, 16 * torch.finfo(dtype).eps)
+
+
+def value_checks(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor,
+                 rewards: Optional[torch.Tensor] = None, whole: Sequence[str] = (),
+                 log_probs: Sequence[str] = ()) -> List[Check]:
+    """Finite values on action positions (everywhere for names in ``whole``), log-probs (names
+    in ``log_probs``) at most :func:`logprob_tolerance` above 0 on action positions, and no
+    reward off the mask. Empty when the data checks are off."""
+    if not _data_checks:
+        return []
+    checks: List[Check] = []
+
+    def on_actions(name: str, x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        return bad if name in whole or x.shape != mask.shape else bad & mask
+
+    def first(bad: torch.Tensor):
+        return tuple(torch.nonzero(bad)[0].tolist())
+
     for name, x in tensors.items():
         if x is None:
             continue
-        bad = ~torch.isfinite(x)
-        if name not in whole and x.shape == mask.shape:
-            bad = bad & mask
-        names.append(name)
-        flags.append(bad.any())
-    if rewards is not None:
-        names.append("rewards@mask")
-        flags.append(((rewards != 0) & ~mask).any())
-    if not flags:
-        return
-    failed = torch.stack(flags).tolist()
-    for name, bad in zip(names, failed):
-        if not bad:
+        where = "" if name in whole or x.shape != mask.shape else " on an action position"
+        bad = on_actions(name, x, ~torch.isfinite(x))
+
+        def finite(name=name, x=x, bad=bad, where=where):
+            idx = first(bad)
+            raise ValueError(f"{name}: expected finite values, got {x[idx].item()} at index "
+                             f"{idx}{where}")
+        checks.append((bad.any(), finite))
+        if name not in log_probs:
             continue
-        if name == "rewards@mask":
-            idx = tuple(torch.nonzero((rewards != 0) & ~mask)[0].tolist())
+        tol = logprob_tolerance(x.dtype)
+        positive = on_actions(name, x, x > tol)
+
+        def log_prob(name=name, x=x, bad=positive, where=where, tol=tol):
+            idx = first(bad)
+            raise ValueError(
+                f"{name}: expected log-probs <= 0 (up to {tol:g} of rounding for {x.dtype}), "
+                f"got {x[idx].item()} at index {idx}{where}; were logits or negative "
+                "log-likelihoods passed instead?")
+        checks.append((positive.any(), log_prob))
+    if rewards is not None:
+        off = (rewards != 0) & ~mask
+
+        def reward_off_mask():
+            idx = first(off)
             raise ValueError(
                 f"rewards: expected 0 on positions where mask is 0 (they are not actions), got "
                 f"{rewards[idx].item()} at index {idx}; put rewards on action tokens")
-        x = tensors[name]
-        bad_t = ~torch.isfinite(x)
-        if name not in whole and x.shape == mask.shape:
-            bad_t = bad_t & mask
-        idx = tuple(torch.nonzero(bad_t)[0].tolist())
-        where = "" if name in whole or x.shape != mask.shape else " on an action position"
-        raise ValueError(f"{name}: expected finite values, got {x[idx].item()} at index "
-                         f"{idx}{where}")
+        checks.append((off.any(), reward_off_mask))
+    return checks
+
+
+def importance_weight_checks(logp: torch.Tensor, behavior: torch.Tensor, behavior_name: str,
+                             mask: torch.Tensor, is_clip: float,
+                             dtype: torch.dtype) -> List[Check]:
+    """The truncated importance weights ``exp(min(c_t, log C))`` fit in ``dtype``.
+
+    Only a cap beyond ``dtype``'s range (``is_clip=inf``, or e.g. 1e300 in fp32) needs the
+    cumulative log-ratios ``c_t``; otherwise this costs nothing. Empty when the data checks are
+    off: an overflowing weight then makes the loss inf or NaN.
+    """
+    limit = math.log(torch.finfo(dtype).max)
+    if not _data_checks or log_clip(is_clip) <= limit:
+        return []
+    c = cumulative_log_ratio(logp, behavior, mask, dtype)
+    over = mask & (c > limit)
+
+    def overflow():
+        c_max = torch.where(mask, c, -math.inf)
+        idx = tuple(int(i) for i in torch.unravel_index(torch.argmax(c_max), c.shape))
+        raise ValueError(
+            f"is_clip: expected a cap that keeps the importance weights finite in {dtype} "
+            f"(log C <= {limit:.2f}) for this batch, got is_clip={is_clip}: the largest "
+            f"log-weight c_t = sum over actions j <= t of (logp_j - {behavior_name}_j) is "
+            f"{c_max[idx].item():g} at index {idx}, and exp(c_t) overflows {dtype}. Truncate "
+            f"the weights with a finite is_clip, or check {behavior_name}")
+    return [(over.any(), overflow)]

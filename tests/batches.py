@@ -49,8 +49,10 @@ def make_batch(layout: str = "right", B: int = 5, T: int = 23, *, seed: int = 0,
     rand = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)  # noqa: E731
     randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     logp = -3.0 * rand(B, T)
-    ref = logp + 0.3 * randn(B, T)
-    beh = logp + 0.3 * randn(B, T) if behavior else None
+    # log-probs, so <= 0 (the data checks refuse positive ones): reflected where the noise
+    # pushes them above 0
+    ref = -(logp + 0.3 * randn(B, T)).abs()
+    beh = -(logp + 0.3 * randn(B, T)).abs() if behavior else None
     values = 0.5 * randn(B, T)
     rewards = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):  # outcome reward on the last action, process rewards on some others

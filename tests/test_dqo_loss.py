@@ -12,6 +12,7 @@ from dqo_kernels.validation import triton_available as _triton_available
 BACKENDS = ["torch", "cpp"] + (["triton"] if _triton_available() else [])
 ON_GPU = torch.cuda.is_available()
 
+
 # (lam, gamma, is_clip, is_policy, is_value, target_grad, loss_agg)
 CONFIGS = [
     (1.0, 1.0, 1.0, True, True, False, "token-mean"),  # the paper's default
@@ -416,6 +417,31 @@ def test_on_policy_weights_are_one():
     m = b["mask"]
     assert torch.equal(out.weights[m], torch.ones(int(m.sum()), dtype=torch.float64))
     torch.testing.assert_close(out.metrics["is_ess"].item(), 1.0)
+    assert out.metrics["is_weight_clip_frac"].item() == 0.0  # at the cap, not above it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_frac_counts_weights_above_the_cap_beyond_rounding(backend, device):
+    """A weight equal to the cap C = 1 (pi_theta = pi_beta) or above it by a few ulps of the
+    log-probs is not clipped; one above it by more is."""
+    dev = device if backend != "cpp" else "cpu"
+    b = to(make_batch("interleaved", B=4, T=12, seed=21, garbage=False), torch.float32, dev)
+    m, logp = b["mask"], b["logp"].detach()
+
+    def clip_frac(behavior_logp, is_clip):
+        out = run({**b, "behavior_logp": behavior_logp}, backend, is_clip=is_clip)[0]
+        return out.weights, out.metrics["is_weight_clip_frac"].item()
+
+    assert clip_frac(logp.clone(), 1.0)[1] == 0.0
+    ulp_below = torch.nextafter(logp, torch.full_like(logp, -math.inf))  # c_t = a few ulps
+    weights, frac = clip_frac(ulp_below, 1.0)
+    assert (weights[m] == 1.0).all() and frac == 0.0
+    below = logp - 1e-3  # c_t = 1e-3 times the number of actions up to t
+    assert clip_frac(below, 1.0)[1] == 1.0
+    c = torch.cumsum((logp - below) * m, dim=1)[m]
+    exp = (c > 2.5e-3).double().mean().item()  # every c_t is 5e-4 or more away from log C
+    assert 0 < exp < 1
+    assert clip_frac(below, math.exp(2.5e-3))[1] == pytest.approx(exp)
 
 
 def test_metrics_match_direct_computation():
@@ -425,12 +451,14 @@ def test_metrics_match_direct_computation():
                          is_clip=1.2, backend="torch")
     m = b["mask"]
     G, V, D, W = out.returns[m], b["values"][m], out.td_error[m], out.weights[m]
+    C = torch.cumsum(torch.where(m, b["logp"] - b["behavior_logp"], 0.0), dim=1)
+    assert ((C[m] - math.log(1.2)).abs() > 1e-6).all()  # no c_t within rounding of the cap
     exp = {
         "return_mean": G.mean(), "value_mean": V.mean(),
         "value_explained_var": 1 - (G - V).var(unbiased=False) / G.var(unbiased=False),
         "td_abs_mean": D.abs().mean(), "td_abs_max": D.abs().max(),
         "kl": (b["logp"] - b["ref_logp"])[m].mean(), "is_weight_mean": W.mean(),
-        "is_weight_clip_frac": (W >= 1.2 * (1 - 1e-9)).double().mean(),
+        "is_weight_clip_frac": (C[m] > math.log(1.2)).double().mean(),
         "is_ess": W.sum() ** 2 / (W.square().sum() * len(W)),
         "num_tokens": torch.tensor(float(len(W)), dtype=torch.float64),
     }

@@ -117,6 +117,47 @@ def test_token_logprobs_3d_ignore_and_inplace(backend, device, small_blocks):
     torch.testing.assert_close(work.detach(), leaf.grad)  # the gradient was written in place
 
 
+OVERLAPPING = {
+    "expand": lambda x: x[:1].expand(4, -1),
+    "expand-3d": lambda x: x[:1].expand(4, -1)[None],
+    "rows-share-columns": lambda x: x.flatten().as_strided((4, 140), (70, 1)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", OVERLAPPING)
+def test_token_logprobs_inplace_refuses_overlapping_rows(backend, view, device, small_blocks):
+    """Rows that share memory would overwrite each other's gradient in place: refused. Without
+    inplace_backward the gradient is right."""
+    dev = dev_for(backend, device)
+    logits, targets, up = make_logits(4, 140, seed=8, ignore_frac=0.0)
+    leaf = logits.float().to(dev).requires_grad_()
+    x = OVERLAPPING[view](leaf * 1.0)
+    y = targets.to(dev).view(x.shape[:-1])
+    with pytest.raises(ValueError, match=r"inplace_backward: expected logits whose rows do not "
+                                         r"overlap in memory .*, got shape \(.*\) with strides"):
+        token_logprobs(x, y, inplace_backward=True, backend=backend)
+    token_logprobs(x, y, backend=backend).backward(up.float().to(dev).view(y.shape))
+    ref_leaf = logits.float().double().requires_grad_()
+    ref_x = OVERLAPPING[view](ref_leaf * 1.0)
+    token_logprobs_reference(ref_x, y.cpu()).backward(up.view(y.shape))
+    torch.testing.assert_close(leaf.grad.double().cpu(), ref_leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_inplace_is_seen_by_autograd(backend, device, small_blocks):
+    """tanh saves its output for its backward; the in-place gradient overwrites that output.
+    Autograd must refuse (every backend), not compute tanh's gradient from the overwritten
+    values."""
+    dev = dev_for(backend, device)
+    logits, targets, up = make_logits(6, 140, seed=9, ignore_frac=0.0)
+    leaf = logits.float().to(dev).requires_grad_()
+    out = token_logprobs(torch.tanh(leaf), targets.to(dev), inplace_backward=True,
+                         backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(up.float().to(dev))
+
+
 def bf16_error_bound(ours, torch_bf16, exact):
     """Our bf16 error may not exceed torch's own bf16 computation's error (times 1.5, plus a
     hair for the fp32 rounding both have)."""
@@ -260,6 +301,9 @@ def test_lm_head_to_dqo_loss_composition(backend, device, small_blocks):
      r"weight: expected dtype torch.float32 \(hidden's\), got torch.float64"),
     (lambda: linear_logprobs(torch.zeros(3, 4), torch.zeros(6, 4), torch.zeros(3, dtype=torch.long),
                              bias=torch.zeros(5)), r"bias: expected shape \(6,\)"),
+    (lambda: linear_logprobs(torch.zeros(3, 4), torch.zeros(6, 4), torch.zeros(3, dtype=torch.long),
+                             chunk_size=math.inf),
+     r"chunk_size: expected a value in \[1.0, inf\), got inf"),
     (lambda: token_logprobs(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), backend="cuda"),
      r"backend: expected None or one of \('triton', 'cpp', 'torch'\)"),
 ])

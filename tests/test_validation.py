@@ -6,7 +6,11 @@ import torch
 from batches import make_batch
 
 import dqo_kernels
-from dqo_kernels import dro_loss, fused_dqo_loss
+from dqo_kernels import dro_loss, fused_dqo_loss, native
+from dqo_kernels.validation import triton_available
+
+BACKENDS = (["torch"] + (["cpp"] if native.is_available() else [])
+            + (["triton"] if triton_available() else []))
 
 
 def call(**over):
@@ -25,6 +29,14 @@ def nan_on_action(b):
     x = b["logp"].clone()
     x[b["mask"]] = torch.nan
     return x
+
+
+def positive_on_action(name, value):
+    def make(b):
+        x = b[name].clone()
+        x[1, torch.nonzero(b["mask"][1])[0, 0]] = value
+        return x
+    return make
 
 
 def reward_off_mask(b):
@@ -50,14 +62,29 @@ CASES = [
     (dict(values=lambda b: b["values"].masked_fill(b["mask"], math.inf)),
      r"values: expected finite"),
     (dict(rewards=reward_off_mask), r"rewards: expected 0 on positions where mask is 0"),
-    (dict(beta=0.0), r"beta: expected a value in \(0.0, inf\], got 0.0"),
+    (dict(logp=positive_on_action("logp", 0.5)),
+     r"logp: expected log-probs <= 0 \(up to 0.001 of rounding for torch.float32\), got 0.5 "
+     r"at index \(1, \d+\) on an action position"),
+    (dict(ref_logp=positive_on_action("ref_logp", 2.0)),
+     r"ref_logp: expected log-probs <= 0 .*, got 2.0 at index \(1, \d+\) on an action"),
+    (dict(behavior_logp=positive_on_action("behavior_logp", 0.002)),
+     r"behavior_logp: expected log-probs <= 0 .*, got 0.002"),
+    (dict(beta=0.0), r"beta: expected a value in \(0.0, inf\), got 0.0"),
+    (dict(beta=math.inf), r"beta: expected a value in \(0.0, inf\), got inf"),
+    (dict(beta=-1.0), r"beta: expected a value in \(0.0, inf\), got -1.0"),
+    (dict(beta=math.nan), r"beta: expected a real number, got nan"),
     (dict(beta="0.1"), r"beta: expected a real number, got '0.1'"),
     (dict(lam=1.5), r"lam: expected a value in \[0.0, 1.0\], got 1.5"),
+    (dict(lam=-0.1), r"lam: expected a value in \[0.0, 1.0\], got -0.1"),
     (dict(gamma=0.0), r"gamma: expected a value in \(0.0, 1.0\]"),
+    (dict(gamma=1.01), r"gamma: expected a value in \(0.0, 1.0\], got 1.01"),
     (dict(is_clip=0.5), r"is_clip: expected a value in \[1.0, inf\], got 0.5"),
     (dict(is_clip=math.nan), r"is_clip: expected a real number, got nan"),
     (dict(loss_agg="mean"), r"loss_agg: expected one of .*token-mean.*, got 'mean'"),
-    (dict(num_tokens=0), r"num_tokens: expected a value in \(0.0, inf\]"),
+    (dict(num_tokens=0), r"num_tokens: expected a value in \[1.0, inf\), got 0.0"),
+    (dict(num_tokens=0.5), r"num_tokens: expected a value in \[1.0, inf\), got 0.5"),
+    (dict(num_tokens=math.inf), r"num_tokens: expected a value in \[1.0, inf\), got inf"),
+    (dict(num_tokens=torch.tensor(math.nan)), r"num_tokens: expected a real number, got nan"),
     (dict(num_tokens=5, loss_agg="seq-mean-token-sum"),
      r"num_tokens: only applies to loss_agg='token-mean'"),
     (dict(backend="cuda"), r"backend: expected None or one of"),
@@ -68,6 +95,89 @@ CASES = [
 def test_bad_input_names_the_argument(over, message):
     with pytest.raises(ValueError, match=message):
         call(**over)
+
+
+def test_hyper_parameters_at_the_edges_of_their_ranges_are_accepted():
+    for over in (dict(lam=0.0, gamma=1.0, is_clip=math.inf, beta=1e6), dict(num_tokens=1),
+                 dict(num_tokens=torch.tensor(12.5)), dict(lam=1.0, gamma=1e-3, is_clip=1.0)):
+        assert torch.isfinite(call(**over).loss)
+
+
+def test_log_probs_within_rounding_of_zero_or_off_the_mask_are_accepted():
+    out = call(logp=positive_on_action("logp", 5e-4),
+               ref_logp=lambda b: b["ref_logp"].masked_fill(~b["mask"], 3.0))
+    assert torch.isfinite(out.loss)
+    b = make_batch("right", B=3, T=8, seed=0, garbage=False, empty_row=False)
+    lp = b["logp"].bfloat16()
+    lp[b["mask"]] = 0.0625  # bf16 arithmetic rounds a logsumexp of ~10 by that much
+    fused_dqo_loss(lp, b["ref_logp"].bfloat16(), b["values"], b["rewards"], b["mask"],
+                   backend="torch")
+    lp[b["mask"]] = 0.25
+    with pytest.raises(ValueError, match=r"logp: expected log-probs <= 0 \(up to 0.125 of "
+                                         r"rounding for torch.bfloat16\), got 0.25"):
+        fused_dqo_loss(lp, b["ref_logp"].bfloat16(), b["values"], b["rewards"], b["mask"],
+                       backend="torch")
+
+
+def test_dro_checks_its_own_arguments():
+    x = -torch.rand(3)
+    for kw, message in ((dict(beta=math.inf), r"beta: expected a value in \(0.0, inf\)"),
+                        (dict(num_sequences=0.5), r"num_sequences: expected a value in \[1.0, "
+                                                  r"inf\), got 0.5"),
+                        (dict(is_clip=0.9), r"is_clip: expected a value in \[1.0, inf\]")):
+        with pytest.raises(ValueError, match=message):
+            dro_loss(x, x, torch.zeros(3), torch.zeros(3), **kw)
+
+
+def diverging_batch(behavior_logp, T=8, dtype=torch.float32):
+    """One row of T actions, each with logp - behavior_logp = -1 - behavior_logp."""
+    logp = torch.full((1, T), -1.0, dtype=dtype, requires_grad=True)
+    values = torch.zeros(1, T, dtype=dtype, requires_grad=True)
+    rewards = torch.zeros(1, T, dtype=dtype)
+    rewards[0, -1] = 1.0
+    mask = torch.ones(1, T, dtype=torch.bool)
+    beh = torch.full((1, T), float(behavior_logp), dtype=dtype)
+    return logp, logp.detach().clone(), values, rewards, mask, beh
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("behavior_logp,c_max", [(-200.0, "1592"), (-1e4, "79992")])
+def test_overflowing_importance_weights_name_is_clip(backend, behavior_logp, c_max):
+    """Untruncated weights exp(c_t) beyond fp32 made the loss inf or NaN, silently."""
+    logp, ref, values, rewards, mask, beh = diverging_batch(behavior_logp)
+    with pytest.raises(ValueError, match=rf"is_clip: expected a cap that keeps the importance "
+                                         rf"weights finite in torch.float32 \(log C <= 88.72\)"
+                                         rf".*got is_clip=inf.*log-weight c_t = .* is "
+                                         rf"{c_max} at index \(0, 7\)"):
+        fused_dqo_loss(logp, ref, values, rewards, mask, behavior_logp=beh, is_clip=math.inf,
+                       backend=backend)
+    with pytest.raises(ValueError, match=r"is_clip: .*got is_clip=1e\+300"):
+        fused_dqo_loss(logp, ref, values, rewards, mask, behavior_logp=beh, is_clip=1e300,
+                       backend=backend)
+    for kw in (dict(is_clip=1e30), dict(is_policy=False, is_value=False)):
+        out = fused_dqo_loss(logp, ref, values, rewards, mask, behavior_logp=beh,
+                             backend=backend, **{"is_clip": math.inf, **kw})
+        out.loss.backward()  # a cap that fits, or weights that are never applied: no error
+        assert torch.isfinite(out.loss) and torch.isfinite(logp.grad).all()
+        logp.grad = values.grad = None
+
+
+def test_importance_weight_limit_is_that_of_the_compute_dtype():
+    """c_t = 100 overflows fp32 but not fp64; without the data checks the loss is inf."""
+    logp, ref, values, rewards, mask, beh = diverging_batch(-13.5)  # c_7 = 100
+    with pytest.raises(ValueError, match=r"is_clip: .* is 100 at index \(0, 7\)"):
+        fused_dqo_loss(logp, ref, values, rewards, mask, behavior_logp=beh, is_clip=math.inf,
+                       backend="torch")
+    out = fused_dqo_loss(logp, ref, values.double(), rewards, mask, behavior_logp=beh,
+                         is_clip=math.inf, backend="torch")
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float64
+    dqo_kernels.set_data_checks(False)
+    try:
+        out = fused_dqo_loss(logp, ref, values, rewards, mask, behavior_logp=beh,
+                             is_clip=math.inf, backend="torch")
+        assert not torch.isfinite(out.loss)  # documented: no check, no truncation
+    finally:
+        dqo_kernels.set_data_checks(True)
 
 
 def test_garbage_off_the_mask_is_not_an_error():
