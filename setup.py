@@ -1,20 +1,17 @@
 """dqo-kernels: fused kernels and a trainer for Direct Q-function Optimization.
 
-The native CPU ops (csrc/) are compiled here, at install, into ``dqo_kernels._C_torch<version>_
-<isa>`` when torch is importable in the build environment, i.e. with torch installed first and
-``pip install --no-build-isolation``. torch is deliberately not a build requirement: pip's
-isolated build would download a second, multi-GB torch, maybe not the one we run with. Without
-torch here the extension is skipped, and the sources, shipped in the package
-(``dqo_kernels/csrc``), are compiled on first use instead (dqo_kernels/native.py).
-
-The module is built for AVX2 when this machine has it, and its name says so: at run time it is
-loaded only by a torch of the same version on a CPU with AVX2, anything else builds its own.
+The native CPU ops (csrc/: plain C++ behind a C interface, no torch headers) are compiled here,
+at install, into ``dqo_kernels/_native_<isa>_<digest>...so``, with the same compiler command as
+the build on first use (dqo_kernels/native.py). That needs a C++ compiler, not torch, so it works
+under pip's build isolation too. Without a compiler the install goes on and the ops are built on
+first use (or PyTorch runs them, with a warning).
 """
 import importlib.util
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 here = Path(__file__).parent
 version = {}
@@ -22,31 +19,29 @@ for line in (here / "dqo_kernels" / "__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
 
+# native.py by path, not `import dqo_kernels`, whose __init__ imports torch
+_spec = importlib.util.spec_from_file_location("_dqo_native", here / "dqo_kernels" / "native.py")
+native = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(native)
+
+
+class BuildNative(build_ext):
+    """Builds the one native library with native.build (atomic; its name carries the digest)."""
+
+    def build_extension(self, ext):
+        out = Path(self.get_ext_fullpath(ext.name))
+        try:
+            native.build(out, src=here / "csrc", verbose=self.verbose > 1)
+        except native.NativeBuildError as exc:
+            print(f"dqo-kernels: the native CPU ops were not prebuilt ({exc}); they will be "
+                  "compiled on first use", file=sys.stderr)
+
 
 def native_extension():
-    """(ext_modules, cmdclass) for the prebuilt native ops, or empty ones without torch."""
-    try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError:
-        print("dqo-kernels: torch is not importable in this build environment (pip's build "
-              "isolation?): the native CPU ops are not prebuilt and will be compiled on first "
-              "use. Install torch first, then this package with --no-build-isolation.",
-              file=sys.stderr)
-        return [], {}
-    # native.py by path, not `import dqo_kernels`, whose __init__ imports the whole package
-    spec = importlib.util.spec_from_file_location("_dqo_native", here / "dqo_kernels" / "native.py")
-    native = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(native)
-    ext = CppExtension(
-        name=f"dqo_kernels.{native.prebuilt_module_name()}",
-        sources=[f"csrc/{s}" for s in native.SOURCES],
-        depends=[f"csrc/{s}" for s in native.INCLUDED],  # included by the one source
-        include_dirs=[str(here / "csrc")],
-        extra_compile_args=[*native.CFLAGS, *native.isa_flags()],
-        extra_link_args=list(native.LDFLAGS),
-        optional=True,  # no compiler: install anyway; the JIT path then warns and falls back
-    )
-    return [ext], {"build_ext": BuildExtension}
+    stem = native.library_stem(src=here / "csrc")
+    ext = Extension(f"dqo_kernels.{stem}", sources=[f"csrc/{s}" for s in native.SOURCES],
+                    depends=[f"csrc/{s}" for s in native.INCLUDED])
+    return [ext], {"build_ext": BuildNative}
 
 
 ext_modules, cmdclass = native_extension()

@@ -1,128 +1,107 @@
-// Native CPU kernel of the fused DQO loss (see dqo_kernels/dqo_scan_reference.py for the math).
+// Native CPU kernel of the fused DQO loss: forward values and closed-form gradients (the math:
+// SPEC.md section 3; the definition it is tested against: dqo_kernels/dqo_scan_reference.py).
 //
-// One row is a sequential recurrence, so rows are the unit of parallelism (at::parallel_for,
-// OpenMP underneath). Per row: a backward pass for the lambda-return and the residual, then a
-// forward pass for the truncated importance weights, the losses, the closed-form gradients and,
-// with target_grad, the forward discounted scan of SPEC 3.8. Accumulation is in double.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
+// One row is a sequential recurrence, so rows are the unit of parallelism. Per row: a backward
+// pass for the lambda-return G and the residual delta = V - G, then a forward pass for the
+// truncated importance weights w_t = exp(min(c_t, log C)), the losses, the gradients
+//   dL/dlogp_t = beta a w_pi delta,   dL/dvalues_t = a w_V delta
+// and, with target_grad, the forward discounted scan e_t = a w delta + gamma lambda e_{t-1}.
+// Masked-out positions are skipped by both recurrences. Accumulation is in double.
+#include "common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <vector>
+namespace dqo {
 
-#include "ops.h"
+template <typename T>
+struct ScanArgs {
+  const T *logp, *ref, *beh, *values, *rewards;
+  const uint8_t* mask;
+  const T *boot, *row_scale;  // boot may be null (0 after the last action)
+  T *returns, *weights, *td, *dlogp, *dvalues, *policy_rows, *value_rows;
+  int64_t T_len;
+  double beta, gamma, lam, log_clip;
+  bool is_policy, is_value, target_grad;
+};
 
-namespace {
-
-template <typename scalar_t>
-void dqo_scan_rows(
-    const at::TensorAccessor<scalar_t, 2>& logp, const at::TensorAccessor<scalar_t, 2>& ref,
-    const at::TensorAccessor<scalar_t, 2>& beh, const at::TensorAccessor<scalar_t, 2>& values,
-    const at::TensorAccessor<scalar_t, 2>& rewards, const at::TensorAccessor<bool, 2>& mask,
-    const scalar_t* boot, const scalar_t* row_scale, at::TensorAccessor<scalar_t, 2> returns,
-    at::TensorAccessor<scalar_t, 2> weights, at::TensorAccessor<scalar_t, 2> td,
-    at::TensorAccessor<scalar_t, 2> dlogp, at::TensorAccessor<scalar_t, 2> dvalues,
-    scalar_t* policy_rows, scalar_t* value_rows, int64_t T, double beta, double gamma,
-    double lam, double log_clip, bool is_policy, bool is_value, bool target_grad,
-    int64_t begin, int64_t end) {
-  const double rho = gamma * lam;
+template <typename T>
+void dqo_scan_rows(const ScanArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t n = a.T_len;
+  const double rho = a.gamma * a.lam;
   for (int64_t b = begin; b < end; ++b) {
-    // Backward: H carries (1 - lam) * V_next + lam * G_next, so G_t = rt_t + gamma * H.
-    double h = boot ? static_cast<double>(boot[b]) : 0.0;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      if (!mask[b][t]) {
-        returns[b][t] = 0;
-        td[b][t] = 0;
+    const int64_t o = b * n;
+    // Backward: h carries (1 - lam) V_next + lam G_next, so G_t = rt_t + gamma h.
+    double h = a.boot ? static_cast<double>(a.boot[b]) : 0.0;
+    for (int64_t t = n - 1; t >= 0; --t) {
+      const int64_t i = o + t;
+      if (!a.mask[i]) {
+        a.returns[i] = 0;
+        a.td[i] = 0;
         continue;
       }
-      const double v = values[b][t];
-      const double l = static_cast<double>(logp[b][t]) - static_cast<double>(ref[b][t]);
-      const double g = static_cast<double>(rewards[b][t]) - beta * l + gamma * h;
-      h = (1.0 - lam) * v + lam * g;
-      returns[b][t] = static_cast<scalar_t>(g);
-      td[b][t] = static_cast<scalar_t>(v - g);
+      const double v = a.values[i];
+      const double l = static_cast<double>(a.logp[i]) - static_cast<double>(a.ref[i]);
+      const double g = static_cast<double>(a.rewards[i]) - a.beta * l + a.gamma * h;
+      h = (1.0 - a.lam) * v + a.lam * g;
+      a.returns[i] = static_cast<T>(g);
+      a.td[i] = static_cast<T>(v - g);
     }
     // Forward: importance weights, losses, gradients.
-    const double a = row_scale[b];
+    const double scale = a.row_scale[b];
     double c = 0.0, e = 0.0, loss_pi = 0.0, loss_v = 0.0;
-    for (int64_t t = 0; t < T; ++t) {
-      if (!mask[b][t]) {
-        weights[b][t] = 0;
-        dlogp[b][t] = 0;
-        dvalues[b][t] = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t i = o + t;
+      if (!a.mask[i]) {
+        a.weights[i] = 0;
+        a.dlogp[i] = 0;
+        a.dvalues[i] = 0;
         continue;
       }
-      c += static_cast<double>(logp[b][t]) - static_cast<double>(beh[b][t]);
-      const double w = std::exp(std::min(c, log_clip));
-      const double w_pi = is_policy ? w : 1.0;
-      const double w_v = is_value ? w : 1.0;
-      const double delta = static_cast<double>(td[b][t]);
-      const double g_pi = a * w_pi * delta;
+      c += static_cast<double>(a.logp[i]) - static_cast<double>(a.beh[i]);
+      const double w = std::exp(std::min(c, a.log_clip));
+      const double w_pi = a.is_policy ? w : 1.0;
+      const double w_v = a.is_value ? w : 1.0;
+      const double delta = static_cast<double>(a.td[i]);
+      const double g_pi = scale * w_pi * delta;
       loss_pi += 0.5 * g_pi * delta;
-      loss_v += 0.5 * a * w_v * delta * delta;
-      e = target_grad ? g_pi + rho * e : g_pi;
-      weights[b][t] = static_cast<scalar_t>(w);
-      dlogp[b][t] = static_cast<scalar_t>(beta * e);
-      dvalues[b][t] = static_cast<scalar_t>(a * w_v * delta);
+      loss_v += 0.5 * scale * w_v * delta * delta;
+      e = a.target_grad ? g_pi + rho * e : g_pi;
+      a.weights[i] = static_cast<T>(w);
+      a.dlogp[i] = static_cast<T>(a.beta * e);
+      a.dvalues[i] = static_cast<T>(scale * w_v * delta);
     }
-    policy_rows[b] = static_cast<scalar_t>(loss_pi);
-    value_rows[b] = static_cast<scalar_t>(loss_v);
+    a.policy_rows[b] = static_cast<T>(loss_pi);
+    a.value_rows[b] = static_cast<T>(loss_v);
   }
 }
 
-}  // namespace
-
-std::vector<at::Tensor> dqo_scan_forward(
-    at::Tensor logp, at::Tensor ref_logp, at::Tensor behavior_logp,
-    at::Tensor values, at::Tensor rewards, at::Tensor mask,
-    c10::optional<at::Tensor> bootstrap, at::Tensor row_scale, double beta, double gamma,
-    double lam, double log_clip, bool is_policy, bool is_value, bool target_grad) {
-  TORCH_CHECK(logp.device().is_cpu(), "dqo_scan_forward: CPU tensors only");
-  TORCH_CHECK(logp.dim() == 2, "dqo_scan_forward: logp must be [B, T]");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "dqo_scan_forward: mask must be bool");
-  const auto dtype = logp.scalar_type();
-  for (const auto& x : {ref_logp, behavior_logp, values, rewards}) {
-    TORCH_CHECK(x.scalar_type() == dtype && x.sizes() == logp.sizes(),
-                "dqo_scan_forward: float inputs must share logp's dtype and shape");
-  }
-  TORCH_CHECK(mask.sizes() == logp.sizes(), "dqo_scan_forward: mask must match logp's shape");
-  const int64_t B = logp.size(0), T = logp.size(1);
-  at::Tensor boot;
-  if (bootstrap.has_value()) {
-    boot = bootstrap->contiguous();
-    TORCH_CHECK(boot.scalar_type() == dtype && boot.numel() == B,
-                "dqo_scan_forward: bootstrap must be [B] with logp's dtype");
-  }
-  auto scale = row_scale.to(dtype).contiguous();
-  TORCH_CHECK(scale.numel() == B, "dqo_scan_forward: row_scale must be [B]");
-  auto opts = logp.options();
-  auto returns = at::empty({B, T}, opts), weights = at::empty({B, T}, opts);
-  auto td = at::empty({B, T}, opts), dlogp = at::empty({B, T}, opts);
-  auto dvalues = at::empty({B, T}, opts);
-  auto policy_rows = at::empty({B}, opts), value_rows = at::empty({B}, opts);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "dqo_scan_forward", [&] {
-    auto lp = logp.accessor<scalar_t, 2>();
-    auto rf = ref_logp.accessor<scalar_t, 2>();
-    auto bh = behavior_logp.accessor<scalar_t, 2>();
-    auto vl = values.accessor<scalar_t, 2>();
-    auto rw = rewards.accessor<scalar_t, 2>();
-    auto mk = mask.accessor<bool, 2>();
-    const scalar_t* bt = boot.defined() ? boot.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* sc = scale.data_ptr<scalar_t>();
-    auto ret = returns.accessor<scalar_t, 2>();
-    auto wt = weights.accessor<scalar_t, 2>();
-    auto tda = td.accessor<scalar_t, 2>();
-    auto dl = dlogp.accessor<scalar_t, 2>();
-    auto dv = dvalues.accessor<scalar_t, 2>();
-    scalar_t* pr = policy_rows.data_ptr<scalar_t>();
-    scalar_t* vr = value_rows.data_ptr<scalar_t>();
-    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
-      dqo_scan_rows<scalar_t>(lp, rf, bh, vl, rw, mk, bt, sc, ret, wt, tda, dl, dv, pr, vr, T,
-                              beta, gamma, lam, log_clip, is_policy, is_value, target_grad,
-                              begin, end);
-    });
-  });
-  return {policy_rows, value_rows, returns, weights, td, dlogp, dvalues};
+template <typename T>
+void dqo_scan(const void* const* in, void* const* out, int64_t B, int64_t T_len,
+              const double* hyper, const int* flags, int threads, int64_t min_work) {
+  ScanArgs<T> a;
+  a.logp = static_cast<const T*>(in[0]);
+  a.ref = static_cast<const T*>(in[1]);
+  a.beh = static_cast<const T*>(in[2]);
+  a.values = static_cast<const T*>(in[3]);
+  a.rewards = static_cast<const T*>(in[4]);
+  a.mask = static_cast<const uint8_t*>(in[5]);
+  a.boot = static_cast<const T*>(in[6]);
+  a.row_scale = static_cast<const T*>(in[7]);
+  a.returns = static_cast<T*>(out[0]);
+  a.weights = static_cast<T*>(out[1]);
+  a.td = static_cast<T*>(out[2]);
+  a.dlogp = static_cast<T*>(out[3]);
+  a.dvalues = static_cast<T*>(out[4]);
+  a.policy_rows = static_cast<T*>(out[5]);
+  a.value_rows = static_cast<T*>(out[6]);
+  a.T_len = T_len;
+  a.beta = hyper[0];
+  a.gamma = hyper[1];
+  a.lam = hyper[2];
+  a.log_clip = hyper[3];
+  a.is_policy = flags[0] != 0;
+  a.is_value = flags[1] != 0;
+  a.target_grad = flags[2] != 0;
+  parallel_rows(B, T_len, threads, min_work,
+                [&a](int64_t begin, int64_t end) { dqo_scan_rows<T>(a, begin, end); });
 }
+
+}  // namespace dqo

@@ -1,20 +1,109 @@
-// The native CPU ops of dqo_kernels, registered with torch's dispatcher as
-// torch.ops.dqo_kernels.*: the only file the build compiles.
+// The C interface of dqo_kernels' native CPU ops, loaded by dqo_kernels/native.py with ctypes:
+// the only file the build compiles (the kernels are included, one translation unit).
 //
-// One translation unit, not one per op, and no torch/extension.h (pybind11 and the whole C++
-// frontend): parsing headers is nearly all of the compile time, minutes per file on a busy
-// machine, so each .cpp compiled on its own would pay it again. The ops stay in their own files
-// for reading; native.py hashes every file of csrc/ into the build flags so that an edit of an
-// included file still rebuilds.
-#include <torch/library.h>
+// Callers pass contiguous CPU buffers (row-strided logits aside) that native.py has checked;
+// every function returns 0, or a nonzero status that native.py turns into an exception (no C++
+// exception crosses this boundary).
+#include <cstdint>
 
+#include "common.h"
 #include "dqo_scan.cpp"
 #include "logprobs.cpp"
 
-// Schemas are inferred from the signatures (Tensor, Tensor?, float, int, bool, ScalarType).
-TORCH_LIBRARY(dqo_kernels, m) {
-  m.def("dqo_scan_forward", &dqo_scan_forward);  // fused DQO loss forward + gradients
-  m.def("lse_forward", &lse_forward);            // row logsumexp, target logit, E[z] of a slice
-  m.def("logits_grad", &logits_grad);            // g (onehot - softmax) / T of a slice (+ entropy)
-  m.def("empty_huge", &empty_huge);              // uninitialised tensor on transparent huge pages
+namespace {
+
+constexpr int kOk = 0, kBadDtype = 1, kFailed = 2;
+
+template <typename F>
+int guarded(F fn) {
+  try {
+    return fn();
+  } catch (...) {  // std::bad_alloc for a row buffer, mostly
+    return kFailed;
+  }
 }
+
+}  // namespace
+
+extern "C" {
+
+// Bumped whenever a signature below changes; native.py refuses a library of another version.
+int dqo_abi_version() { return 1; }
+
+// in: logp, ref_logp, behavior_logp, values, rewards, mask (uint8), bootstrap (or null),
+//     row_scale; out: returns, weights, td, dlogp, dvalues ([B, T]), policy_rows, value_rows
+// ([B]); hyper: beta, gamma, lambda, log_clip; flags: is_policy, is_value, target_grad.
+int dqo_scan_forward(int dtype, const void* const* in, void* const* out, int64_t B, int64_t T,
+                     const double* hyper, const int* flags, int threads, int64_t min_work) {
+  return guarded([&] {
+    if (dtype == dqo::kFloat32) {
+      dqo::dqo_scan<float>(in, out, B, T, hyper, flags, threads, min_work);
+    } else if (dtype == dqo::kFloat64) {
+      dqo::dqo_scan<double>(in, out, B, T, hyper, flags, threads, min_work);
+    } else {
+      return kBadDtype;
+    }
+    return kOk;
+  });
+}
+
+// lse, zt, ez: [N] in the compute dtype (fp64 for fp64 logits, else fp32); ez may be null.
+int dqo_lse_forward(int dtype, const void* logits, int64_t stride, const int64_t* targets,
+                    int64_t N, int64_t V, int64_t v0, double inv_temp, void* lse, void* zt,
+                    void* ez, int threads, int64_t min_work) {
+  return guarded([&] {
+    switch (dtype) {
+      case dqo::kFloat32:
+        dqo::lse_forward<float>(logits, stride, targets, N, V, v0, inv_temp, lse, zt, ez,
+                                threads, min_work);
+        return kOk;
+      case dqo::kFloat64:
+        dqo::lse_forward<double>(logits, stride, targets, N, V, v0, inv_temp, lse, zt, ez,
+                                 threads, min_work);
+        return kOk;
+      case dqo::kFloat16:
+        dqo::lse_forward<dqo::f16>(logits, stride, targets, N, V, v0, inv_temp, lse, zt, ez,
+                                   threads, min_work);
+        return kOk;
+      case dqo::kBFloat16:
+        dqo::lse_forward<dqo::bf16>(logits, stride, targets, N, V, v0, inv_temp, lse, zt, ez,
+                                    threads, min_work);
+        return kOk;
+      default:
+        return kBadDtype;
+    }
+  });
+}
+
+// out: [N, V] rows of out_stride, of the logits' dtype or the compute dtype; it may be the
+// logits themselves. grad_ent and entropy are both null or both given.
+int dqo_logits_grad(int dtype, const void* logits, int64_t stride, const int64_t* targets,
+                    const void* lse, const void* grad, const void* grad_ent,
+                    const void* entropy, int64_t N, int64_t V, int64_t v0, double inv_temp,
+                    int out_dtype, void* out, int64_t out_stride, int threads,
+                    int64_t min_work) {
+  return guarded([&] {
+#define DQO_GRAD(scalar_t, out_t)                                                          \
+  dqo::logits_grad<scalar_t, out_t>(logits, stride, targets, lse, grad, grad_ent, entropy, N, \
+                                    V, v0, inv_temp, out, out_stride, threads, min_work)
+    if (dtype == dqo::kFloat32 && out_dtype == dqo::kFloat32) {
+      DQO_GRAD(float, float);
+    } else if (dtype == dqo::kFloat64 && out_dtype == dqo::kFloat64) {
+      DQO_GRAD(double, double);
+    } else if (dtype == dqo::kFloat16 && out_dtype == dqo::kFloat16) {
+      DQO_GRAD(dqo::f16, dqo::f16);
+    } else if (dtype == dqo::kFloat16 && out_dtype == dqo::kFloat32) {
+      DQO_GRAD(dqo::f16, float);
+    } else if (dtype == dqo::kBFloat16 && out_dtype == dqo::kBFloat16) {
+      DQO_GRAD(dqo::bf16, dqo::bf16);
+    } else if (dtype == dqo::kBFloat16 && out_dtype == dqo::kFloat32) {
+      DQO_GRAD(dqo::bf16, float);
+    } else {
+      return kBadDtype;
+    }
+#undef DQO_GRAD
+    return kOk;
+  });
+}
+
+}  // extern "C"

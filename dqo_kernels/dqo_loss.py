@@ -5,7 +5,7 @@ computes the diagnostics; the math lives in the backends:
 
 - ``"triton"``: :mod:`dqo_kernels.dqo_scan_triton` (CUDA tensors; on CPU only under
   ``TRITON_INTERPRET=1``, which is how the tests run it),
-- ``"cpp"``: :mod:`dqo_kernels.dqo_scan_cpp` (CPU tensors, native OpenMP kernel),
+- ``"cpp"``: :mod:`dqo_kernels.dqo_scan_cpp` (CPU tensors, native C++ kernel),
 - ``"torch"``: :mod:`dqo_kernels.dqo_scan_reference` (anywhere; the definition).
 """
 from __future__ import annotations

@@ -3,11 +3,15 @@
 :mod:`.native`. Rows run in parallel, each in vectorised passes over its vocabulary slice."""
 from __future__ import annotations
 
+import mmap
 import os
 
 import torch
 
-from .native import load_extension
+from . import native
+from .dtypes import acc_dtype
+
+HUGE_PAGE = 2 << 20
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -16,21 +20,70 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     faults: 2.5x faster steady-state backward at N=1024, V=32000 (benchmarks/NOTES.md), after
     a few slower first calls while the kernel assembles huge pages.
     ``DQO_KERNELS_HUGEPAGES=0`` turns this off."""
-    if os.environ.get("DQO_KERNELS_HUGEPAGES", "1") == "0":
-        return torch.empty(tuple(shape), dtype=dtype)
-    return load_extension().empty_huge([int(n) for n in shape], dtype)
+    shape = tuple(int(n) for n in shape)
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    madvise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if os.environ.get("DQO_KERNELS_HUGEPAGES", "1") == "0" or nbytes < 2 * HUGE_PAGE \
+            or madvise is None:
+        return torch.empty(shape, dtype=dtype)
+    # an anonymous mapping one huge page longer than needed, used from its first 2 MiB
+    # boundary; the tensor keeps the mapping alive (torch.frombuffer holds a reference)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE)
+    region.madvise(madvise)  # advice only: without THP it changes nothing
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _check_rows(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu" or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise ValueError(f"{name}: expected a CPU [N, V] tensor with unit column stride, got "
+                         f"shape {tuple(t.shape)}, strides {t.stride()} on {t.device}")
 
 
 def lse_forward(logits: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: float,
                 want_ez: bool):
-    lse, zt, ez = load_extension().lse_forward(logits, targets, int(v0), float(inv_temp),
-                                               bool(want_ez))
-    return lse, zt, (ez if want_ez else None)
+    """(lse, zt, ez or None), each [N] in the compute dtype (see csrc/logprobs.cpp)."""
+    _check_rows(logits, "logits")
+    N, V = logits.shape
+    acc = acc_dtype(logits)
+    targets = targets.to(torch.int64).contiguous()
+    lse, zt = torch.empty(N, dtype=acc), torch.empty(N, dtype=acc)
+    ez = torch.empty(N, dtype=acc) if want_ez else None
+    native.call("dqo_lse_forward", native.dtype_code(logits.dtype), logits.data_ptr(),
+                logits.stride(0), targets.data_ptr(), N, V, int(v0), float(inv_temp),
+                lse.data_ptr(), zt.data_ptr(), _ptr(ez), torch.get_num_threads(),
+                native.MIN_WORK_PER_THREAD)
+    return lse, zt, ez
 
 
 def logits_grad(logits, targets, lse, grad, v0: int, inv_temp: float, out, grad_ent=None,
                 entropy=None):
     """``out`` may be ``logits`` (in-place backward), or any [N, V] buffer of the logits' dtype
     or of the compute dtype."""
-    return load_extension().logits_grad(logits, targets, lse, grad, int(v0), float(inv_temp),
-                                        out, grad_ent, entropy)
+    _check_rows(logits, "logits")
+    _check_rows(out, "out")
+    N, V = logits.shape
+    if out.shape != logits.shape:
+        raise ValueError(f"out: expected shape {tuple(logits.shape)}, got {tuple(out.shape)}")
+    acc = acc_dtype(logits)
+    if out.dtype not in (logits.dtype, acc):
+        raise ValueError(f"out: expected dtype {logits.dtype} or {acc}, got {out.dtype}")
+    if (grad_ent is None) != (entropy is None):
+        raise ValueError("grad_ent and entropy: expected both or neither")
+    vec = lambda t: None if t is None else t.to(acc).contiguous()  # noqa: E731
+    targets = targets.to(torch.int64).contiguous()
+    lse, grad, grad_ent, entropy = vec(lse), vec(grad), vec(grad_ent), vec(entropy)
+    native.call("dqo_logits_grad", native.dtype_code(logits.dtype), logits.data_ptr(),
+                logits.stride(0), targets.data_ptr(), lse.data_ptr(), grad.data_ptr(),
+                _ptr(grad_ent), _ptr(entropy), N, V, int(v0), float(inv_temp),
+                native.dtype_code(out.dtype), out.data_ptr(), out.stride(0),
+                torch.get_num_threads(), native.MIN_WORK_PER_THREAD)
+    return out

@@ -1,73 +1,86 @@
 """Build and load the native CPU ops (``csrc/``): the fused DQO loss and the log-prob launchers.
 
-Two ways in, tried in this order:
+The kernels are plain C++ behind a C interface (``csrc/module.cpp``), with no torch headers:
+one compiler call of about a second builds them, and ctypes loads them (the launchers pass
+tensors' data pointers). Two ways in, tried in this order:
 
-1. The library prebuilt at install (``setup.py``, when torch is importable there, e.g.
-   ``pip install --no-build-isolation``). Its name says what it was built for,
-   ``_C_torch<version>_<isa>`` (see :func:`prebuilt_module_name`), so that it is chosen before
-   it is loaded: one built for another torch, or with AVX2 on a CPU without it, is never
-   loaded (that could crash, not just raise); the JIT build below is used instead.
-   ``DQO_KERNELS_FORCE_JIT=1`` skips it.
-2. A just-in-time build with ``torch.utils.cpp_extension.load`` (seconds to minutes, once;
-   torch caches it under ``TORCH_EXTENSIONS_DIR`` per source hash and flags). torch guards that
-   build with a ``lock`` file and, if a process is killed mid-build, every later process waits
-   on the leftover lock forever, silently. :func:`_build_guard` prevents this: our builders
-   hold an ``fcntl.flock`` on an owner file (pid, host, start time) for the whole build, so a
-   ``lock`` found while we hold that flock was left by a dead builder and is removed, with a
-   warning naming it, and the compilers that builder left running are killed. Waits on a live
-   builder are reported every 30 s.
+1. The library built at install (``setup.py``'s ``build_ext``, also under pip's build
+   isolation, since building needs no torch), in the package directory.
+2. A build on first use into a cache directory (``DQO_KERNELS_CACHE``, default
+   ``$XDG_CACHE_HOME/dqo_kernels`` or ``~/.cache/dqo_kernels``).
 
-On a CPU with AVX2 and FMA the ops are built for them, so that ``at::vec`` uses 8-wide vectors
-and Sleef's exp; elsewhere for the baseline ISA (correct, slower). Where no compiler works,
-:func:`is_available` is False, one warning says why, and the callers fall back to PyTorch.
-``DQO_KERNELS_DISABLE_CPP=1`` turns the native ops off.
+Either library is named after what it was built from, ``_native_<isa>_<digest>``: the digest
+covers every file of ``csrc/``, the compiler flags and the C interface's version, so an edited
+source, a changed flag or another ISA never loads a stale library, and the name alone says
+whether one fits. ``isa`` is ``avx2`` on x86 CPUs with AVX2, FMA and F16C (8-wide vectors), else
+``base``; an AVX2 library is never loaded on a CPU without AVX2.
 
-Either way the ops register with torch's dispatcher as ``torch.ops.dqo_kernels.*``
-(``csrc/module.cpp``), which is what :func:`load_extension` returns. This file imports only
-the standard library at module level: ``setup.py`` loads it by path for the names and flags,
-so that the prebuilt and the JIT library are built alike.
+A build writes to a temporary file of its own and renames it into place (atomic), so no lock is
+needed and none can be left behind: a build killed at any moment leaves only its temporary file
+(removed by a later build), concurrent builders each finish and the last rename wins with the
+same bytes, and nobody waits on anybody. A compile that takes long says so every
+``WAIT_REPORT_S``. Where no compiler works, :func:`is_available` is False, one warning says why,
+and the callers fall back to PyTorch. ``DQO_KERNELS_DISABLE_CPP=1`` turns the native ops off.
+
+This file imports only the standard library at module level: ``setup.py`` loads it by path.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
+import ctypes
 import hashlib
-import importlib.util
-import json
 import logging
 import os
-import re
-import signal
+import platform
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import List, Optional
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_ext = None
+_lib: Optional[ctypes.CDLL] = None
 _library_path: Optional[str] = None
 _error: Optional[BaseException] = None
-# One translation unit (see csrc/module.cpp); the others are included by it.
-SOURCES = ("module.cpp",)
-INCLUDED = ("dqo_scan.cpp", "logprobs.cpp", "ops.h")
-CFLAGS = ("-O3", "-fopenmp")
-LDFLAGS = ("-fopenmp",)
-JIT_NAME = "dqo_kernels_cpu"
-OWNER_FILE = "lock.owner"  # next to torch's <build_dir>/lock
-WAIT_REPORT_S = 30.0  # how often a waiting process says what it waits for
-# A lock without any owner record comes from a builder that is not ours (torch's own load, an
-# older dqo_kernels); we cannot ask it whether it is alive, so it is stale only when this old.
-STALE_AGE_S = 600.0
-BUILDER_ENV = "DQO_KERNELS_BUILDER"  # marks the processes of our build (see _processes_of)
+
+SOURCES = ("module.cpp",)  # the one translation unit; it includes the others
+INCLUDED = ("common.h", "dqo_scan.cpp", "logprobs.cpp")
+# -ffp-contract=fast: FMAs (ISO C++ modes leave them off); -fno-trapping-math: selects become
+# blends (nothing here reads floating-point exception flags); -Wno-psabi: the 32-byte vectors of
+# common.h never cross a function boundary of the library, so GCC's ABI note does not apply.
+CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd",
+          "-shared", "-fPIC", "-pthread", "-Wno-psabi")
+ISA_FLAGS = {"avx2": ("-mavx2", "-mfma", "-mf16c"), "base": ()}
+ABI_VERSION = 1  # csrc/module.cpp's dqo_abi_version()
+PREFIX = "_native_"
+PREBUILT_DIR = Path(__file__).resolve().parent  # where setup.py puts the library
+WAIT_REPORT_S = 30.0  # how often a long compile says that it is still compiling
+# Elements of work below which a call runs on one thread (a thread start costs ~20 us).
+MIN_WORK_PER_THREAD = 16384
+
+_i64, _dbl, _int, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "dqo_abi_version": [],
+    "dqo_scan_forward": [_int, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _i64],
+    "dqo_lse_forward": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _dbl, _ptr, _ptr, _ptr, _int,
+                        _i64],
+    "dqo_logits_grad": [_int, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _dbl,
+                        _int, _ptr, _i64, _int, _i64],
+}
+_STATUS = {1: "unsupported dtype", 2: "the kernel failed (out of memory?)"}
 
 
-def _source_dir() -> Path:
+class NativeBuildError(RuntimeError):
+    """The compiler failed; the message holds its command and output."""
+
+
+def source_dir() -> Path:
     here = Path(__file__).resolve().parent
     for candidate in (here / "csrc", here.parent / "csrc"):  # installed wheel, source tree
         if all((candidate / s).is_file() for s in (*SOURCES, *INCLUDED)):
@@ -76,90 +89,61 @@ def _source_dir() -> Path:
         f"{', '.join((*SOURCES, *INCLUDED))} not found next to {here} (looked in csrc/)")
 
 
-def _sources_digest(src: Path) -> str:
-    """Hash of every file the build reads: torch's JIT rebuild check hashes only the listed
-    ``sources``, so an edit of an included file must change the flags instead."""
+def isa_tag() -> str:
+    """``avx2`` on an x86 CPU with AVX2, FMA and F16C (read from /proc/cpuinfo), else ``base``;
+    ``DQO_KERNELS_ISA=base`` forces the baseline build."""
+    forced = os.environ.get("DQO_KERNELS_ISA")
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"DQO_KERNELS_ISA: expected one of {sorted(ISA_FLAGS)}, got "
+                             f"{forced!r}")
+        return forced
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "base"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "base"
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return "avx2" if {"avx2", "fma", "f16c"} <= flags else "base"
+    return "base"
+
+
+def library_stem(isa: Optional[str] = None, src: Optional[Path] = None) -> str:
+    """``_native_<isa>_<digest>``: what a library built from ``src`` for ``isa`` is named."""
+    isa = isa or isa_tag()
+    src = src or source_dir()
     h = hashlib.sha256()
     for name in (*SOURCES, *INCLUDED):
-        h.update((src / name).read_bytes())
-    return h.hexdigest()[:16]
+        h.update(name.encode() + b"\0" + (src / name).read_bytes())
+    h.update(repr((CFLAGS, ISA_FLAGS[isa], ABI_VERSION, platform.machine())).encode())
+    return f"{PREFIX}{isa}_{h.hexdigest()[:16]}"
 
 
-def isa_flags() -> List[str]:
-    """Compiler flags for this machine's vector ISA, as torch itself detected it."""
-    import torch
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512"):
-        # 256-bit at::vec on AVX-512 machines too: one code path to test, and no clock drop.
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return []
+def compiler() -> str:
+    """The C++ compiler: ``$CXX``, else the first of c++, g++, clang++ on PATH."""
+    cxx = os.environ.get("CXX") or next(
+        (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if cxx is None:
+        raise NativeBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    return cxx
 
 
-def isa_tag() -> str:
-    """``avx2`` or ``base``: the ISA :func:`isa_flags` builds for on this machine."""
-    return "avx2" if isa_flags() else "base"
+def compile_command(out: Path, isa: Optional[str] = None,
+                    src: Optional[Path] = None) -> List[str]:
+    src = src or source_dir()
+    return [*compiler().split(), *CFLAGS, *ISA_FLAGS[isa or isa_tag()],
+            *(str(src / s) for s in SOURCES), "-o", str(out)]
 
 
-def prebuilt_module_name(isa: Optional[str] = None) -> str:
-    """Name of the install-time module for the running torch and ``isa`` (default: this CPU's),
-    e.g. ``_C_torch2_13_0_cpu_avx2``; the Python ABI is in the file name's own suffix."""
-    import torch
-
-    return f"_C_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{isa or isa_tag()}"
-
-
-def _older_than_sources(module: Path) -> bool:
-    """True if a source-tree (editable) install's module predates an edit of csrc/.
-
-    An installed wheel is left alone: its sources cannot change, and pip may write them a
-    moment after the module."""
-    here = Path(__file__).resolve().parent
-    src = here.parent / "csrc"
-    if (here / "csrc").is_dir() or not src.is_dir():  # a wheel's, or no sources at all
-        return False
-    built = module.stat().st_mtime
-    return any(f.stat().st_mtime > built for f in (*src.glob("*.cpp"), *src.glob("*.h")))
-
-
-def _load_prebuilt():
-    """The install-time module if one fits this torch and CPU, else None."""
-    if os.environ.get("DQO_KERNELS_FORCE_JIT", "0") == "1":
-        return None
-    # An AVX2 CPU can run a baseline module (slower); a baseline CPU must never load an AVX2 one.
-    for isa in dict.fromkeys((isa_tag(), "base")):
-        name = f"{__package__}.{prebuilt_module_name(isa)}"
-        spec = importlib.util.find_spec(name)
-        if spec is None:
-            continue
-        if _older_than_sources(Path(spec.origin)):
-            _log.warning("dqo_kernels: csrc/ changed since %s was built at install; building "
-                         "it again here (pip install --no-build-isolation -e . refreshes it)",
-                         spec.origin)
-            continue
-        try:
-            return _load_library(spec.origin)
-        except OSError as exc:  # e.g. a libstdc++ older than the build machine's
-            _log.warning("dqo_kernels: the prebuilt native library %s does not load (%s); "
-                         "building it instead", spec.origin, exc)
-    _log.info("dqo_kernels: no prebuilt native module for this torch and CPU")
-    return None
-
-
-class _WaitReport:
-    """When a waiting loop is due to say what it waits for: every ``WAIT_REPORT_S``."""
-
-    def __init__(self):
-        self.t0 = time.monotonic()
-        self.next = self.t0 + WAIT_REPORT_S
-
-    def due(self) -> Optional[float]:
-        """Seconds waited so far if a report is due now, else None."""
-        now = time.monotonic()
-        if now < self.next:
-            return None
-        self.next += WAIT_REPORT_S
-        return now - self.t0
+def cache_dir() -> Path:
+    env = os.environ.get("DQO_KERNELS_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dqo_kernels"
 
 
 def _say(msg: str) -> None:
@@ -169,189 +153,137 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _read_owner(fd: int) -> Optional[Dict]:
-    try:
-        return json.loads(os.pread(fd, 4096, 0).decode() or "null")
-    except (OSError, ValueError):
-        return None  # mid-write or garbled: only ever used for messages and as "non-empty"
+def _host() -> str:
+    return socket.gethostname().replace(".", "-")  # one field of the temporary file's name
 
 
-def _write_owner(fd: int, record: Optional[Dict]) -> None:
-    os.ftruncate(fd, 0)
-    if record is not None:
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-    os.fsync(fd)  # a crash right after must still show the record
-
-
-def _describe(owner: Optional[Dict]) -> str:
-    if not owner:
-        return "a process that left no owner record"
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
-    return f"process {owner.get('pid')} on {owner.get('host')} (started {started})"
-
-
-def _processes_of(token: str, build_dir: Path) -> List[Tuple[int, str]]:
-    """(pid, name) of the processes of the build that ran with ``token`` (Linux /proc).
-
-    torch runs ninja and the compilers in ``build_dir``, and they inherit ``BUILDER_ENV=token``
-    from their builder: both must match. A builder killed with SIGKILL leaves them running,
-    orphaned, still writing the object files that a new build writes too."""
-    marker, cwd, out = f"{BUILDER_ENV}={token}".encode(), os.path.realpath(build_dir), []
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return []
-    for pid in pids:
-        if pid == os.getpid():
+def _remove_dead_temporaries(directory: Path, stem: str) -> None:
+    """Remove the temporary files of builds on this host whose process is gone (killed)."""
+    host = _host()
+    for tmp in directory.glob(f".{stem}.*.tmp"):
+        parts = tmp.name.split(".")  # .<stem>.<host>.<pid>.<uuid>.tmp
+        if len(parts) < 6 or parts[-4] != host:
             continue
         try:
-            if (os.readlink(f"/proc/{pid}/cwd") == cwd
-                    and marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
-                out.append((pid, Path(f"/proc/{pid}/comm").read_text().strip()))
-        except OSError:  # gone, or another user's
+            os.kill(int(parts[-3]), 0)
+            continue  # alive: still compiling
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
             continue
+        try:
+            tmp.unlink()
+            _log.info("dqo_kernels: removed %s, left by a build that was killed", tmp)
+        except OSError:
+            pass
+
+
+def build(out: Path, isa: Optional[str] = None, src: Optional[Path] = None,
+          verbose: bool = False) -> Path:
+    """Compile the native library into ``out``, atomically: a temporary file of this process,
+    renamed into place once complete. Raises :class:`NativeBuildError` if the compiler fails."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.name.split(".")[0]
+    _remove_dead_temporaries(out.parent, stem)
+    tmp = out.parent / f".{stem}.{_host()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    cmd = compile_command(tmp, isa, src)
+    if verbose:
+        print(" ".join(cmd), file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        raise NativeBuildError(f"could not run the compiler ({' '.join(cmd)}): {exc}") from exc
+    try:
+        while True:
+            try:
+                output, _ = proc.communicate(timeout=WAIT_REPORT_S)
+                break
+            except subprocess.TimeoutExpired:
+                _say(f"dqo_kernels: still compiling the native CPU kernels into {out} "
+                     f"({time.monotonic() - t0:.0f} s so far; a busy machine compiles slowly)")
+        if proc.returncode != 0:
+            raise NativeBuildError(f"the compiler failed (exit {proc.returncode}):\n"
+                                   f"{' '.join(cmd)}\n{output.decode(errors='replace')}")
+        os.replace(tmp, out)
+    finally:
+        if proc.poll() is None:  # interrupted (KeyboardInterrupt): stop our compiler too
+            proc.kill()
+            proc.wait()
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+    _log.info("dqo_kernels: built %s in %.1f s", out, time.monotonic() - t0)
     return out
 
 
-def _kill_orphans(owner: Dict, build_dir: Path) -> None:
-    """Kill what a dead builder's build left running: its output would be rebuilt anyway, and
-    its compilers would race ours on the same files and CPUs."""
-    procs = _processes_of(str(owner.get("token")), build_dir)
-    if not procs:
-        return
-    _say(f"dqo_kernels: killing the processes that the build of {_describe(owner)} left "
-         f"running: {procs}")
-    for pid, _ in procs:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _processes_of(str(owner.get("token")), build_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
+def _find_prebuilt() -> Optional[Path]:
+    """The library built at install for this CPU (or a baseline one), if any."""
+    if os.environ.get("DQO_KERNELS_FORCE_JIT", "0") == "1":
+        return None
+    for isa in dict.fromkeys((isa_tag(), "base")):  # a baseline library runs anywhere
+        found = sorted(PREBUILT_DIR.glob(f"{library_stem(isa)}*.so"))
+        if found:
+            return found[0]
+    return None
 
 
-def _clear_stale_lock(lock: Path, owner: Optional[Dict]) -> None:
-    """Called while holding the owner flock: remove ``lock`` if its builder is gone, else wait.
-
-    ``owner`` is the record found in the owner file. Our builders clear it when their build
-    ends, so a record means that its builder died mid-build (we could not have the flock
-    otherwise) and the lock, if any, is its own."""
-    report = _WaitReport()
-    while True:
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if owner or age > STALE_AGE_S:
-            if owner and owner.get("token"):
-                _kill_orphans(owner, lock.parent)
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            why = (f"{_describe(owner)} died while building" if owner
-                   else f"it has no owner record and is {age:.0f} s old")
-            _say(f"dqo_kernels: removed the stale build lock {lock}: {why}")
-            return
-        waited = report.due()
-        if waited is not None:
-            _say(f"dqo_kernels: waited {waited:.0f} s for the build lock {lock}, "
-                 f"held by a builder that is not dqo_kernels (no owner record); it counts as "
-                 f"stale {STALE_AGE_S:.0f} s after its creation ({age:.0f} s ago)")
-        time.sleep(0.25)
-
-
-@contextlib.contextmanager
-def _build_guard(build_dir: Path) -> Iterator[None]:
-    """Hold the build directory for one JIT build: wait for a live builder (reporting every
-    ``WAIT_REPORT_S``), remove a dead builder's lock, and leave our own record meanwhile.
-
-    The flock, unlike torch's lock file, is released by the kernel however we die. The owner
-    file is never deleted: deleting a flocked file lets two processes lock two different
-    files of the same name."""
-    lock = build_dir / "lock"
-    fd = os.open(build_dir / OWNER_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+def _cached_or_built(verbose: bool) -> Path:
+    name = f"{library_stem()}.so"
+    path = cache_dir() / name
+    if path.is_file():
+        return path
     try:
-        report = _WaitReport()
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    raise
-            waited = report.due()
-            if waited is not None:
-                _say(f"dqo_kernels: waited {waited:.0f} s for "
-                     f"{_describe(_read_owner(fd))}, which is building the native CPU kernels "
-                     f"(lock {lock}); still waiting")
-            time.sleep(0.25)
-        _clear_stale_lock(lock, _read_owner(fd))
-        token = uuid.uuid4().hex
-        _write_owner(fd, {"pid": os.getpid(), "host": socket.gethostname(),
-                          "started": time.time(), "token": token})
-        previous = os.environ.get(BUILDER_ENV)
-        os.environ[BUILDER_ENV] = token  # inherited by ninja and the compilers
-        try:
-            yield
-        finally:  # success or a clean error (torch removed its lock): not a dead builder
-            if previous is None:
-                os.environ.pop(BUILDER_ENV, None)
-            else:
-                os.environ[BUILDER_ENV] = previous
-            _write_owner(fd, None)
-    finally:
-        os.close(fd)  # releases the flock
+        return build(path, verbose=verbose)
+    except PermissionError as exc:  # a read-only home: the temp dir instead
+        path = Path(tempfile.gettempdir()) / f"dqo_kernels-{os.getuid()}" / name
+        _log.warning("dqo_kernels: cannot write %s (%s); using %s", cache_dir(), exc, path)
+        return path if path.is_file() else build(path, verbose=verbose)
 
 
-def _jit_build(verbose: bool):
-    from torch.utils.cpp_extension import _get_build_directory, load
-
-    src = _source_dir()
-    build_dir = Path(_get_build_directory(JIT_NAME, verbose))
-    with _build_guard(build_dir):
-        _log.info("dqo_kernels: building the native CPU kernels in %s (first use only)",
-                  build_dir)
-        return load(  # loads the library too, and returns its path
-            name=JIT_NAME,
-            sources=[str(src / s) for s in SOURCES],
-            extra_cflags=[*CFLAGS, *isa_flags(),
-                          f"-DDQO_SOURCES_DIGEST={_sources_digest(src)}"],
-            extra_include_paths=[str(src)],
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(build_dir),
-            verbose=verbose,
-            is_python_module=False,  # a library of dispatcher ops, loaded by torch
-        )
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    if lib.dqo_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path}: C interface version {lib.dqo_abi_version()}, expected "
+                           f"{ABI_VERSION}")
+    return lib
 
 
-def _load_library(path: str) -> str:
-    import torch
-
-    torch.ops.load_library(path)  # registers torch.ops.dqo_kernels.*
-    return path
-
-
-def load_extension(verbose: bool = False):
-    """The native ops, ``torch.ops.dqo_kernels``: from the library prebuilt at install, or
-    compiled now (first use only); raises if neither is possible."""
-    global _ext, _error, _library_path
+def load_library(verbose: bool = False) -> ctypes.CDLL:
+    """The native library: the one built at install if it fits, else the cached build, else
+    built now (about a second, once); raises if none of them is possible."""
+    global _lib, _error, _library_path
     with _lock:
-        if _ext is not None:
-            return _ext
+        if _lib is not None:
+            return _lib
         if _error is not None:
             raise _error
         try:
-            path = _load_prebuilt() or _jit_build(verbose)
-        except Exception as exc:  # no compiler, no headers, ...
+            path = _find_prebuilt()
+            if path is None:
+                path = _cached_or_built(verbose)
+            _lib, _library_path = _open(path), str(path)
+        except Exception as exc:  # no compiler, a read-only cache, ...
             _error = exc
             raise
-        import torch
-
-        _ext, _library_path = torch.ops.dqo_kernels, path
-        return _ext
+        return _lib
 
 
 def library_path() -> Optional[str]:
-    """The file the native ops were loaded from, once :func:`load_extension` succeeded."""
+    """The file the native ops were loaded from, once :func:`load_library` succeeded."""
     return _library_path
+
+
+def call(name: str, *args) -> None:
+    """Call a native op; a nonzero status is a RuntimeError naming the op."""
+    status = getattr(load_library(), name)(*args)
+    if status != 0:
+        raise RuntimeError(f"dqo_kernels native op {name}: {_STATUS.get(status, status)}")
 
 
 def is_available() -> bool:
@@ -359,7 +291,7 @@ def is_available() -> bool:
     if os.environ.get("DQO_KERNELS_DISABLE_CPP", "0") == "1":
         return False
     try:
-        load_extension()
+        load_library()
         return True
     except Exception as exc:
         if not getattr(is_available, "_warned", False):
@@ -371,3 +303,12 @@ def is_available() -> bool:
                 stacklevel=3,
             )
         return False
+
+
+# dtype -> csrc/common.h's Dtype code, by name so that this file needs no torch at import
+DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+
+
+def dtype_code(dtype) -> int:
+    """The C interface's code of a torch dtype."""
+    return DTYPE_CODES[str(dtype).replace("torch.", "")]

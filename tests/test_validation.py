@@ -215,14 +215,17 @@ def test_dro_rejects_token_level_tensors():
         dro_loss(x, x, x, x)
 
 
-def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch):
+def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, tmp_path):
     from dqo_kernels import logprobs, logprobs_torch, native, resolve_backend, token_logprobs
 
-    monkeypatch.setattr(native, "_ext", None)
-    monkeypatch.setattr(native, "_error", RuntimeError("no C++ compiler found"))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_error", None)
     monkeypatch.setattr(native.is_available, "_warned", False, raising=False)
-    with pytest.warns(RuntimeWarning, match="native CPU kernels could not be built.*no C\\+\\+ "
-                                            "compiler found.*falling back to PyTorch"):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("DQO_KERNELS_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setenv("DQO_KERNELS_FORCE_JIT", "1")  # nor prebuilt
+    with pytest.warns(RuntimeWarning, match="native CPU kernels could not be built.*could not "
+                                            "run the compiler.*falling back to PyTorch"):
         assert resolve_backend(None, torch.device("cpu")) == "torch"
     import warnings
     with warnings.catch_warnings():
