@@ -118,12 +118,28 @@ def deepspeed_config(cfg: OptimConfig, zero_stage: int, bf16: bool) -> Dict:
     }
 
 
+def import_deepspeed():
+    """``deepspeed``, set up for this machine. Without a GPU, its shared-memory all-reduce op
+    is not built (``DQO_DEEPSPEED_CPU_SHM=1`` keeps it): DeepSpeed compiles it with torch's C++
+    extension headers when its process group starts, ~30 s of a quiet machine's CPU and over 15
+    minutes of a busy one, every time its cache is cold, only to speed up all-reduces between
+    CPU ranks, which gloo does without it."""
+    import importlib
+
+    import deepspeed
+
+    if not torch.cuda.is_available() and os.environ.get("DQO_DEEPSPEED_CPU_SHM", "0") != "1":
+        # by module name: the attribute deepspeed.comm.torch is the torch package itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
 class DeepSpeedEngine:
     """DeepSpeed's engine behind the same interface as :class:`TorchEngine`."""
 
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, zero_stage: int = 2,
                  bf16: Optional[bool] = None):
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         bf16 = torch.cuda.is_available() if bf16 is None else bf16
         self.config = deepspeed_config(cfg, zero_stage, bf16)
@@ -192,8 +208,7 @@ def join_launcher_group(kind: str) -> None:
     that work before the engines exist (the reference log-prob pass) can be shared across
     ranks. DeepSpeed reuses the group when it builds the engines."""
     if resolve_engine_kind(kind) == "deepspeed" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import deepspeed
-        deepspeed.init_distributed()
+        import_deepspeed().init_distributed()
 
 
 def leave_process_group() -> None:
