@@ -5,7 +5,11 @@
 - ``sft``: the examples' responses as targets (give reference solutions);
 - ``rs``:  rejection sampling: SFT on the correct samples;
 - ``dpo``: pairs of a correct and an incorrect sample of a prompt (at most 12 a prompt);
-- ``kto``: every sample, label = correctness.
+- ``kto``: every sample, label = correctness (the outcome reward, never process rewards).
+
+Responses cut at the length limit (``Example.finished`` False) bootstrap their return from the
+value model in DQO and DRO, and are incorrect samples for RS, DPO and KTO: no algorithm sees a
+token that was not generated.
 
 Each algorithm says which examples it trains on (``items``), how they batch (``collate``),
 whether it needs a value model and reference log-probs, and what one micro-batch does
@@ -31,7 +35,7 @@ NEEDS_REF = {"dqo", "dro", "dpo", "kto"}
 
 def items(algo: str, examples: List[Example], seed: int = 0, max_pairs: int = 12) -> List:
     if algo == "rs":
-        return [e for e in examples if e.rewards[-1] > 0]
+        return [e for e in examples if e.correct]
     if algo == "dpo":
         by_prompt: Dict[str, List[Example]] = defaultdict(list)
         for e in examples:
@@ -39,8 +43,8 @@ def items(algo: str, examples: List[Example], seed: int = 0, max_pairs: int = 12
         rng = random.Random(seed)
         pairs = []
         for group in by_prompt.values():
-            good = [e for e in group if e.rewards[-1] > 0]
-            bad = [e for e in group if e.rewards[-1] <= 0]
+            good = [e for e in group if e.correct]
+            bad = [e for e in group if not e.correct]
             all_pairs = [(g, b) for g in good for b in bad]
             pairs += rng.sample(all_pairs, min(max_pairs, len(all_pairs)))
         return pairs
@@ -67,12 +71,31 @@ def _backward_and_step(engines, losses: Dict[str, torch.Tensor]) -> None:
         engine.step()
 
 
+def _values_and_bootstrap(engines, b: Batch):
+    """``values`` [B, T] and, if the batch has unfinished responses, ``bootstrap`` [B]: V of
+    the state after an unfinished response's last token (stop-gradient), 0 for a finished one
+    (SPEC 2: the return of a response cut at the length limit bootstraps from it)."""
+    if b.unfinished is None or not bool(b.unfinished.any()):
+        return engines["value"](b.input_ids, b.attention_mask), None
+    values, after = engines["value"](b.input_ids, b.attention_mask, with_after=True)
+    last = last_action(b.action_mask)
+    boot = after[torch.arange(len(last), device=last.device), last].detach()
+    return values, torch.where(b.unfinished, boot, torch.zeros_like(boot))
+
+
+def last_action(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of each row's last action position (rows have at least one)."""
+    T = mask.shape[-1]
+    return T - 1 - mask.flip(-1).float().argmax(-1)
+
+
 def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, float]:
     if algo == "dqo":
         logp = _logp(engines, b)
-        values = engines["value"](b.input_ids, b.attention_mask)
+        values, bootstrap = _values_and_bootstrap(engines, b)
         out = fused_dqo_loss(
             logp, b.ref_logp, values, b.rewards, b.action_mask, behavior_logp=b.behavior_logp,
+            bootstrap=bootstrap,
             beta=args.beta, lam=args.lam, gamma=args.gamma, is_clip=args.is_clip,
             is_policy=args.is_policy, is_value=args.is_value, target_grad=args.target_grad,
             loss_agg=args.loss_agg,
@@ -84,12 +107,15 @@ def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, floa
         return stats
     if algo == "dro":
         logp = _logp(engines, b)
-        values = engines["value"](b.input_ids, b.attention_mask)
+        values, bootstrap = _values_and_bootstrap(engines, b)
         first = b.action_mask.float().argmax(-1)  # V(prompt) = V at the first action
         rows = torch.arange(len(first), device=first.device)
         beh = None if b.behavior_logp is None else sequence_sum(b.behavior_logp, b.action_mask)
+        ret = sequence_sum(b.rewards, b.action_mask)  # the one action's reward ...
+        if bootstrap is not None:  # ... and, for a cut response, the value it stopped at
+            ret = ret + bootstrap
         out = dro_loss(sequence_sum(logp, b.action_mask), sequence_sum(b.ref_logp, b.action_mask),
-                       values[rows, first], sequence_sum(b.rewards, b.action_mask),
+                       values[rows, first], ret,
                        behavior_logp=beh, beta=args.beta, is_clip=args.is_clip)
         _backward_and_step(engines, {"policy": out.policy_loss, "value": out.value_loss})
         return dict(loss=out.loss.item(), policy_loss=out.policy_loss.item(),
@@ -110,8 +136,9 @@ def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, floa
     if algo == "kto":
         m = b.action_mask
         seq, ref = sequence_sum(_logp(engines, b), m), sequence_sum(b.ref_logp, m)
-        desirable = sequence_sum(b.rewards, m) > 0
-        loss = kto_loss(seq, ref, desirable, beta=args.beta)
+        # the outcome label, not the summed reward: process rewards never make a failed
+        # response desirable
+        loss = kto_loss(seq, ref, b.correct, beta=args.beta)
         _backward_and_step(engines, {"policy": loss})
         return dict(loss=loss.item(), num_tokens=float(seq.shape[0]))
     raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")

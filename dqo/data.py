@@ -5,14 +5,24 @@ One jsonl row is one sampled response::
     {"prompt": "...", "response": "...", "reward": 1.0,            # required
      "answer": "42",                                               # optional, for evaluation
      "steps": ["step 1", "step 2"], "step_rewards": [0.1, 0.0],    # optional process rewards
-     "response_ids": [..], "behavior_logp": [..]}                  # optional, from dqo.sample
+     "response_ids": [..], "behavior_logp": [..],                  # optional, from dqo.sample
+     "finished": true}                                             # optional, from dqo.sample
 
 ``steps`` follow TRL's stepwise convention: the response is the steps joined by ``"\\n"`` (give
 either, or both if they agree), and ``step_rewards[i]`` is placed on the last token of step i.
-The outcome ``reward`` goes on the last response token (the EOS token that is appended).
-``behavior_logp`` holds the sampling policy's log-prob of every response token, EOS included;
-it needs ``response_ids`` (the sampled tokens) unless re-tokenizing the response gives exactly
-as many tokens. A bad row is reported with its line number and skipped, or raises with
+The outcome ``reward`` goes on the last response token.
+
+``finished`` says whether the response ended (with a stop token, or as the environment
+decided) or was cut at a length limit. Rows with ``response_ids`` are trained on exactly those
+tokens; without ``finished`` they count as finished when their last id is a stop token (EOS,
+the generation config's, the chat template's end of turn). Text-only rows are finished unless
+they say otherwise, and a finished text row gets the EOS its text leaves implicit. Nothing else
+is ever appended: a cut response has no EOS action, its last token is not terminal, and the
+trainer bootstraps its return from ``V`` of the state after it (``--truncated``).
+
+``behavior_logp`` holds the sampling policy's log-prob of every response token; it needs
+``response_ids`` (the sampled tokens) unless tokenizing the response gives exactly as many
+tokens. A bad row is reported with its line number and skipped, or raises with
 ``strict=True``; never silently dropped.
 """
 from __future__ import annotations
@@ -20,12 +30,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .atomic import atomic_write
+from .decoding import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +56,17 @@ class Example:
     answer: Optional[str] = None
     source: str = ""  # file:line
     ref_logp: Optional[List[float]] = field(default=None, repr=False)  # per response token
+    reward: float = 0.0  # the row's outcome reward
+    finished: bool = True  # False: cut at a length limit, its return bootstraps
+    cut_to_fit: bool = False  # the response was cut here to fit max_length
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def correct(self) -> bool:
+        """The outcome label of the baselines (RS, DPO, KTO): a positive outcome reward."""
+        return self.reward > 0
 
 
 def _num(x) -> bool:
@@ -88,6 +107,8 @@ def check_row(row, where: str) -> Dict:
         if v is not None and not (isinstance(v, list) and v and all(ok(x) for x in v)):
             what = "non-negative token ids" if key == "response_ids" else "finite log-probs <= 0"
             raise DataError(f"{where}: '{key}' must be a non-empty list of {what}")
+    if "finished" in row and not isinstance(row["finished"], bool):
+        raise DataError(f"{where}: 'finished' must be true or false, got {row['finished']!r}")
     if row.get("response_ids") is not None and row.get("behavior_logp") is not None \
             and len(row["response_ids"]) != len(row["behavior_logp"]):
         raise DataError(f"{where}: 'behavior_logp' has {len(row['behavior_logp'])} entries, "
@@ -149,14 +170,6 @@ def write_jsonl(path, rows: Iterable[Dict]) -> None:
     atomic_write(path, write)
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: wrapped in the chat template when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    return prompt
-
-
 def _encode(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -184,51 +197,95 @@ def step_end_tokens(tokenizer, steps: Sequence[str], response_ids: Sequence[int]
     return [max((i for i, a in enumerate(starts) if a < e), default=0) for e in ends]
 
 
-def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None) -> Example:
+def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
+                 stop_ids: Optional[Sequence[int]] = None) -> Example:
+    """One row as token ids, per-token rewards and behaviour log-probs (see the module
+    docstring). ``stop_ids``: the tokens that end a response (default: the tokenizer's EOS).
+    A row over ``max_length`` keeps its whole prompt and as much of its response as fits, and
+    is then unfinished; a prompt that alone does not fit is a DataError."""
     where = row.get("_source", "row")
-    prompt_ids = _encode(tokenizer, format_prompt(tokenizer, row["prompt"]))
-    eos = tokenizer.eos_token_id
-    if row.get("response_ids") is not None:
-        response_ids = list(row["response_ids"])
-        if response_ids and response_ids[-1] != eos:
-            response_ids.append(eos)
-    else:
-        response_ids = _encode(tokenizer, row["response"]) + [eos]
+    prompt_ids = encode_prompt(tokenizer, row["prompt"])
     if not prompt_ids:
         raise DataError(f"{where}: the prompt tokenizes to nothing")
-    if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
-        raise DataError(f"{where}: {len(prompt_ids) + len(response_ids)} tokens, over "
-                        f"max_length={max_length}")
+    eos = tokenizer.eos_token_id
+    stops = set(stop_ids) if stop_ids is not None else {eos}
+    if row.get("response_ids") is not None:
+        response_ids = list(row["response_ids"])
+        finished = row.get("finished", response_ids[-1] in stops)
+        body = response_ids[:-1] if response_ids[-1] in stops else response_ids
+    else:
+        body = _encode(tokenizer, row["response"])
+        finished = row.get("finished", True)
+        response_ids = body + [eos] if finished else list(body)
+        if not response_ids:
+            raise DataError(f"{where}: the response tokenizes to nothing and did not finish")
     behavior = row.get("behavior_logp")
-    if behavior is not None:
-        behavior = list(behavior)
-        if len(behavior) == len(response_ids) - 1:  # sampled without a final EOS
-            behavior.append(0.0)
-        if len(behavior) != len(response_ids):
-            raise DataError(f"{where}: 'behavior_logp' has {len(row['behavior_logp'])} entries "
-                            f"but the response has {len(response_ids)} tokens; store "
-                            f"'response_ids' with it")
+    if behavior is not None and len(behavior) != len(response_ids):
+        raise DataError(f"{where}: 'behavior_logp' has {len(behavior)} entries but the "
+                        f"response has {len(response_ids)} tokens"
+                        + (" (with the EOS of a finished text row)" if "response_ids" not in row
+                           and finished else "")
+                        + "; store 'response_ids' with it (dqo.sample does)")
     rewards = [0.0] * len(response_ids)
     rewards[-1] += float(row["reward"])
     if row.get("step_rewards") is not None:
-        ends = step_end_tokens(tokenizer, row["steps"], response_ids[:-1])  # without EOS
+        ends = step_end_tokens(tokenizer, row["steps"], body)
         for e, r in zip(ends, row["step_rewards"]):
             rewards[e] += float(r)
-    return Example(prompt_ids, response_ids, rewards, behavior, row["prompt"], row["response"],
-                   row.get("answer"), where)
+    ex = Example(prompt_ids, response_ids, rewards, None if behavior is None else list(behavior),
+                 row["prompt"], row["response"], row.get("answer"), where,
+                 reward=float(row["reward"]), finished=bool(finished))
+    if max_length is not None and len(ex) > max_length:
+        fits = max_length - len(prompt_ids)
+        if fits < 1:
+            raise DataError(f"{where}: the prompt alone has {len(prompt_ids)} tokens, "
+                            f"max_length={max_length} leaves no room for a response")
+        ex.response_ids, ex.rewards = ex.response_ids[:fits], ex.rewards[:fits]
+        if ex.behavior_logp is not None:
+            ex.behavior_logp = ex.behavior_logp[:fits]
+        ex.finished, ex.cut_to_fit = False, True
+    return ex
 
 
-def tokenize_rows(rows: Sequence[Dict], tokenizer, *, max_length=None, strict=False):
+def tokenize_rows(rows: Sequence[Dict], tokenizer, *, max_length=None, strict=False,
+                  stop_ids=None):
     out, errors = [], []
     for row in rows:
         try:
-            out.append(tokenize_row(row, tokenizer, max_length=max_length))
+            out.append(tokenize_row(row, tokenizer, max_length=max_length, stop_ids=stop_ids))
         except DataError as e:
             if strict:
                 raise
             log.warning("skipped bad row: %s", e)
             errors.append(str(e))
+    cut = sum(e.cut_to_fit for e in out)
+    if cut:
+        log.warning("%d of %d responses cut to fit max_length=%s (trained as unfinished)", cut,
+                    len(out), max_length)
     return out, errors
+
+
+TRUNCATED_POLICIES = ("bootstrap", "drop", "penalize")
+
+
+def apply_truncated_policy(examples: List[Example], policy: str = "bootstrap",
+                           reward: float = 0.0) -> Tuple[List[Example], Dict[str, int]]:
+    """What unfinished responses (cut when sampled, or to fit max_length) become:
+    ``bootstrap``: kept as they are, their return bootstraps from V of the state after their
+    last token; ``drop``: removed (DAPO's overlong filtering); ``penalize``: their last token is
+    terminal with ``reward`` added to it. Returns the examples and counts for the summary."""
+    if policy not in TRUNCATED_POLICIES:
+        raise ValueError(f"truncated: expected one of {TRUNCATED_POLICIES}, got {policy!r}")
+    unfinished = [e for e in examples if not e.finished]
+    counts = dict(examples=len(examples), unfinished=len(unfinished),
+                  cut_to_fit=sum(e.cut_to_fit for e in examples))
+    if policy == "drop":
+        examples = [e for e in examples if e.finished]
+    elif policy == "penalize":
+        examples = [e if e.finished else replace(
+            e, rewards=e.rewards[:-1] + [e.rewards[-1] + float(reward)], finished=True)
+            for e in examples]
+    return examples, counts
 
 
 @dataclass
@@ -239,6 +296,8 @@ class Batch:
     rewards: torch.Tensor  # [B, T]
     behavior_logp: Optional[torch.Tensor]  # [B, T] or None
     ref_logp: Optional[torch.Tensor]  # [B, T] or None
+    unfinished: Optional[torch.Tensor] = None  # [B] bool: the return bootstraps from V
+    correct: Optional[torch.Tensor] = None  # [B] bool: the outcome label (Example.correct)
 
     def to(self, device) -> "Batch":
         mv = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
@@ -277,4 +336,6 @@ def collate(examples: Sequence[Example], pad_id: int, *, padding: str = "right")
                              "attach ref_logp first so the missing ones can default to it")
         missing = torch.tensor([not h for h in has_beh])[:, None] & act
         beh = torch.where(missing, ref, beh)
-    return Batch(ids, attn, act, rew, beh, ref)
+    unfinished = torch.tensor([not e.finished for e in examples], dtype=torch.bool)
+    correct = torch.tensor([e.correct for e in examples], dtype=torch.bool)
+    return Batch(ids, attn, act, rew, beh, ref, unfinished, correct)

@@ -1,47 +1,54 @@
-"""Greedy and sampled accuracy of a policy on a test set.
+"""Greedy and sampled accuracy of a policy on a test set, with the paper's protocol.
 
     python -m dqo.evaluate --model PATH --data test.jsonl --task gsm8k [--samples 4]
 
 ``test.jsonl`` rows hold ``prompt`` and ``answer``. Greedy accuracy is one greedy decode per
-problem; sampled accuracy is the mean correctness of ``--samples`` samples per problem.
+problem; sampled accuracy is the mean correctness of ``--samples`` samples per problem, drawn
+with the decoding settings the training data were sampled with (the paper evaluates with its
+sampling settings, top_p 0.9 and top_k 16). Those settings and the length limit come from
+``--decoding FILE``, else ``decoding.json`` in the model directory (``dqo.train`` writes it to
+``final/policy``), else the paper's defaults; the flags override single fields. A response cut
+at the length limit is graded wrong, and the share of cut responses is reported beside each
+accuracy (``greedy_cut``, ``sampled_cut``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Dict, Sequence
 
 import torch
 
+from .decoding import DecodingConfig, find_decoding
 from .sample import Verifier, generate
 
 log = logging.getLogger(__name__)
 
 
 def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-             verify: Verifier, *, samples: int = 4, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
+             verify: Verifier, *, decoding: DecodingConfig, samples: int = 4,
              batch_size: int = 64) -> Dict[str, float]:
-    greedy = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size)
-    ok_greedy = verify([g[0].text for g in greedy], list(answers))
-    out = {"greedy": sum(ok_greedy) / max(1, len(prompts))}
-    if samples > 0:
-        sampled = generate(model, tokenizer, prompts, n=samples, temperature=temperature,
-                           top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
-        texts = [s.text for ss in sampled for s in ss]
-        refs = [a for a in answers for _ in range(samples)]
-        ok = verify(texts, refs)
-        out["sampled"] = sum(ok) / max(1, len(ok))
+    """``greedy`` and ``sampled`` accuracy (a cut response is wrong), and the share of
+    responses cut at ``decoding.max_new_tokens`` (``greedy_cut``, ``sampled_cut``)."""
+    decoding = decoding.with_stop_ids(tokenizer, model)
+    out = {}
+    runs = [("greedy", 1, True)] + ([("sampled", samples, False)] if samples > 0 else [])
+    for name, n, greedy in runs:
+        res = generate(model, tokenizer, prompts, n=n, greedy=greedy, decoding=decoding,
+                       batch_size=batch_size)
+        flat = [s for ss in res for s in ss]
+        ok = verify([s.text for s in flat], [a for a in answers for _ in range(n)])
+        out[name] = sum(good and s.finished for good, s in zip(ok, flat)) / max(1, len(flat))
+        out[f"{name}_cut"] = sum(not s.finished for s in flat) / max(1, len(flat))
     return out
 
 
 def main(argv=None) -> None:
     from .data import read_prompts
     from .modeling import load_policy
-    from .sample import add_generation_args
+    from .sample import add_decoding_args, decoding_from_args
     from .tasks import TASKS, get_verifier
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -49,16 +56,25 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="jsonl with prompt and answer")
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--samples", type=int, default=4, help="samples a problem (0: greedy only)")
-    add_generation_args(p, top_p=1.0, top_k=0)
+    p.add_argument("--decoding", help="decoding.json to evaluate with (default: the model's)")
+    add_decoding_args(p, help_suffix=", or the decoding config's")
     args = p.parse_args(argv)
+    try:
+        base = find_decoding(args.decoding, args.model if Path(args.model).is_dir() else None)
+    except ValueError as exc:
+        p.error(f"--decoding: {exc}")
+    if args.decoding and base is None:
+        p.error(f"--decoding: no such file: {args.decoding}")
+    decoding = decoding_from_args(p, args, base)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)
     prompts, answers = read_prompts(args.data)
+    decoding = decoding.with_stop_ids(tok, model)
     res = accuracy(model, tok, prompts, answers, get_verifier(args.task), samples=args.samples,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print(json.dumps(dict(model=args.model, data=args.data, n=len(prompts), **res)))
+                   decoding=decoding, batch_size=args.batch_size)
+    print(json.dumps(dict(model=args.model, data=args.data, n=len(prompts), **res,
+                          decoding=json.loads(decoding.to_json()))))
 
 
 if __name__ == "__main__":

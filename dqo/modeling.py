@@ -143,11 +143,17 @@ class ValueModel(nn.Module):
         import copy
         return cls(copy.deepcopy(backbone_of(policy)))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                with_after: bool = False):
+        """``values`` [B, T]: ``V(s_t)`` on position t (0 on column 0). With ``with_after``,
+        also ``after`` [B, T]: V of the state after token t, i.e. ``values`` shifted left by one
+        and completed by the state after the last column, which a response cut at the length
+        limit bootstraps from."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask)).last_hidden_state
-        v = self.head(hidden[:, :-1].to(self.head.weight.dtype)).squeeze(-1).float()
-        return torch.nn.functional.pad(v, (1, 0))
+        after = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+        values = torch.nn.functional.pad(after[:, :-1], (1, 0))
+        return (values, after) if with_after else values
 
     def save_pretrained(self, path) -> None:
         path = Path(path)

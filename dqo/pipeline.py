@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .data import read_jsonl, write_jsonl
+from .decoding import DecodingConfig, sidecar
 from .evaluate import accuracy
 from .modeling import build_policy, tiny_config
 from .sample import generate, label_samples
@@ -30,11 +31,16 @@ class DefaultPipeline:
     samples_per_prompt: int = 8
     sft_max_steps: int = 1500
     sft_target: float = 0.35  # stop the warm-up at this greedy accuracy: "right sometimes"
-    top_p: float = 0.9
+    top_p: float = 0.9  # the paper's sampling settings, for the data and for evaluation
     top_k: int = 16
     max_new_tokens: int = 40
     hidden_size: int = 128
     layers: int = 4
+
+    @property
+    def decoding(self) -> DecodingConfig:
+        return DecodingConfig(temperature=1.0, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens)
 
 
 class Splits:
@@ -50,10 +56,10 @@ class Splits:
 
 
 class Evaluator:
-    """Greedy and sampled accuracy on a fixed problem set."""
+    """Greedy and sampled accuracy on a fixed problem set, decoded like the offline data."""
 
-    def __init__(self, tokenizer, problems, max_new_tokens: int, samples: int = 4):
-        self.tok, self.samples, self.max_new_tokens = tokenizer, samples, max_new_tokens
+    def __init__(self, tokenizer, problems, decoding: DecodingConfig, samples: int = 4):
+        self.tok, self.samples, self.decoding = tokenizer, samples, decoding
         self.prompts = [p.prompt for p in problems]
         self.answers = [p.answer for p in problems]
         self.verify = get_verifier("arithmetic")
@@ -61,7 +67,7 @@ class Evaluator:
     def __call__(self, model, samples: Optional[int] = None) -> Dict[str, float]:
         return accuracy(model, self.tok, self.prompts, self.answers, self.verify,
                         samples=self.samples if samples is None else samples,
-                        max_new_tokens=self.max_new_tokens)
+                        decoding=self.decoding)
 
 
 def warm_up_base(pipe: DefaultPipeline, splits: Splits, out_dir: Path, *, seed: int = 0,
@@ -77,7 +83,7 @@ def warm_up_base(pipe: DefaultPipeline, splits: Splits, out_dir: Path, *, seed: 
     policy = build_policy(tiny_config(tok, hidden_size=pipe.hidden_size, layers=pipe.layers))
     n_params = sum(p.numel() for p in policy.parameters())
     log.info("SFT warm-up of a %.2fM-parameter model", n_params / 1e6)
-    dev = Evaluator(tok, splits.dev, pipe.max_new_tokens, samples=0)
+    dev = Evaluator(tok, splits.dev, pipe.decoding, samples=0)
     steps = sft_train(policy, tok, arithmetic.reference_pairs(splits.sft),
                       steps=pipe.sft_max_steps, lr=1e-3, batch_size=64, seed=seed,
                       eval_every=100, target=pipe.sft_target,
@@ -96,9 +102,10 @@ def sample_offline(policy, tok, pipe: DefaultPipeline, problems, path: Path, *,
         rows, _ = read_jsonl(path, strict=True)
         return rows
     prompts = [p.prompt for p in problems]
-    samples = generate(policy, tok, prompts, n=pipe.samples_per_prompt, top_p=pipe.top_p,
-                       top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens, progress=progress)
+    samples = generate(policy, tok, prompts, n=pipe.samples_per_prompt, decoding=pipe.decoding,
+                       progress=progress)
     rows = label_samples(prompts, [p.answer for p in problems], samples,
                          get_verifier("arithmetic"))
     write_jsonl(path, rows)
+    pipe.decoding.with_stop_ids(tok, policy).save(sidecar(path))
     return rows

@@ -4,8 +4,16 @@ verify, and (optionally) add process rewards. Paper appendix A and section 4.4.
     python -m dqo.sample --model PATH --prompts prompts.jsonl --task gsm8k --n 20 --out data.jsonl
 
 ``prompts.jsonl`` rows hold ``prompt`` and ``answer``. The output rows are the trainer's format
-(:mod:`dqo.data`): ``prompt, response, response_ids, behavior_logp, reward, answer`` and, with
-``--process-scores``, ``steps`` and ``step_rewards``.
+(:mod:`dqo.data`): ``prompt, response, response_ids, behavior_logp, finished, reward, answer``
+and, with ``--process-scores``, ``steps`` and ``step_rewards``. The decoding settings are
+written beside them (``data.decoding.json``, :mod:`dqo.decoding`) for ``dqo.train`` and
+``dqo.evaluate`` to read back.
+
+A response ends at the first stop token (EOS, the generation config's EOS ids, the chat
+template's end of turn), which is kept in ``response_ids`` (the policy chose it) and left out
+of ``response``; one that reaches ``--max-new-tokens`` first is ``finished: false``. A cut
+response is graded wrong (reward 0): its text did not end, even if it already wrote an answer
+(``--grade-truncated`` grades it as it stands).
 
 ``behavior_logp`` is the log-prob of each sampled token under the model's distribution at the
 sampling temperature, ``log_softmax(logits / temperature)``, read from ``generate``'s raw
@@ -23,64 +31,69 @@ import torch
 
 from dqo_kernels import token_logprobs
 
-from .data import format_prompt, read_prompts, split_steps, write_jsonl
+from .data import read_prompts, split_steps, write_jsonl
+from .decoding import DecodingConfig, encode_prompt, own_generation_config, sidecar, split_at_stop
 
 log = logging.getLogger(__name__)
+
+# Process rewards (paper 4.4) are a bonus, never a second outcome: a failed response's steps
+# judged correct share at most this much of a correct answer's reward (1).
+PROCESS_REWARD_TOTAL = 0.5
 
 
 @dataclass
 class Sample:
-    text: str
-    ids: List[int]  # generated tokens, EOS included if it was generated
+    text: str  # the response without its stop token
+    ids: List[int]  # generated tokens, the stop token included if one was generated
     logp: List[float]  # behaviour log-prob of every generated token
+    finished: bool = True  # False: cut at max_new_tokens
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, n: int = 1, greedy: bool = False,
-             max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, batch_size: int = 64, prefixes: Optional[Sequence[str]] = None,
+def generate(model, tokenizer, prompts: Sequence[str], *, decoding: DecodingConfig, n: int = 1,
+             greedy: bool = False, batch_size: int = 64,
+             prefixes: Optional[Sequence[str]] = None,
              progress: bool = False) -> List[List[Sample]]:
     """``n`` continuations of every prompt (of ``prompt + prefix`` when ``prefixes`` is given;
-    the returned text then excludes the prefix)."""
+    the returned text then excludes the prefix), decoded as ``decoding`` says (greedy: its
+    length limit and stop tokens only)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    texts = [format_prompt(tokenizer, p) + (prefixes[i] if prefixes else "")
-             for i, p in enumerate(prompts)]
-    jobs = [(i, t) for i, t in enumerate(texts) for _ in range(n)]
+    decoding = decoding.with_stop_ids(tokenizer, model)
+    gen_config = decoding.generation_config(tokenizer, greedy=greedy)
+    encoded = [encode_prompt(tokenizer, p, prefixes[i] if prefixes else "")
+               for i, p in enumerate(prompts)]
+    jobs = [(i, e) for i, e in enumerate(encoded) for _ in range(n)]
     out: List[List[Sample]] = [[] for _ in prompts]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = gen_config.pad_token_id
     chunks = range(0, len(jobs), batch_size)
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="sampling", leave=False, disable=None)
     for start in chunks:
         batch = jobs[start:start + batch_size]
-        enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for _, t in batch]
-        width = max(map(len, enc))
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        width = max(len(e) for _, e in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for r, e in enumerate(enc):  # left padding for generation
+        for r, (_, e) in enumerate(batch):  # left padding for generation
             ids[r, width - len(e):] = torch.tensor(e)
             attn[r, width - len(e):] = 1
-        kw = dict(do_sample=False) if greedy else dict(
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
-        res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                             output_logits=True, return_dict_in_generate=True, **kw)
+        with own_generation_config(model):
+            res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 generation_config=gen_config)
         new = res.sequences[:, width:]
-        temp = 1.0 if greedy else temperature
+        temp = 1.0 if greedy else decoding.temperature
         # One [b, V] step at a time through the fused op: no [b, L, V] fp32 stack, no full
         # log_softmax output, just the taken tokens' log-probs.
         logp = torch.stack([token_logprobs(step_logits, new[:, j], temperature=temp)
                             for j, step_logits in enumerate(res.logits)], dim=1).cpu()
         new = new.cpu()
         for r, (i, _) in enumerate(batch):
-            toks = new[r].tolist()
-            cut = toks.index(eos) + 1 if eos in toks else len(toks)
-            toks = toks[:cut]
-            text = tokenizer.decode([t for t in toks if t != eos], skip_special_tokens=True)
-            out[i].append(Sample(text, toks, logp[r, :cut].tolist()))
+            toks, finished = split_at_stop(new[r].tolist(), decoding.stop_ids)
+            body = toks[:-1] if finished else toks
+            text = tokenizer.decode(body, skip_special_tokens=True)
+            out[i].append(Sample(text, toks, logp[r, :len(toks)].tolist(), finished))
     model.train(was_training)
     return out
 
@@ -88,75 +101,113 @@ def generate(model, tokenizer, prompts: Sequence[str], *, n: int = 1, greedy: bo
 Verifier = Callable[[Sequence[str], Sequence[str]], List[bool]]
 
 
-def label_samples(prompts, answers, samples: List[List[Sample]], verify: Verifier) -> List[Dict]:
-    """Rows for the trainer: reward 1 if the final answer is right, else 0 (paper app. A)."""
+def label_samples(prompts, answers, samples: List[List[Sample]], verify: Verifier, *,
+                  grade_truncated: bool = False) -> List[Dict]:
+    """Rows for the trainer: reward 1 if the final answer is right, else 0 (paper app. A); a
+    response cut at the length limit is wrong unless ``grade_truncated``."""
     rows = []
     for p, a, ss in zip(prompts, answers, samples):
         ok = verify([s.text for s in ss], [a] * len(ss))
         for s, good in zip(ss, ok):
             rows.append(dict(prompt=p, response=s.text, response_ids=s.ids,
-                             behavior_logp=s.logp, reward=float(good), answer=a))
+                             behavior_logp=s.logp, finished=s.finished,
+                             reward=float(good and (s.finished or grade_truncated)), answer=a))
     return rows
 
 
-def mc_process_scores(model, tokenizer, rows: List[Dict], verify: Verifier, *, n: int = 8,
-                      process_reward: float = 0.1, **gen_kw) -> List[Dict]:
-    """Paper 4.4: for each failed response split into steps s_1..s_K, sample ``n``
-    completions from every prefix s_1..s_k (k < K); if one of them is correct, steps 1..k are
-    judged correct and get ``process_reward``. Rows keep their tokens and behaviour log-probs
-    and gain ``steps``/``step_rewards``."""
-    failed = [r for r in rows if r["reward"] <= 0 and len(split_steps(r["response"])) > 1]
+def step_lines(response: str) -> List[int]:
+    """Indices (among the response's lines, :func:`dqo.data.split_steps`) of its steps: the
+    non-blank lines. A blank line is not a step: it earns nothing and is no place to cut."""
+    return [i for i, line in enumerate(split_steps(response)) if line.strip()]
+
+
+def mc_process_scores(model, tokenizer, rows: List[Dict], verify: Verifier, *,
+                      decoding: DecodingConfig, n: int = 20,
+                      total: float = PROCESS_REWARD_TOTAL, batch_size: int = 64) -> List[Dict]:
+    """Paper 4.4: for each failed response with steps s_1..s_K, sample ``n`` completions
+    from every prefix s_1..s_k (k < K); if one of them is correct, steps 1..k are judged
+    correct. Each of them earns ``total / K`` (:func:`with_step_rewards`). Rows keep their
+    tokens and behaviour log-probs and gain ``steps``/``step_rewards``."""
+    failed = [r for r in rows if r["reward"] <= 0 and len(step_lines(r["response"])) > 1]
     queries = []  # (row, k, prefix)
     for r in failed:
-        steps = split_steps(r["response"])
+        lines, steps = split_steps(r["response"]), step_lines(r["response"])
         for k in range(1, len(steps)):
-            queries.append((r, k, "\n".join(steps[:k]) + "\n"))
+            queries.append((r, k, "\n".join(lines[:steps[k - 1] + 1]) + "\n"))
+    best: Dict[int, int] = {}
     if queries:
         samples = generate(model, tokenizer, [q[0]["prompt"] for q in queries], n=n,
-                           prefixes=[q[2] for q in queries], **gen_kw)
-        best: Dict[int, int] = {}
+                           prefixes=[q[2] for q in queries], decoding=decoding,
+                           batch_size=batch_size)
         for (r, k, prefix), ss in zip(queries, samples):
             ok = verify([prefix + s.text for s in ss], [r["answer"]] * len(ss))
-            if any(ok):
+            if any(good and s.finished for good, s in zip(ok, ss)):
                 best[id(r)] = max(best.get(id(r), 0), k)
-    else:
-        best = {}
     failed_ids = {id(r) for r in failed}
-    return [_with_step_rewards(r, best.get(id(r), 0), process_reward) if id(r) in failed_ids
-            else r for r in rows]
+    return [with_step_rewards(r, best.get(id(r), 0), total) if id(r) in failed_ids else r
+            for r in rows]
 
 
 def exact_process_scores(rows: List[Dict], step_labels: Callable[[str, str], List[bool]], *,
-                         process_reward: float = 0.1) -> List[Dict]:
-    """The same from exact step labels (the synthetic task knows them): in a failed response,
-    the leading correct steps get ``process_reward``."""
+                         total: float = PROCESS_REWARD_TOTAL) -> List[Dict]:
+    """The same from exact step labels (the synthetic task knows them, one per line): in a
+    failed response, the leading correct steps earn ``total / K`` each."""
     out = []
     for r in rows:
-        if r["reward"] > 0 or len(split_steps(r["response"])) < 2:
+        steps = step_lines(r["response"])
+        if r["reward"] > 0 or len(steps) < 2:
             out.append(r)
             continue
         labels = step_labels(r["prompt"], r["response"])
         k = 0
-        while k < len(labels) and labels[k]:
+        while k < len(steps) and labels[steps[k]]:
             k += 1
-        out.append(_with_step_rewards(r, k, process_reward))
+        out.append(with_step_rewards(r, k, total))
     return out
 
 
-def _with_step_rewards(row: Dict, k: int, process_reward: float) -> Dict:
-    steps = split_steps(row["response"])
-    return dict(row, steps=steps,
-                step_rewards=[process_reward if i < k else 0.0 for i in range(len(steps))])
+def with_step_rewards(row: Dict, k: int, total: float = PROCESS_REWARD_TOTAL) -> Dict:
+    """``row`` with its first ``k`` steps (non-blank lines) rewarded ``total / K`` each, K its
+    number of steps: the step rewards of a response sum to less than ``total``, whatever its
+    length (k < K for a failed response)."""
+    if not 0.0 <= total < 1.0:
+        raise ValueError(f"total: expected a value in [0, 1) (a share of a correct answer's "
+                         f"reward), got {total!r}")
+    lines, steps = split_steps(row["response"]), step_lines(row["response"])
+    rewarded = set(steps[:k])
+    per_step = total / len(steps)
+    return dict(row, steps=lines,
+                step_rewards=[per_step if i in rewarded else 0.0 for i in range(len(lines))])
 
 
-def add_generation_args(p: argparse.ArgumentParser, *, top_p: float, top_k: int) -> None:
-    """The sampling flags shared by dqo.sample and dqo.evaluate."""
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=top_p)
-    p.add_argument("--top-k", type=int, default=top_k)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+def add_decoding_args(p: argparse.ArgumentParser, *, defaults: Optional[DecodingConfig] = None,
+                      help_suffix: str = "") -> None:
+    """The decoding flags shared by dqo.sample and dqo.evaluate (defaults: the paper's)."""
+    d = defaults or DecodingConfig()
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"sampling temperature (default: {d.temperature}{help_suffix})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus sampling (default: {d.top_p}{help_suffix})")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"top-k sampling, 0: off (default: {d.top_k}{help_suffix})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"length limit of a response (default: {d.max_new_tokens}{help_suffix})")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+
+
+def decoding_from_args(p: argparse.ArgumentParser, args,
+                       base: Optional[DecodingConfig] = None) -> DecodingConfig:
+    """``base`` (default: the paper's settings) with the flags given on the command line;
+    a value out of range is a usage error naming its flag."""
+    base = base or DecodingConfig()
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")
+             if getattr(args, k) is not None}
+    try:
+        return DecodingConfig(**{**base.__dict__, **given})
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(":")
+        p.error(f"--{name.replace('_', '-')}:{rest}")
 
 
 def main(argv=None) -> None:
@@ -169,27 +220,46 @@ def main(argv=None) -> None:
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20, help="responses per prompt (paper: 20)")
+    p.add_argument("--grade-truncated", action="store_true",
+                   help="grade responses cut at --max-new-tokens as they stand (default: wrong)")
     p.add_argument("--process-scores", choices=("none", "mc"), default="none")
-    p.add_argument("--process-n", type=int, default=8, help="completions per prefix")
-    p.add_argument("--process-reward", type=float, default=0.1,
-                   help="reward on each step judged correct (the paper's value was lost)")
-    add_generation_args(p, top_p=0.9, top_k=16)  # the paper's appendix A
+    p.add_argument("--process-n", type=int, default=20,
+                   help="completions per prefix (default: 20, the paper's)")
+    p.add_argument("--process-reward-total", type=float, default=PROCESS_REWARD_TOTAL,
+                   help="the most a failed response earns from its steps, as a share of a "
+                        "correct answer's reward (each of its K steps judged correct earns "
+                        f"total/K; default: {PROCESS_REWARD_TOTAL})")
+    add_decoding_args(p)
     args = p.parse_args(argv)
+    decoding = decoding_from_args(p, args)
+    if args.n < 1:
+        p.error(f"--n: expected an integer >= 1, got {args.n}")
+    if args.process_n < 1:
+        p.error(f"--process-n: expected an integer >= 1, got {args.process_n}")
+    if not 0.0 <= args.process_reward_total < 1.0:
+        p.error(f"--process-reward-total: expected a value in [0, 1), got "
+                f"{args.process_reward_total}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)
+    decoding = decoding.with_stop_ids(tok, model)
     prompts, answers = read_prompts(args.prompts)
-    gen = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     verify = get_verifier(args.task)
-    samples = generate(model, tok, prompts, n=args.n, progress=True, **gen)
-    rows = label_samples(prompts, answers, samples, verify)
+    samples = generate(model, tok, prompts, n=args.n, progress=True, decoding=decoding,
+                       batch_size=args.batch_size)
+    rows = label_samples(prompts, answers, samples, verify,
+                         grade_truncated=args.grade_truncated)
     if args.process_scores == "mc":
         rows = mc_process_scores(model, tok, rows, verify, n=args.process_n,
-                                 process_reward=args.process_reward, **gen)
+                                 total=args.process_reward_total, decoding=decoding,
+                                 batch_size=args.batch_size)
     write_jsonl(args.out, rows)
+    decoding.save(sidecar(args.out))
     acc = sum(r["reward"] > 0 for r in rows) / max(1, len(rows))
-    log.info("wrote %d responses to %s (%.1f%% correct)", len(rows), args.out, 100 * acc)
+    cut = sum(not r["finished"] for r in rows) / max(1, len(rows))
+    log.info("wrote %d responses to %s (%.1f%% correct, %.1f%% cut at %d tokens); decoding "
+             "settings in %s", len(rows), args.out, 100 * acc, 100 * cut,
+             decoding.max_new_tokens, sidecar(args.out))
 
 
 if __name__ == "__main__":

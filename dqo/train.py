@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -35,7 +35,8 @@ import torch
 from . import algos
 from .atomic import atomic_write
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Example, read_jsonl, tokenize_rows
+from .data import Example, apply_truncated_policy, read_jsonl, tokenize_rows
+from .decoding import DecodingConfig, find_decoding, sidecar
 from .engine import (
     OptimConfig,
     join_launcher_group,
@@ -63,6 +64,8 @@ class TrainArgs:
     value_model: Optional[str] = None  # HF path of the value backbone; None: a copy of the policy
     strict_data: bool = False
     max_length: Optional[int] = None
+    truncated: str = "bootstrap"  # responses cut at a length limit: bootstrap | drop | penalize
+    truncated_reward: float = 0.0  # --truncated penalize: reward on their last token
     padding: str = "right"
     # the algorithm (dqo, or a baseline on the same samples: dro, sft, rs, dpo, kto)
     algo: str = "dqo"
@@ -93,7 +96,7 @@ class TrainArgs:
     keep_checkpoints: int = 2
     resume: bool = False
     eval_samples: int = 4
-    max_new_tokens: int = 512
+    max_new_tokens: Optional[int] = None  # evaluation; default: the data's decoding config
     progress: bool = True
 
 
@@ -224,7 +227,7 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
 def default_overrides() -> Dict:
     """Hyper-parameters of the embedded default (a 0.8M-parameter model, not a 7B one)."""
     return dict(lr=2e-5, value_lr=1e-3, beta=0.1, lam=1.0, epochs=2, batch_size=64,
-                micro_batch=64, eval_every=0, save_every=16, max_new_tokens=40,
+                micro_batch=64, eval_every=0, save_every=16,
                 out="runs/default")
 
 
@@ -236,7 +239,8 @@ def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict
     log.info("stage 1/4: a tiny base policy, warmed up with SFT on the arithmetic task")
     tok, policy = warm_up_base(pipe, splits, out_dir, seed=args.seed, reuse=args.resume,
                                progress=args.progress)
-    evaluate = Evaluator(tok, splits.test, pipe.max_new_tokens, samples=args.eval_samples)
+    decoding = pipe.decoding.with_stop_ids(tok, policy)
+    evaluate = Evaluator(tok, splits.test, decoding, samples=args.eval_samples)
     before = evaluate(policy)
     log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"], before["sampled"])
 
@@ -248,13 +252,33 @@ def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict
              100 * sum(r["reward"] > 0 for r in rows) / len(rows))
 
     log.info("stage 3/4: reference log-probs and %s training", args.algo.upper())
-    examples, _ = tokenize_rows(rows, tok, strict=True)
+    examples, _ = tokenize_rows(rows, tok, strict=True, stop_ids=decoding.stop_ids)
+    examples = truncated_examples(args, examples)
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
     value = ValueModel.from_policy(policy) if args.algo in algos.NEEDS_VALUE else None
     train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0))
+    save_decoding(out_dir, decoding)
 
     log.info("stage 4/4: evaluation")
     return {"before": before, "after": evaluate(policy)}
+
+
+def truncated_examples(args: TrainArgs, examples: List[Example]) -> List[Example]:
+    """``--truncated`` applied to the unfinished responses, with one summary line."""
+    kept, counts = apply_truncated_policy(examples, args.truncated, args.truncated_reward)
+    if counts["unfinished"]:
+        log.info("data: %d of %d responses unfinished (%d of them cut to fit --max-length): "
+                 "%s", counts["unfinished"], counts["examples"], counts["cut_to_fit"],
+                 {"bootstrap": "their returns bootstrap from V",
+                  "drop": f"dropped, {len(kept)} left",
+                  "penalize": f"terminal with reward {args.truncated_reward:+g}"}[args.truncated])
+    return kept
+
+
+def save_decoding(out_dir: Path, decoding: DecodingConfig) -> None:
+    """The decoding config beside the final policy, for dqo.evaluate to read back."""
+    if rank() == 0:
+        decoding.save(out_dir / "final" / "policy" / "decoding.json")
 
 
 def run_custom(args: TrainArgs) -> Dict:
@@ -269,8 +293,20 @@ def run_custom(args: TrainArgs) -> Dict:
     join_launcher_group(args.engine)
     tok, policy = load_policy(args.model)
     dtype = next(policy.parameters()).dtype
+    # the data's own decoding settings (dqo.sample writes them beside it): its stop tokens
+    # decide which rows finished, its length limit is the evaluation's
+    decoding = find_decoding(sidecar(args.data))
+    if decoding is None:
+        log.info("no %s beside the data: stop tokens from the tokenizer and model, the paper's "
+                 "sampling settings for evaluation", sidecar(args.data))
+        decoding = DecodingConfig()
+    if args.max_new_tokens is not None:
+        decoding = replace(decoding, max_new_tokens=args.max_new_tokens)
+    decoding = decoding.with_stop_ids(tok, policy)
     rows, _ = read_jsonl(args.data, strict=args.strict_data)
-    examples, _ = tokenize_rows(rows, tok, max_length=args.max_length, strict=args.strict_data)
+    examples, _ = tokenize_rows(rows, tok, max_length=args.max_length, strict=args.strict_data,
+                                stop_ids=decoding.stop_ids)
+    examples = truncated_examples(args, examples)
     if args.algo in algos.NEEDS_REF:
         compute_ref_logps(policy, examples, tok.pad_token_id,
                           cache_dir=str(Path(args.out) / "cache"))
@@ -285,10 +321,10 @@ def run_custom(args: TrainArgs) -> Dict:
         prompts, answers = read_prompts(args.eval_data)
         verify = get_verifier(args.task)
         eval_fn = lambda: accuracy(policy, tok, prompts, answers, verify,  # noqa: E731
-                                   samples=args.eval_samples,
-                                   max_new_tokens=args.max_new_tokens)
+                                   samples=args.eval_samples, decoding=decoding)
     before = eval_fn() if eval_fn else {}
     train(args, tok, policy, value, examples, eval_fn=eval_fn)
+    save_decoding(Path(args.out), decoding)
     after = eval_fn() if eval_fn else {}
     return {"before": before, "after": after}
 
@@ -311,11 +347,16 @@ HELP = {
     "zero_stage": "DeepSpeed ZeRO stage 0-3", "eval_every": "steps between evaluations (0: none)",
     "save_every": "steps between checkpoints (0: none)",
     "resume": "continue from the last complete checkpoint in --out",
+    "max_length": "tokens of prompt + response; longer responses are cut to fit (unfinished)",
+    "truncated": "responses cut at a length limit: bootstrap their return from V, drop them, "
+                 "or penalize (terminal, --truncated-reward on the last token)",
+    "truncated_reward": "--truncated penalize: the reward added to a cut response's last token",
+    "max_new_tokens": "length limit of evaluation (default: the data's decoding config)",
 }
 CHOICES = {"algo": algos.ALGOS, "engine": ("auto", "deepspeed", "torch"),
            "task": ("arithmetic", "gsm8k", "math"), "padding": ("right", "left"),
            "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-           "zero_stage": (0, 1, 2, 3)}
+           "zero_stage": (0, 1, 2, 3), "truncated": ("bootstrap", "drop", "penalize")}
 
 
 def parse_args(argv=None) -> TrainArgs:
@@ -329,7 +370,8 @@ def parse_args(argv=None) -> TrainArgs:
         if isinstance(d, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            typ = {"is_clip": float, "max_steps": int, "value_lr": float, "max_length": int}.get(
+            typ = {"is_clip": float, "max_steps": int, "value_lr": float, "max_length": int,
+                   "max_new_tokens": int}.get(
                 f.name, type(d) if d is not None else str)
             p.add_argument(flag, type=typ, default=None, choices=CHOICES.get(f.name), help=help_)
     ns = vars(p.parse_args(argv))

@@ -8,13 +8,24 @@ import torch
 
 from dqo import data as D
 from dqo.checkpoint import latest_checkpoint
+from dqo.decoding import DecodingConfig, format_prompt
 from dqo.modeling import ValueModel, build_policy, policy_logprobs, tiny_config
 from dqo.reference_logps import compute_ref_logps
-from dqo.sample import exact_process_scores, generate, label_samples
+from dqo.sample import (
+    PROCESS_REWARD_TOTAL,
+    exact_process_scores,
+    generate,
+    label_samples,
+    with_step_rewards,
+)
 from dqo.tasks import arithmetic, get_verifier
 from dqo.tasks.verify import MathVerifier, extract_hash_answer, last_boxed, verify_gsm8k
 from dqo.tokenizer import char_tokenizer
 from dqo.train import DefaultPipeline, TrainArgs, parse_args, run_default, train
+
+
+def dec(max_new_tokens: int) -> DecodingConfig:
+    return DecodingConfig(max_new_tokens=max_new_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +63,12 @@ def test_step_rewards_with_empty_steps_and_sampled_ids(tok):
                        "reward": 10.0, "response_ids": ids}, "x:1")
     ex = D.tokenize_row(row, tok)
     r = ex.rewards
+    # sampled ids without a stop token: a cut response, trained on exactly those ids
+    assert ex.response_ids == ids and not ex.finished
     assert r[0] == 1.0  # the empty first step borrows the first token
     assert r[len("\n1+2=3") - 1] == 2.0
     assert r[len("\n1+2=3\n") - 1] == 3.0  # the empty third step borrows the newline before it
-    assert r[len("\n1+2=3\n\n#### 3") - 1] == 4.0 and r[-1] == 10.0
+    assert r[-1] == 4.0 + 10.0  # the last step's end is the last token: outcome reward too
     assert sum(r) == 20.0
 
 
@@ -189,20 +202,17 @@ def test_sampled_behavior_logp_equals_training_logprobs(tok, policy):
     computes for the same tokens (right- or left-padded batches): alignment and positions."""
     probs = arithmetic.make_problems(4, 0)
     torch.manual_seed(1)
-    samples = generate(policy, tok, [p.prompt for p in probs], n=2, max_new_tokens=12)
+    samples = generate(policy, tok, [p.prompt for p in probs], n=2, decoding=dec(12))
     rows = label_samples([p.prompt for p in probs], [p.answer for p in probs], samples,
                          get_verifier("arithmetic"))
+    assert any(not r["finished"] for r in rows)  # a random model: some hit the limit
     for padding in ("right", "left"):
         exs = [D.tokenize_row(D.check_row(r, "x"), tok) for r in rows]
+        assert [e.response_ids for e in exs] == [r["response_ids"] for r in rows]  # no EOS added
         b = D.collate(exs, tok.pad_token_id, padding=padding)
         with torch.no_grad():
             lp = policy_logprobs(policy, b.input_ids, b.attention_mask, b.action_mask)
-        sampled_eos = torch.tensor([r["response_ids"][-1] == tok.eos_token_id for r in rows])
-        # rows cut at max_new_tokens get an EOS appended that was never sampled (logp 0 there)
-        m = b.action_mask.clone()
-        for i in range(len(rows)):
-            if not sampled_eos[i]:
-                m[i, torch.nonzero(m[i])[-1]] = False
+        m = b.action_mask  # every action was sampled: every behaviour log-prob is a real one
         torch.testing.assert_close(lp[m], b.behavior_logp[m], rtol=1e-4, atol=1e-4)
 
 
@@ -220,17 +230,31 @@ def test_value_model_alignment(tok, policy):
 
 def test_exact_process_scores():
     p = arithmetic.Problem(7, (("+", 3), ("*", 2)))
+    labels = lambda pr, r: arithmetic.step_labels(arithmetic.parse_prompt(pr), r)  # noqa: E731
     rows = [dict(prompt=p.prompt, response="7+3=10\n10*2=21\n#### 21", reward=0.0),
             dict(prompt=p.prompt, response=p.solution, reward=1.0)]
-    out = exact_process_scores(rows, lambda pr, r: arithmetic.step_labels(
-        arithmetic.parse_prompt(pr), r), process_reward=0.2)
-    assert out[0]["step_rewards"] == [0.2, 0.0, 0.0]
+    out = exact_process_scores(rows, labels, total=0.6)
+    assert out[0]["step_rewards"] == pytest.approx([0.2, 0.0, 0.0])  # 0.6 / 3 steps
     assert "steps" not in out[1]
+    # a blank line is no step: it earns nothing and does not count in K
     blank = dict(prompt=p.prompt, response="7+3=10\n\n10*2=21\n#### 21", reward=0.0)
-    out = exact_process_scores([blank], lambda pr, r: arithmetic.step_labels(
-        arithmetic.parse_prompt(pr), r), process_reward=0.2)
+    out = exact_process_scores([blank], labels, total=0.6)
     assert out[0]["steps"] == blank["response"].split("\n")
-    assert out[0]["step_rewards"] == [0.2, 0.2, 0.0, 0.0]
+    assert out[0]["step_rewards"] == pytest.approx([0.2, 0.0, 0.0, 0.0])
+
+
+def test_process_rewards_never_reach_a_correct_answers_reward():
+    """However long a failed response and however many of its steps are right, its step
+    rewards sum to less than ``total`` < 1 (they used to reach 1.2 on 13 lines)."""
+    long = "\n".join(["1+1=2", ""] * 12 + ["#### 3"])  # 13 steps, blank lines between
+    row = dict(prompt="Q", response=long, reward=0.0)
+    for k in (0, 5, 12):
+        r = with_step_rewards(row, k)
+        assert len(r["step_rewards"]) == len(long.split("\n"))
+        assert sum(r["step_rewards"]) == pytest.approx(PROCESS_REWARD_TOTAL * k / 13)
+        assert sum(r["step_rewards"]) < PROCESS_REWARD_TOTAL < 1.0
+    with pytest.raises(ValueError, match=r"total: expected a value in \[0, 1\)"):
+        with_step_rewards(row, 1, total=1.0)
 
 
 # ---- the training loop ------------------------------------------------------------------------
@@ -239,7 +263,7 @@ def test_exact_process_scores():
 def small_setup(tok, policy, n=32):
     probs = arithmetic.make_problems(n // 2, 5)
     torch.manual_seed(2)
-    samples = generate(policy, tok, [p.prompt for p in probs], n=2, max_new_tokens=16)
+    samples = generate(policy, tok, [p.prompt for p in probs], n=2, decoding=dec(16))
     rows = label_samples([p.prompt for p in probs], [p.answer for p in probs], samples,
                          get_verifier("arithmetic"))
     for i, r in enumerate(rows):  # make rewards informative for the tiny random model
@@ -392,19 +416,28 @@ def test_command_lines_sample_train_evaluate(tok, policy, tmp_path, capsys):
     rows, errors = D.read_jsonl(data, strict=True)
     assert len(rows) == 8 and not errors
     assert all(len(r["behavior_logp"]) == len(r["response_ids"]) for r in rows)
+    assert all(isinstance(r["finished"], bool) for r in rows)
+    # the decoding settings are on record beside the data
+    recorded = DecodingConfig.load(tmp_path / "data.decoding.json")
+    assert (recorded.max_new_tokens, recorded.top_p, recorded.top_k) == (10, 0.9, 16)
+    assert recorded.stop_ids == [tok.eos_token_id]
 
     out = tmp_path / "run"
     train_cli.main(["--model", str(model_dir), "--data", str(data), "--task", "arithmetic",
-                    "--eval-data", str(prompts), "--eval-samples", "1", "--max-new-tokens", "10",
+                    "--eval-data", str(prompts), "--eval-samples", "1",
                     "--max-steps", "2", "--batch-size", "4", "--micro-batch", "2",
                     "--engine", "torch", "--lr", "1e-4", "--out", str(out), "--no-progress"])
     assert "before DQO" in capsys.readouterr().out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # ... read back by the trainer (its evaluation) and passed on with the final policy
+    assert DecodingConfig.load(out / "final" / "policy" / "decoding.json") == recorded
 
     evaluate.main(["--model", str(out / "final" / "policy"), "--data", str(prompts),
-                   "--task", "arithmetic", "--samples", "2", "--max-new-tokens", "10"])
+                   "--task", "arithmetic", "--samples", "2"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 4 and 0 <= res["greedy"] <= 1 and 0 <= res["sampled"] <= 1
+    assert 0 <= res["greedy_cut"] <= 1 and 0 <= res["sampled_cut"] <= 1
+    assert res["decoding"]["max_new_tokens"] == 10 and res["decoding"]["top_k"] == 16
 
 
 def _free_port():
@@ -475,12 +508,12 @@ def test_chat_template_wraps_prompts_in_data_and_sampling(policy):
     tok = char_tokenizer()
     tok.chat_template = ("{% for m in messages %}Q{{ m['content'] }}{% endfor %}"
                          "{% if add_generation_prompt %}#{% endif %}")
-    assert D.format_prompt(tok, "1+2=?") == "Q1+2=?#"
+    assert format_prompt(tok, "1+2=?") == "Q1+2=?#"
     ex = D.tokenize_row(D.check_row({"prompt": "1+2=?", "response": "3", "reward": 1}, "x"), tok)
     assert tok.decode(ex.prompt_ids) == "Q1+2=?#"
     assert ex.response_ids == tok("3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # sampling conditions on the same wrapped prompt: greedy continuation of it == generate
-    (s,), = generate(policy, tok, ["1+2=?"], greedy=True, max_new_tokens=3)
+    (s,), = generate(policy, tok, ["1+2=?"], greedy=True, decoding=dec(3))
     ids = torch.tensor([tok("Q1+2=?#", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         manual = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

@@ -35,10 +35,11 @@ import torch
 
 from .. import algos
 from ..data import Example, split_steps, step_end_tokens, tokenize_rows
+from ..decoding import encode_prompt
 from ..modeling import ValueModel
 from ..pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from ..reference_logps import compute_ref_logps
-from ..sample import exact_process_scores, generate, mc_process_scores
+from ..sample import PROCESS_REWARD_TOTAL, exact_process_scores, generate, mc_process_scores
 from ..tasks import arithmetic, get_verifier
 from ..train import TrainArgs, train
 
@@ -78,7 +79,7 @@ class Budget:
     beta: float = 0.1
     eval_samples: int = 4
     mc_samples: int = 4  # completions per prefix for the Monte-Carlo process scores
-    process_reward: float = 0.1
+    process_reward_total: float = PROCESS_REWARD_TOTAL  # the most a failed response earns
 
 
 def quick() -> (DefaultPipeline, Budget):
@@ -93,11 +94,10 @@ def build_datasets(tok, policy, pipe: DefaultPipeline, splits: Splits, budget: B
                           progress=False)
     verify = get_verifier("arithmetic")
     mc = mc_process_scores(policy, tok, rows, verify, n=budget.mc_samples,
-                           process_reward=budget.process_reward, top_p=pipe.top_p,
-                           top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens)
+                           total=budget.process_reward_total, decoding=pipe.decoding)
     exact = exact_process_scores(
         rows, lambda p, r: arithmetic.step_labels(arithmetic.parse_prompt(p), r),
-        process_reward=budget.process_reward)
+        total=budget.process_reward_total)
     reference = [dict(prompt=p.prompt, response=p.solution, reward=1.0, answer=p.answer)
                  for p in splits.offline]
     out_sets = {}
@@ -117,8 +117,7 @@ def build_datasets(tok, policy, pipe: DefaultPipeline, splits: Splits, budget: B
 def value_vs_correctness(value: ValueModel, tok, policy, problems, pipe, n: int = 4):
     """V(s) of the states after each step of held-out responses sampled from the base policy,
     with the exact correctness of the prefix that leads there (the paper's Figure 2)."""
-    samples = generate(policy, tok, [p.prompt for p in problems], n=n, top_p=pipe.top_p,
-                       top_k=pipe.top_k, max_new_tokens=pipe.max_new_tokens)
+    samples = generate(policy, tok, [p.prompt for p in problems], n=n, decoding=pipe.decoding)
     return [row for prob, ss in zip(problems, samples) for s in ss
             for row in step_values(value, tok, prob, s.text, s.ids)]
 
@@ -126,7 +125,7 @@ def value_vs_correctness(value: ValueModel, tok, policy, problems, pipe, n: int 
 def step_values(value, tok, problem, text: str, response_ids) -> List[Dict]:
     """One row per non-blank step of a response: its 1-based index among the steps, its exact
     label, and V of the state after its last token."""
-    prompt_ids = tok(problem.prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompt(tok, problem.prompt)
     steps = split_steps(text)
     labels = arithmetic.step_labels(problem, text)
     ends = step_end_tokens(tok, steps, response_ids)
@@ -335,7 +334,7 @@ def main(argv=None) -> None:
         tok, base = warm_up_base(pipe, splits, work, seed=b, progress=False)
         base.eval()
         datasets, data_stats[b] = build_datasets(tok, base, pipe, splits, budget, work)
-        evaluate = Evaluator(tok, splits.test, pipe.max_new_tokens, samples=budget.eval_samples)
+        evaluate = Evaluator(tok, splits.test, pipe.decoding, samples=budget.eval_samples)
         for seed in seeds:
             torch.manual_seed(seed)
             runs.append(dict(method="Base (SFT warm-up)", base=b, seed=seed, **evaluate(base)))
