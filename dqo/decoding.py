@@ -51,6 +51,8 @@ class DecodingConfig:
         if self.stop_ids is None:
             raise ValueError("stop_ids: call with_stop_ids(tokenizer, model) first")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        # greedy: the sampling knobs stay unset (transformers warns about set ones it ignores);
+        # with the model's own config set aside they can only take the global defaults
         sampling = {} if greedy else dict(temperature=self.temperature, top_p=self.top_p,
                                           top_k=self.top_k)
         return GenerationConfig(
@@ -59,8 +61,7 @@ class DecodingConfig:
             repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
             length_penalty=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
             diversity_penalty=0.0, renormalize_logits=False, remove_invalid_values=False,
-            output_logits=True, return_dict_in_generate=True, use_cache=True,
-            **({"temperature": 1.0, "top_p": 1.0, "top_k": 0} | sampling))
+            output_logits=True, return_dict_in_generate=True, use_cache=True, **sampling)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
