@@ -46,12 +46,16 @@ class TorchEngine:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig):
         self.module, self.cfg = model, cfg
         params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # gradients left by whatever trained the model before: not ours
+            p.grad = None
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.total_steps))
         self.micro_steps = 0
         self.global_steps = 0
+        self.skipped_steps = 0
+        self.last_step_skipped = False
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -29,19 +29,24 @@ def sft_train(model, tokenizer, pairs: Sequence[Tuple[str, str]], *, steps: int,
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="sft warm-up", leave=False, disable=None)
-    for step in it:
-        b = collate(rng.sample(examples, min(batch_size, len(examples))),
-                    tokenizer.pad_token_id).to(device)
-        loss = sft_loss(policy_logprobs(model, b.input_ids, b.attention_mask, b.action_mask),
-                        b.action_mask)
+    try:
+        for step in it:
+            b = collate(rng.sample(examples, min(batch_size, len(examples))),
+                        tokenizer.pad_token_id).to(device)
+            loss = sft_loss(policy_logprobs(model, b.input_ids, b.attention_mask, b.action_mask),
+                            b.action_mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if eval_fn is not None and target is not None and step % eval_every == 0:
+                score = eval_fn()
+                log.info("sft step %d: loss %.3f, eval %.3f", step, loss.item(), score)
+                model.train()
+                if score >= target:
+                    return step
+        return steps
+    finally:
+        # the last step's gradients would otherwise ride into the next training's first step
+        # (the model saved and loaded again has none: a resumed run would differ)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if eval_fn is not None and target is not None and step % eval_every == 0:
-            score = eval_fn()
-            log.info("sft step %d: loss %.3f, eval %.3f", step, loss.item(), score)
-            model.train()
-            if score >= target:
-                return step
-    return steps
