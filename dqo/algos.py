@@ -89,10 +89,29 @@ def last_action(mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - mask.flip(-1).float().argmax(-1)
 
 
+def _non_finite(*xs: torch.Tensor, mask: torch.Tensor) -> bool:
+    return any(not bool(torch.isfinite(x[mask]).all()) for x in xs if x is not None)
+
+
+def _skip_with_nan_gradients(engines, **tensors) -> Dict[str, float]:
+    """Model outputs that are not finite (a diverged model, an overflow in bf16): the loss
+    would refuse them, so back-propagate NaN instead. Every parameter they depend on gets a NaN
+    gradient, every engine's finite-gradient check then skips the step, and every rank still
+    runs the same backward (DeepSpeed's gradient hooks stay in step)."""
+    for name, x in tensors.items():
+        engines[name].backward(x.sum() * float("nan"))
+    for engine in engines.values():
+        engine.step()
+    nan = float("nan")
+    return dict(loss=nan, policy_loss=nan, value_loss=nan, num_tokens=0.0)
+
+
 def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, float]:
     if algo == "dqo":
         logp = _logp(engines, b)
         values, bootstrap = _values_and_bootstrap(engines, b)
+        if _non_finite(logp, values, mask=b.action_mask):
+            return _skip_with_nan_gradients(engines, policy=logp, value=values)
         out = fused_dqo_loss(
             logp, b.ref_logp, values, b.rewards, b.action_mask, behavior_logp=b.behavior_logp,
             bootstrap=bootstrap,
@@ -108,6 +127,8 @@ def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, floa
     if algo == "dro":
         logp = _logp(engines, b)
         values, bootstrap = _values_and_bootstrap(engines, b)
+        if _non_finite(logp, values, mask=b.action_mask):
+            return _skip_with_nan_gradients(engines, policy=logp, value=values)
         first = b.action_mask.float().argmax(-1)  # V(prompt) = V at the first action
         rows = torch.arange(len(first), device=first.device)
         beh = None if b.behavior_logp is None else sequence_sum(b.behavior_logp, b.action_mask)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable
@@ -30,3 +31,20 @@ def atomic_write(path, write: Callable[[IO], None], *, binary: bool = False) -> 
         except FileNotFoundError:
             pass
         raise
+
+
+def replace_dir(src, dst) -> None:
+    """Move the complete directory ``src`` to ``dst``, replacing what is there.
+
+    A directory cannot be renamed over a non-empty one, so an existing ``dst`` is first renamed
+    aside (``.<name>.old-*``), then ``src`` takes its place, then the old one is deleted. A
+    crash between the two renames leaves no ``dst`` but the previous version whole beside it;
+    at no moment is ``dst`` a partial directory."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+        os.replace(dst, old / dst.name)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

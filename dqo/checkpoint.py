@@ -4,6 +4,9 @@ A checkpoint is a directory ``<out>/checkpoints/step-NNNNNNN/`` with one sub-dir
 engine and ``trainer_state.json``. It is written under a temporary name and renamed into place
 (``os.replace`` is atomic on POSIX), then ``latest`` is replaced the same way, so a run killed
 at any moment leaves the previous checkpoint intact and ``--resume`` never sees a partial one.
+A save that fails (a full disk) raises, removes its temporary directory and leaves ``latest``
+and the previous checkpoints as they were. RNG states (torch CPU and CUDA, ``random``) are
+saved with each checkpoint and restored with it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,13 @@ import torch
 
 from .atomic import atomic_write
 from .engine import barrier, rank
+from .rng import rng_state, set_rng_state
+
+RNG_FILE = "rng_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be resumed from; the message names the paths."""
 
 
 def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,
@@ -28,14 +38,21 @@ def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    for name, engine in engines.items():
-        engine.save_checkpoint(tmp / name)
-    barrier()
+    try:
+        for name, engine in engines.items():
+            engine.save_checkpoint(tmp / name)
+        barrier()
+        if rank() == 0:
+            torch.save(rng_state(), tmp / RNG_FILE)
+            atomic_write(tmp / "trainer_state.json",
+                         lambda f: f.write(json.dumps(dict(state, step=step))))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except BaseException:
+        if rank() == 0:  # a full disk, say: nothing half-written stays, latest is untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank() == 0:
-        state = dict(state, step=step, torch_rng=torch.get_rng_state().tolist())
-        atomic_write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(state)))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         atomic_write(root / "latest", lambda f: f.write(final.name))
         kept = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in kept[:-keep] if keep > 0 else []:
@@ -45,13 +62,20 @@ def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,
 
 
 def latest_checkpoint(out_dir) -> Optional[Path]:
+    """The checkpoint ``latest`` names, or None if there is no ``latest`` (a fresh run). A
+    ``latest`` that names a missing or incomplete checkpoint is an error: resuming at step 0
+    would silently throw the run's progress away."""
     root = Path(out_dir) / "checkpoints"
     try:
         name = (root / "latest").read_text().strip()
     except FileNotFoundError:
         return None
     path = root / name
-    return path if (path / "trainer_state.json").is_file() else None
+    if not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"{root / 'latest'} names {path}, which is missing or incomplete; "
+                              f"remove {root / 'latest'} to start over, or point it at a "
+                              f"complete step-* directory of {root}")
+    return path
 
 
 def load_checkpoint(path, engines: Dict[str, object]) -> Dict:
@@ -59,5 +83,8 @@ def load_checkpoint(path, engines: Dict[str, object]) -> Dict:
     for name, engine in engines.items():
         engine.load_checkpoint(path / name)
     state = json.loads((path / "trainer_state.json").read_text())
-    torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+    if "torch_rng" in state:  # written before RNG_FILE existed
+        torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+    else:
+        set_rng_state(torch.load(path / RNG_FILE, weights_only=False))
     return state

@@ -116,15 +116,24 @@ def check_row(row, where: str) -> Dict:
     return dict(row, _source=where)
 
 
-def _lines(path) -> Iterator[Tuple[str, str]]:
-    """``("path:lineno", line)`` for every non-blank line of a jsonl file."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+def _lines(path) -> Iterator[Tuple[str, object]]:
+    """``("path:lineno", line)`` for every non-blank line of a jsonl file; a line that is not
+    UTF-8 comes as a DataError in place of its text (one bad line, not a bad file)."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            where = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})")
+                continue
             if line.strip():
-                yield f"{path}:{i}", line
+                yield where, line
 
 
-def _parse(where: str, line: str):
+def _parse(where: str, line):
+    if isinstance(line, DataError):
+        raise line
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
@@ -174,6 +183,17 @@ def _encode(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _tokenized(where: str, what: str, fn):
+    """``fn()``; a tokenizer that fails on a row's text is a DataError naming the row."""
+    try:
+        return fn()
+    except DataError:
+        raise
+    except Exception as e:  # tokenizers raise many types (unknown characters, huge inputs)
+        raise DataError(f"{where}: the tokenizer failed on the {what} "
+                        f"({type(e).__name__}: {e})") from None
+
+
 def split_steps(response: str) -> List[str]:
     """A response's steps, as the data format defines them: its lines, blank ones included
     (``"\\n".join(steps) == response``), so that step i always means the same line."""
@@ -204,17 +224,22 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
     A row over ``max_length`` keeps its whole prompt and as much of its response as fits, and
     is then unfinished; a prompt that alone does not fit is a DataError."""
     where = row.get("_source", "row")
-    prompt_ids = encode_prompt(tokenizer, row["prompt"])
+    prompt_ids = _tokenized(where, "prompt", lambda: encode_prompt(tokenizer, row["prompt"]))
     if not prompt_ids:
         raise DataError(f"{where}: the prompt tokenizes to nothing")
     eos = tokenizer.eos_token_id
     stops = set(stop_ids) if stop_ids is not None else {eos}
     if row.get("response_ids") is not None:
         response_ids = list(row["response_ids"])
+        vocab = len(tokenizer)
+        if max(response_ids) >= vocab:
+            bad = next(i for i in response_ids if i >= vocab)
+            raise DataError(f"{where}: 'response_ids' holds {bad}, outside the tokenizer's "
+                            f"vocabulary of {vocab} (sampled with another model?)")
         finished = row.get("finished", response_ids[-1] in stops)
         body = response_ids[:-1] if response_ids[-1] in stops else response_ids
     else:
-        body = _encode(tokenizer, row["response"])
+        body = _tokenized(where, "response", lambda: _encode(tokenizer, row["response"]))
         finished = row.get("finished", True)
         response_ids = body + [eos] if finished else list(body)
         if not response_ids:

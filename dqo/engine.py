@@ -4,6 +4,8 @@ The loop only calls ``engine.module``, ``engine.backward(loss)``, ``engine.step(
 ``engine.get_lr()``, ``engine.save_checkpoint(dir)`` and ``engine.load_checkpoint(dir)``.
 ``step()`` is called after every micro-batch and updates the weights at gradient-accumulation
 boundaries, and ``backward`` divides the loss by the accumulation steps, as DeepSpeed does.
+A boundary whose gradient is not finite updates nothing (``last_step_skipped``): the plain
+engine checks the gradient norm, DeepSpeed its own overflow check (on for bf16 here).
 """
 from __future__ import annotations
 
@@ -67,10 +69,14 @@ class TorchEngine:
         self.micro_steps += 1
         if self.micro_steps % self.cfg.grad_accum:
             return
-        if self.cfg.grad_clip and self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip and self.cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        self.last_step_skipped = not bool(torch.isfinite(norm))
+        if self.last_step_skipped:  # a non-finite gradient never reaches the weights
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
 
@@ -90,7 +96,8 @@ class TorchEngine:
         Path(path).mkdir(parents=True, exist_ok=True)
         torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
-                    "global_steps": self.global_steps}, Path(path) / "engine.pt")
+                    "global_steps": self.global_steps, "skipped_steps": self.skipped_steps},
+                   Path(path) / "engine.pt")
 
     def load_checkpoint(self, path) -> None:
         state = torch.load(Path(path) / "engine.pt", map_location="cpu", weights_only=False)
@@ -98,6 +105,7 @@ class TorchEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+        self.skipped_steps = state.get("skipped_steps", 0)
 
 
 def deepspeed_config(cfg: OptimConfig, zero_stage: int, bf16: bool) -> Dict:
@@ -107,7 +115,8 @@ def deepspeed_config(cfg: OptimConfig, zero_stage: int, bf16: bool) -> Dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": bf16},
+        # skip a step whose gradient is not finite (DeepSpeed checks fp32 and fp16 itself)
+        "bf16": {"enabled": bf16, **({"check_grad_overflow": True} if bf16 else {})},
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
             # torch's AdamW: DeepSpeed's fused CPU/GPU Adam would be compiled at start-up.
@@ -151,6 +160,7 @@ class DeepSpeedEngine:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                                config=self.config)
         self.module = self.engine.module
+        self.last_step_skipped = False
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -159,7 +169,9 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
 
     def step(self):
+        before = self.engine.skipped_steps
         self.engine.step()
+        self.last_step_skipped = self.engine.skipped_steps > before
 
     @property
     def global_steps(self):

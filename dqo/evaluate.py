@@ -21,6 +21,8 @@ from typing import Dict, Sequence
 
 import torch
 
+from .cli import UsageError, check_file, check_model, check_range
+from .cli import run as run_cli
 from .decoding import DecodingConfig, find_decoding
 from .sample import Verifier, generate
 
@@ -46,6 +48,10 @@ def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
 
 
 def main(argv=None) -> None:
+    run_cli(_main, argv, prog="python -m dqo.evaluate")
+
+
+def _main(argv=None) -> None:
     from .data import read_prompts
     from .modeling import load_policy
     from .sample import add_decoding_args, decoding_from_args
@@ -59,13 +65,16 @@ def main(argv=None) -> None:
     p.add_argument("--decoding", help="decoding.json to evaluate with (default: the model's)")
     add_decoding_args(p, help_suffix=", or the decoding config's")
     args = p.parse_args(argv)
+    check_model("--model", args.model)
+    check_file("--data", args.data)
+    check_file("--decoding", args.decoding)
+    check_range("--samples", args.samples, 0, integer=True)
+    check_range("--batch-size", args.batch_size, 1, integer=True)
     try:
         base = find_decoding(args.decoding, args.model if Path(args.model).is_dir() else None)
     except ValueError as exc:
-        p.error(f"--decoding: {exc}")
-    if args.decoding and base is None:
-        p.error(f"--decoding: no such file: {args.decoding}")
-    decoding = decoding_from_args(p, args, base)
+        raise UsageError(f"--decoding: {exc}") from None
+    decoding = decoding_from_args(args, base)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)

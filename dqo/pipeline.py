@@ -4,16 +4,17 @@ tiny base policy, offline sampling from it, and evaluation on held-out problems.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
+from .atomic import replace_dir
 from .data import read_jsonl, write_jsonl
 from .decoding import DecodingConfig, sidecar
 from .evaluate import accuracy
 from .modeling import build_policy, tiny_config
+from .rng import seed_stage
 from .sample import generate, label_samples
 from .sft import sft_train
 from .tasks import arithmetic, get_verifier
@@ -79,7 +80,7 @@ def warm_up_base(pipe: DefaultPipeline, splits: Splits, out_dir: Path, *, seed: 
     if reuse and (base_dir / "config.json").is_file():
         log.info("reusing the warmed-up base policy in %s", base_dir)
         return tok, build_policy(path=str(base_dir))
-    torch.manual_seed(seed)
+    seed_stage(seed, "warm-up")
     policy = build_policy(tiny_config(tok, hidden_size=pipe.hidden_size, layers=pipe.layers))
     n_params = sum(p.numel() for p in policy.parameters())
     log.info("SFT warm-up of a %.2fM-parameter model", n_params / 1e6)
@@ -89,8 +90,11 @@ def warm_up_base(pipe: DefaultPipeline, splits: Splits, out_dir: Path, *, seed: 
                       eval_every=100, target=pipe.sft_target,
                       eval_fn=lambda: dev(policy)["greedy"], progress=progress)
     log.info("warm-up stopped after %d steps", steps)
-    policy.save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
+    tmp = base_dir.with_name(".base.tmp")  # complete or absent: --resume reuses it
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    replace_dir(tmp, base_dir)
     return tok, policy
 
 
@@ -106,6 +110,6 @@ def sample_offline(policy, tok, pipe: DefaultPipeline, problems, path: Path, *,
                        progress=progress)
     rows = label_samples(prompts, [p.answer for p in problems], samples,
                          get_verifier("arithmetic"))
-    write_jsonl(path, rows)
     pipe.decoding.with_stop_ids(tok, policy).save(sidecar(path))
+    write_jsonl(path, rows)  # last: its presence says the stage is complete
     return rows

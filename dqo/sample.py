@@ -31,6 +31,8 @@ import torch
 
 from dqo_kernels import token_logprobs
 
+from .cli import UsageError, check_file, check_model, check_range
+from .cli import run as run_cli
 from .data import read_prompts, split_steps, write_jsonl
 from .decoding import DecodingConfig, encode_prompt, own_generation_config, sidecar, split_at_stop
 
@@ -196,10 +198,9 @@ def add_decoding_args(p: argparse.ArgumentParser, *, defaults: Optional[Decoding
     p.add_argument("--seed", type=int, default=0)
 
 
-def decoding_from_args(p: argparse.ArgumentParser, args,
-                       base: Optional[DecodingConfig] = None) -> DecodingConfig:
+def decoding_from_args(args, base: Optional[DecodingConfig] = None) -> DecodingConfig:
     """``base`` (default: the paper's settings) with the flags given on the command line;
-    a value out of range is a usage error naming its flag."""
+    a value out of range is a UsageError naming its flag."""
     base = base or DecodingConfig()
     given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")
              if getattr(args, k) is not None}
@@ -207,10 +208,14 @@ def decoding_from_args(p: argparse.ArgumentParser, args,
         return DecodingConfig(**{**base.__dict__, **given})
     except ValueError as exc:
         name, _, rest = str(exc).partition(":")
-        p.error(f"--{name.replace('_', '-')}:{rest}")
+        raise UsageError(f"--{name.replace('_', '-')}:{rest}") from None
 
 
 def main(argv=None) -> None:
+    run_cli(_main, argv, prog="python -m dqo.sample")
+
+
+def _main(argv=None) -> None:
     from .modeling import load_policy
     from .tasks import TASKS, get_verifier
 
@@ -231,14 +236,13 @@ def main(argv=None) -> None:
                         f"total/K; default: {PROCESS_REWARD_TOTAL})")
     add_decoding_args(p)
     args = p.parse_args(argv)
-    decoding = decoding_from_args(p, args)
-    if args.n < 1:
-        p.error(f"--n: expected an integer >= 1, got {args.n}")
-    if args.process_n < 1:
-        p.error(f"--process-n: expected an integer >= 1, got {args.process_n}")
-    if not 0.0 <= args.process_reward_total < 1.0:
-        p.error(f"--process-reward-total: expected a value in [0, 1), got "
-                f"{args.process_reward_total}")
+    decoding = decoding_from_args(args)
+    check_model("--model", args.model)
+    check_file("--prompts", args.prompts)
+    check_range("--n", args.n, 1, integer=True)
+    check_range("--process-n", args.process_n, 1, integer=True)
+    check_range("--process-reward-total", args.process_reward_total, 0, 1, high_open=True)
+    check_range("--batch-size", args.batch_size, 1, integer=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -33,12 +34,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import algos
-from .atomic import atomic_write
+from .atomic import atomic_write, replace_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .cli import UsageError, check_file, check_model, check_range
+from .cli import run as run_cli
 from .data import Example, apply_truncated_policy, read_jsonl, tokenize_rows
 from .decoding import DecodingConfig, find_decoding, sidecar
 from .engine import (
     OptimConfig,
+    barrier,
     join_launcher_group,
     leave_process_group,
     make_engine,
@@ -49,6 +53,7 @@ from .engine import (
 from .modeling import PolicyLogprobs, ValueModel
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .reference_logps import compute_ref_logps
+from .rng import seed_stage, stage_rng
 
 log = logging.getLogger("dqo.train")
 
@@ -63,6 +68,7 @@ class TrainArgs:
     out: str = "runs/dqo"
     value_model: Optional[str] = None  # HF path of the value backbone; None: a copy of the policy
     strict_data: bool = False
+    max_bad_rows: float = 0.1  # the share of bad rows a run goes on with
     max_length: Optional[int] = None
     truncated: str = "bootstrap"  # responses cut at a length limit: bootstrap | drop | penalize
     truncated_reward: float = 0.0  # --truncated penalize: reward on their last token
@@ -96,6 +102,7 @@ class TrainArgs:
     keep_checkpoints: int = 2
     resume: bool = False
     eval_samples: int = 4
+    max_skipped_steps: int = 3  # consecutive non-finite steps before training stops
     max_new_tokens: Optional[int] = None  # evaluation; default: the data's decoding config
     progress: bool = True
 
@@ -121,23 +128,66 @@ def merge_stats(parts: List[Dict]) -> Dict:
     """Token-weighted means of micro-batch statistics; losses add up; maxima stay maxima."""
     n = sum(p["num_tokens"] for p in parts) or 1.0
     out = {}
-    for k in parts[0]:
-        vals = [p[k] for p in parts]
+    for k in dict.fromkeys(k for p in parts for k in p):  # a skipped part has fewer keys
+        vals = [p.get(k, float("nan")) for p in parts]
         if k in ("loss", "policy_loss", "value_loss", "num_tokens"):
             out[k] = sum(vals)
         elif k == "td_abs_max":
-            out[k] = max(vals)
+            out[k] = max((v for v in vals if math.isfinite(v)), default=float("nan"))
         else:
             finite = [(v, p["num_tokens"]) for v, p in zip(vals, parts) if math.isfinite(v)]
             out[k] = sum(v * w for v, w in finite) / n if finite else float("nan")
     return out
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite gradients step after step); the message says why."""
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (the later ones are redone). A cut
+    last line, left by a process killed mid-write, is dropped with a warning."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: dropped a cut last line (a process killed mid-write)", path)
+                continue
+            raise TrainingError(f"{path}:{i + 1}: not a JSON row; the metrics file is damaged "
+                                f"before its last line") from None
+        if row["step"] <= step:
+            kept.append(line)
+    atomic_write(path, lambda f: f.writelines(line + "\n" for line in kept))
+
+
+def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingConfig]) -> None:
+    """``final/{policy,value}`` in HF format (+ the tokenizer and decoding config beside the
+    policy), written to a temporary directory and moved into place: never half written.
+    Collective under ZeRO-3 (every rank calls it; rank 0 writes)."""
+    final, tmp = out_dir / "final", out_dir / ".final.tmp"
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    for name, engine in engines.items():
+        engine.save_pretrained(tmp / name)
+    if rank() == 0:
+        tokenizer.save_pretrained(tmp / "policy")
+        if decoding is not None:
+            decoding.save(tmp / "policy" / "decoding.json")
+        replace_dir(tmp, final)
+    barrier()
+
+
 def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
-          eval_fn: Optional[Callable[[], Dict]] = None) -> Dict:
+          eval_fn: Optional[Callable[[], Dict]] = None,
+          decoding: Optional[DecodingConfig] = None) -> Dict:
     """The training loop of ``args.algo`` (see :mod:`dqo.algos`). ``examples`` carry
-    ``ref_logp`` where the algorithm needs it; ``value`` is None for policy-only algorithms.
-    Returns the last evaluation (if any)."""
+    ``ref_logp`` where the algorithm needs it; ``value`` is None for policy-only algorithms;
+    ``decoding`` is saved with the final policy. Returns the last evaluation (if any)."""
     data = algos.items(args.algo, examples, seed=args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,13 +223,13 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
     if args.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
         start = load_checkpoint(ckpt, engines)["step"]
         log.info("resumed from %s at step %d", ckpt, start)
+    else:
+        seed_stage(args.seed, "train")
     metrics_path = out_dir / "metrics.jsonl"
     if rank() == 0 and metrics_path.exists():  # the one writer of the metrics file
-        # drop rows of steps after the checkpoint (they are redone)
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start]
-        atomic_write(metrics_path, lambda f: f.writelines(line + "\n" for line in kept))
+        trim_metrics(metrics_path, start)
     last_eval: Dict = {}
+    skipped_in_a_row = 0
     steps = range(start, total)
     if args.progress:
         from tqdm.auto import tqdm
@@ -197,10 +247,12 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
         t0 = time.perf_counter()
         stats = merge_stats([algos.micro_step(args.algo, engines, b, args, num_tokens)
                              for b in batches])
+        skipped = any(e.last_step_skipped for e in engines.values())
         row = dict(step=step + 1, epoch=epoch, lr=policy_engine.get_lr()[0],
-                   step_time=time.perf_counter() - t0, **stats)
+                   step_time=time.perf_counter() - t0, **stats, skipped=skipped)
         if eval_fn is not None and args.eval_every and (step + 1) % args.eval_every == 0:
-            last_eval = eval_fn()
+            with stage_rng(args.seed, f"evaluate-step-{step + 1}"):  # training's RNG untouched
+                last_eval = eval_fn()
             row.update({f"eval_{k}": v for k, v in last_eval.items()})
             policy_engine.train()
         if rank() == 0:
@@ -209,14 +261,22 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
         if args.progress:
             steps.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "kl", "return_mean")
                                if k in row})
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if skipped:
+            log.warning("step %d: the gradient is not finite (loss %s); the update was skipped "
+                        "(%d in a row)", step + 1, row.get("loss"), skipped_in_a_row)
+            if skipped_in_a_row >= args.max_skipped_steps:
+                last = latest_checkpoint(out_dir)
+                raise TrainingError(
+                    f"{skipped_in_a_row} consecutive steps (up to step {step + 1}) had "
+                    f"non-finite gradients (last loss {row.get('loss')}); stopped. The weights "
+                    f"took none of them; the last checkpoint is "
+                    f"{last if last is not None else 'none (--save-every 0)'}. Lower --lr, or "
+                    f"check the data; --max-skipped-steps allows more")
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total):
             save_checkpoint(out_dir, step + 1, engines, {"args": asdict(args)},
                             keep=args.keep_checkpoints)
-    final = out_dir / "final"
-    for name, engine in engines.items():  # collective under ZeRO-3
-        engine.save_pretrained(final / name)
-    if rank() == 0:
-        tokenizer.save_pretrained(final / "policy")
+    save_final(out_dir, engines, tokenizer, decoding)
     return last_eval
 
 
@@ -241,11 +301,13 @@ def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict
                                progress=args.progress)
     decoding = pipe.decoding.with_stop_ids(tok, policy)
     evaluate = Evaluator(tok, splits.test, decoding, samples=args.eval_samples)
+    seed_stage(args.seed, "evaluate-before")  # every stage: the same draws after a --resume
     before = evaluate(policy)
     log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"], before["sampled"])
 
     log.info("stage 2/4: sampling %d responses for each of %d prompts",
              pipe.samples_per_prompt, pipe.n_offline)
+    seed_stage(args.seed, "sample")
     rows = sample_offline(policy, tok, pipe, splits.offline, out_dir / "offline.jsonl",
                           reuse=args.resume, progress=args.progress)
     log.info("offline data: %d responses, %.1f%% correct", len(rows),
@@ -256,11 +318,24 @@ def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict
     examples = truncated_examples(args, examples)
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
     value = ValueModel.from_policy(policy) if args.algo in algos.NEEDS_VALUE else None
-    train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0))
-    save_decoding(out_dir, decoding)
+    train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0),
+          decoding=decoding)
 
     log.info("stage 4/4: evaluation")
+    seed_stage(args.seed, "evaluate-after")
     return {"before": before, "after": evaluate(policy)}
+
+
+def check_bad_rows(args: TrainArgs, errors: List[str], total: int) -> None:
+    """Stop if more than ``--max-bad-rows`` of the data was skipped: a run that trains on what
+    is left of a mostly broken file should not look like a success."""
+    if errors and len(errors) > args.max_bad_rows * total:
+        raise UsageError(f"{len(errors)} of {total} rows of {args.data} are bad and were skipped, "
+                         f"more than --max-bad-rows {args.max_bad_rows:g} allows (the first: "
+                         f"{errors[0]}); fix the data, or raise --max-bad-rows")
+    if errors:
+        log.warning("%d of %d rows skipped (see above); training on the %d left", len(errors),
+                    total, total - len(errors))
 
 
 def truncated_examples(args: TrainArgs, examples: List[Example]) -> List[Example]:
@@ -275,19 +350,12 @@ def truncated_examples(args: TrainArgs, examples: List[Example]) -> List[Example
     return kept
 
 
-def save_decoding(out_dir: Path, decoding: DecodingConfig) -> None:
-    """The decoding config beside the final policy, for dqo.evaluate to read back."""
-    if rank() == 0:
-        decoding.save(out_dir / "final" / "policy" / "decoding.json")
-
-
 def run_custom(args: TrainArgs) -> Dict:
     """``--model PATH --data FILE``: train a real model on an offline dataset."""
     from .evaluate import accuracy
     from .modeling import load_policy
     from .tasks import get_verifier
 
-    torch.manual_seed(args.seed)
     if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     join_launcher_group(args.engine)
@@ -303,9 +371,13 @@ def run_custom(args: TrainArgs) -> Dict:
     if args.max_new_tokens is not None:
         decoding = replace(decoding, max_new_tokens=args.max_new_tokens)
     decoding = decoding.with_stop_ids(tok, policy)
-    rows, _ = read_jsonl(args.data, strict=args.strict_data)
-    examples, _ = tokenize_rows(rows, tok, max_length=args.max_length, strict=args.strict_data,
-                                stop_ids=decoding.stop_ids)
+    rows, bad = read_jsonl(args.data, strict=args.strict_data)
+    # the model's context is the length limit unless the user sets one: a huge row is cut to
+    # fit (and trained as unfinished), never allowed to exhaust memory
+    max_length = args.max_length or getattr(policy.config, "max_position_embeddings", None)
+    examples, bad_tokens = tokenize_rows(rows, tok, max_length=max_length,
+                                         strict=args.strict_data, stop_ids=decoding.stop_ids)
+    check_bad_rows(args, bad + bad_tokens, len(rows) + len(bad))
     examples = truncated_examples(args, examples)
     if args.algo in algos.NEEDS_REF:
         compute_ref_logps(policy, examples, tok.pad_token_id,
@@ -322,9 +394,10 @@ def run_custom(args: TrainArgs) -> Dict:
         verify = get_verifier(args.task)
         eval_fn = lambda: accuracy(policy, tok, prompts, answers, verify,  # noqa: E731
                                    samples=args.eval_samples, decoding=decoding)
+    seed_stage(args.seed, "evaluate-before")
     before = eval_fn() if eval_fn else {}
-    train(args, tok, policy, value, examples, eval_fn=eval_fn)
-    save_decoding(Path(args.out), decoding)
+    train(args, tok, policy, value, examples, eval_fn=eval_fn, decoding=decoding)
+    seed_stage(args.seed, "evaluate-after")
     after = eval_fn() if eval_fn else {}
     return {"before": before, "after": after}
 
@@ -336,6 +409,8 @@ HELP = {
     "out": "run directory: metrics.jsonl, checkpoints/, final/",
     "value_model": "HF path of the value backbone (default: a copy of the policy)",
     "strict_data": "fail on the first bad row instead of skipping it",
+    "max_bad_rows": "the share of rows that may be bad (skipped) before the run stops",
+    "max_skipped_steps": "consecutive steps with non-finite gradients before training stops",
     "algo": "dqo, or a baseline on the same samples", "beta": "KL coefficient",
     "lam": "lambda of the lambda-return", "gamma": "discount",
     "is_clip": "cap C of the cumulative importance ratio (inf: none)",
@@ -377,10 +452,58 @@ def parse_args(argv=None) -> TrainArgs:
     ns = vars(p.parse_args(argv))
     given = {k: v for k, v in ns.items() if v is not None}
     base = {} if given.get("data") else default_overrides()
-    return TrainArgs(**{**asdict(defaults), **base, **given})
+    args = TrainArgs(**{**asdict(defaults), **base, **given})
+    check_train_args(args)  # before any work: main() makes a UsageError one line, exit 2
+    return args
+
+
+def check_train_args(a: TrainArgs) -> None:
+    """Every argument in range and every path there, as the API would find out later: after
+    minutes of warm-up or sampling, or with an error message about something else."""
+    if a.data is not None and a.model is None:
+        raise UsageError("--data needs --model (the base policy the data was sampled from)")
+    if a.model is not None and a.data is None:
+        raise UsageError("--model needs --data: sample an offline dataset with "
+                         "python -m dqo.sample first")
+    check_model("--model", a.model)
+    check_model("--value-model", a.value_model)
+    check_file("--data", a.data)
+    check_file("--eval-data", a.eval_data)
+    inf = math.inf
+    for flag, value, low, high, low_open, high_open, integer in (
+            ("--beta", a.beta, 0, inf, True, True, False),
+            ("--lam", a.lam, 0, 1, False, False, False),
+            ("--gamma", a.gamma, 0, 1, True, False, False),
+            ("--is-clip", a.is_clip, 1, inf, False, False, False),
+            ("--lr", a.lr, 0, inf, True, True, False),
+            ("--value-lr", a.value_lr, 0, inf, True, True, False),
+            ("--grad-clip", a.grad_clip, 0, inf, False, True, False),
+            ("--truncated-reward", a.truncated_reward, -inf, inf, True, True, False),
+            ("--max-bad-rows", a.max_bad_rows, 0, 1, False, False, False),
+            ("--epochs", a.epochs, 1, inf, False, True, True),
+            ("--max-steps", a.max_steps, 1, inf, False, True, True),
+            ("--batch-size", a.batch_size, 1, inf, False, True, True),
+            ("--micro-batch", a.micro_batch, 1, inf, False, True, True),
+            ("--warmup-steps", a.warmup_steps, 0, inf, False, True, True),
+            ("--eval-every", a.eval_every, 0, inf, False, True, True),
+            ("--save-every", a.save_every, 0, inf, False, True, True),
+            ("--keep-checkpoints", a.keep_checkpoints, 1, inf, False, True, True),
+            ("--eval-samples", a.eval_samples, 0, inf, False, True, True),
+            ("--max-skipped-steps", a.max_skipped_steps, 1, inf, False, True, True),
+            ("--max-length", a.max_length, 2, inf, False, True, True),
+            ("--max-new-tokens", a.max_new_tokens, 1, inf, False, True, True)):
+        check_range(flag, value, low, high, low_open=low_open, high_open=high_open,
+                    integer=integer)
+    if a.batch_size % a.micro_batch:
+        raise UsageError(f"--batch-size: expected a multiple of --micro-batch "
+                         f"({a.micro_batch}), got {a.batch_size}")
 
 
 def main(argv=None) -> None:
+    run_cli(_main, argv, prog="python -m dqo.train")
+
+
+def _main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "transformers", "DeepSpeed"):
@@ -388,11 +511,6 @@ def main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Writing model shards" at every save
     args = parse_args(argv)
-    if args.data is not None and args.model is None:
-        raise SystemExit("--data needs --model (the base policy the data was sampled from)")
-    if args.model is not None and args.data is None:
-        raise SystemExit("--model needs --data: sample an offline dataset with "
-                         "python -m dqo.sample first")
     t0 = time.time()
     res = run_default(args) if args.data is None else run_custom(args)
     leave_process_group()

@@ -367,13 +367,14 @@ def test_deepspeed_engine_trains_on_cpu(tok, policy, tmp_path, stage, monkeypatc
     assert losses["deepspeed"][0] == pytest.approx(losses["torch"][0], rel=1e-5)
 
 
-def test_parse_args_defaults_and_flags():
+def test_parse_args_defaults_and_flags(tmp_path):
     a = parse_args([])
     assert a.data is None and a.lr == 2e-5 and a.out == "runs/default"
-    b = parse_args(["--model", "m", "--data", "d.jsonl", "--lam", "0.95", "--no-is-policy",
-                    "--is-clip", "inf", "--max-steps", "10"])
+    (tmp_path / "d.jsonl").touch()
+    b = parse_args(["--model", "org/model", "--data", str(tmp_path / "d.jsonl"), "--lam", "0.95",
+                    "--no-is-policy", "--is-clip", "inf", "--max-steps", "10"])
     assert (b.model, b.lam, b.is_policy, b.is_clip, b.max_steps, b.lr) == (
-        "m", 0.95, False, math.inf, 10, 5e-7)
+        "org/model", 0.95, False, math.inf, 10, 5e-7)
 
 
 def test_default_pipeline_smoke(tmp_path):
