@@ -5,7 +5,9 @@
 - ``sft``: the examples' responses as targets (give reference solutions);
 - ``rs``:  rejection sampling: SFT on the correct samples;
 - ``dpo``: pairs of a correct and an incorrect sample of a prompt (at most 12 a prompt);
-- ``kto``: every sample, label = correctness (the outcome reward, never process rewards).
+- ``kto``: every sample, label = correctness (the outcome reward, never process rewards), as
+  TRL's KTOTrainer: its reference point from mismatched (prompt, completion) pairs, the
+  desirable weight by the KTO paper's ratio rule.
 
 Responses cut at the length limit (``Example.finished`` False) bootstrap their return from the
 value model in DQO and DRO, and are incorrect samples for RS, DPO and KTO: no algorithm sees a
@@ -19,21 +21,42 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from dqo_kernels import dro_loss, fused_dqo_loss
 
 from .data import Batch, Example, collate
-from .losses import dpo_loss, kto_loss, sequence_sum, sft_loss
+from .losses import dpo_loss, kto_loss, kto_reference_point, sequence_sum, sft_loss
 
 ALGOS = ("dqo", "dro", "sft", "rs", "dpo", "kto")
 NEEDS_VALUE = {"dqo", "dro"}
 NEEDS_REF = {"dqo", "dro", "dpo", "kto"}
 
 
+def mismatched(examples: Sequence[Example]) -> List[Example]:
+    """For KTO's reference point: example i's prompt with another prompt's response. Examples
+    are grouped by prompt and every response moves on by the largest group's size, so that it
+    always lands on a different prompt (when there is more than one)."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].prompt)
+    groups: Dict[str, int] = defaultdict(int)
+    for e in examples:
+        groups[e.prompt] += 1
+    shift = max(groups.values()) if len(groups) > 1 else 1
+    out: List[Optional[Example]] = [None] * len(examples)
+    for k, i in enumerate(order):
+        j = order[(k + shift) % len(order)]
+        e, other = examples[i], examples[j]
+        out[i] = Example(e.prompt_ids, other.response_ids, [0.0] * len(other.response_ids),
+                         prompt=e.prompt, response=other.response,
+                         source=f"{e.source} x {other.source}", finished=other.finished)
+    return out
+
+
 def items(algo: str, examples: List[Example], seed: int = 0, max_pairs: int = 12) -> List:
+    if algo == "kto":  # (example, its mismatched pair)
+        return list(zip(examples, mismatched(examples)))
     if algo == "rs":
         return [e for e in examples if e.correct]
     if algo == "dpo":
@@ -54,7 +77,7 @@ def items(algo: str, examples: List[Example], seed: int = 0, max_pairs: int = 12
 
 
 def collate_items(algo: str, chunk: Sequence, pad_id: int, padding: str = "right") -> Batch:
-    if algo == "dpo":  # chosen rows first, then rejected rows
+    if algo in ("dpo", "kto"):  # DPO: chosen rows, then rejected; KTO: rows, then KL pairs
         return collate([c for c, _ in chunk] + [r for _, r in chunk], pad_id, padding=padding)
     return collate(chunk, pad_id, padding=padding)
 
@@ -155,11 +178,17 @@ def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, floa
         margin = ((seq[:P] - ref[:P]) - (seq[P:] - ref[P:])).mean().item()
         return dict(loss=loss.item(), margin=margin, num_tokens=float(P))
     if algo == "kto":
-        m = b.action_mask
-        seq, ref = sequence_sum(_logp(engines, b), m), sequence_sum(b.ref_logp, m)
+        B = b.input_ids.shape[0] // 2
+        rows, pairs = b.select(slice(0, B)), b.select(slice(B, None))
+        m = rows.action_mask
+        seq, ref = sequence_sum(_logp(engines, rows), m), sequence_sum(rows.ref_logp, m)
+        with torch.no_grad():  # the reference point carries no gradient (TRL)
+            kl = sequence_sum(_logp(engines, pairs), pairs.action_mask)
+        z0 = kto_reference_point(kl, sequence_sum(pairs.ref_logp, pairs.action_mask))
         # the outcome label, not the summed reward: process rewards never make a failed
         # response desirable
-        loss = kto_loss(seq, ref, b.correct, beta=args.beta)
+        loss = kto_loss(seq, ref, rows.correct, z0, beta=args.beta,
+                        lambda_d=args.kto_desirable_weight, lambda_u=args.kto_undesirable_weight)
         _backward_and_step(engines, {"policy": loss})
-        return dict(loss=loss.item(), num_tokens=float(seq.shape[0]))
+        return dict(loss=loss.item(), kl=z0.item(), num_tokens=float(B))
     raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")

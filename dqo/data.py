@@ -77,6 +77,8 @@ def check_row(row, where: str) -> Dict:
     """Validate one decoded row; returns it with ``response`` filled from ``steps``."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "solution" in row and not isinstance(row["solution"], str):
+        raise DataError(f"{where}: 'solution' must be a string")
     for key in ("prompt", "reward"):
         if key not in row:
             raise DataError(f"{where}: missing required field {key!r}")
@@ -158,16 +160,52 @@ def read_jsonl(path, *, strict: bool = False) -> Tuple[List[Dict], List[str]]:
     return rows, errors
 
 
-def read_prompts(path) -> Tuple[List[str], List[str]]:
-    """``prompt`` and ``answer`` of every row of a jsonl file (for sampling and evaluation)."""
-    prompts, answers = [], []
+def read_prompt_rows(path) -> List[Dict]:
+    """Rows of a prompts file: ``prompt``, ``answer`` and, where given, ``solution`` (a worked
+    canonical solution, what ``--algo sft`` trains on), as strings."""
+    rows = []
     for where, line in _lines(path):
         obj = _parse(where, line)
         if not isinstance(obj, dict) or "prompt" not in obj or "answer" not in obj:
             raise DataError(f"{where}: expected an object with 'prompt' and 'answer'")
-        prompts.append(str(obj["prompt"]))
-        answers.append(str(obj["answer"]))
-    return prompts, answers
+        rows.append({k: str(obj[k]) for k in ("prompt", "answer", "solution") if k in obj})
+    return rows
+
+
+def read_prompts(path) -> Tuple[List[str], List[str]]:
+    """``prompt`` and ``answer`` of every row of a jsonl file (for sampling and evaluation)."""
+    rows = read_prompt_rows(path)
+    return [r["prompt"] for r in rows], [r["answer"] for r in rows]
+
+
+def read_solutions(path) -> List[Dict]:
+    """An ``--sft-data`` file: rows of ``prompt`` and ``solution`` (``answer`` optional)."""
+    rows = []
+    for where, line in _lines(path):
+        obj = _parse(where, line)
+        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
+                and isinstance(obj.get("solution"), str)):
+            raise DataError(f"{where}: expected an object with string 'prompt' and 'solution'")
+        rows.append(dict(obj, _source=where))
+    return rows
+
+
+def sft_rows(rows: Sequence[Dict], source: str) -> List[Dict]:
+    """SFT's training rows: each prompt's canonical ``solution`` (once per prompt), never the
+    sampled responses. A DataError if no row has a solution."""
+    out, seen = [], set()
+    for r in rows:
+        sol = r.get("solution")
+        if isinstance(sol, str) and sol and r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            out.append(dict(prompt=r["prompt"], response=sol, reward=1.0,
+                            answer=r.get("answer"), _source=r.get("_source", source)))
+    if not out:
+        raise DataError(f"{source}: no row has a 'solution': --algo sft trains on canonical "
+                        f"solutions (a 'solution' field on the prompt rows, which dqo.sample "
+                        f"copies into the data, or --sft-data FILE with prompt and solution), "
+                        f"never on sampled responses (--algo rs trains on the correct ones)")
+    return out
 
 
 def write_jsonl(path, rows: Iterable[Dict]) -> None:
@@ -327,6 +365,11 @@ class Batch:
     def to(self, device) -> "Batch":
         mv = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
         return Batch(*(mv(getattr(self, k)) for k in self.__dataclass_fields__))
+
+    def select(self, rows) -> "Batch":
+        """The batch of some of its rows (an index or a slice)."""
+        return Batch(*(None if x is None else x[rows]
+                       for x in (getattr(self, k) for k in self.__dataclass_fields__)))
 
 
 def collate(examples: Sequence[Example], pad_id: int, *, padding: str = "right") -> Batch:

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
              verify: Verifier, *, decoding: DecodingConfig, samples: int = 4,
-             batch_size: int = 64) -> Dict[str, float]:
+             batch_size: int = 64, per_problem: bool = False) -> Dict:
     """``greedy`` and ``sampled`` accuracy (a cut response is wrong), and the share of
-    responses cut at ``decoding.max_new_tokens`` (``greedy_cut``, ``sampled_cut``)."""
+    responses cut at ``decoding.max_new_tokens`` (``greedy_cut``, ``sampled_cut``). With
+    ``per_problem``, also each problem's score (``greedy_items``, ``sampled_items``: the share
+    of its responses that are right), for paired statistics over problems."""
     decoding = decoding.with_stop_ids(tokenizer, model)
     out = {}
     runs = [("greedy", 1, True)] + ([("sampled", samples, False)] if samples > 0 else [])
@@ -42,8 +44,11 @@ def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
                        batch_size=batch_size)
         flat = [s for ss in res for s in ss]
         ok = verify([s.text for s in flat], [a for a in answers for _ in range(n)])
-        out[name] = sum(good and s.finished for good, s in zip(ok, flat)) / max(1, len(flat))
+        right = [float(good and s.finished) for good, s in zip(ok, flat)]
+        out[name] = sum(right) / max(1, len(flat))
         out[f"{name}_cut"] = sum(not s.finished for s in flat) / max(1, len(flat))
+        if per_problem:
+            out[f"{name}_items"] = [sum(right[i * n:(i + 1) * n]) / n for i in range(len(res))]
     return out
 
 

@@ -24,18 +24,36 @@ def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, chosen_ref:
     return -torch.nn.functional.logsigmoid(beta * margin).mean()
 
 
-def kto_loss(logp: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, beta: float = 0.1,
-             lambda_d: float = 1.0, lambda_u: float = 1.0) -> torch.Tensor:
-    """KTO (Ethayarajh et al., 2024) on sequence log-probs ([B]) with binary labels.
+def kto_reference_point(kl_logp: torch.Tensor, kl_ref: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0, as TRL's KTOTrainer estimates it: the mean log-ratio of
+    MISMATCHED (prompt, completion) pairs, averaged over all ranks, clamped at 0, detached."""
+    z = (kl_logp - kl_ref).detach().float().mean()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(z)
+        z = z / torch.distributed.get_world_size()
+    return z.clamp_min(0.0)
 
-    ``r = logp - ref``; the reference point ``z`` is the batch's KL estimate, detached and
-    clamped at 0 (the common simplification of the paper's mismatched-pair estimate)::
 
-        desirable:   lambda_d * (1 - sigmoid(beta * (r - z)))
-        undesirable: lambda_u * (1 - sigmoid(beta * (z - r)))
-    """
+def kto_loss(logp: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, z0: torch.Tensor,
+             beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0) -> torch.Tensor:
+    """KTO (Ethayarajh et al., 2024) as TRL's KTOTrainer, on sequence log-probs ([B]) with
+    binary labels (the outcome's correctness). ``r = logp - ref``, ``z0`` from
+    :func:`kto_reference_point`::
+
+        desirable:   lambda_d * (1 - sigmoid(beta * (r - z0)))
+        undesirable: lambda_u * (1 - sigmoid(beta * (z0 - r)))
+
+    averaged over the batch."""
     r = logp - ref
-    z = r.detach().mean().clamp_min(0.0)
-    loss = torch.where(desirable, lambda_d * (1 - torch.sigmoid(beta * (r - z))),
-                       lambda_u * (1 - torch.sigmoid(beta * (z - r))))
+    loss = torch.where(desirable, lambda_d * (1 - torch.sigmoid(beta * (r - z0))),
+                       lambda_u * (1 - torch.sigmoid(beta * (z0 - r))))
     return loss.mean()
+
+
+def kto_weights(n_desirable: int, n_undesirable: int) -> tuple:
+    """``(lambda_d, lambda_u)`` by the KTO paper's rule: lambda_u = 1 and lambda_d the value
+    nearest 1 with ``lambda_d * n_D / (lambda_u * n_U)`` in [1, 4/3]."""
+    if n_desirable == 0 or n_undesirable == 0:
+        return 1.0, 1.0
+    ratio = n_desirable / n_undesirable
+    return min(max(1.0, 1.0 / ratio), 4.0 / 3.0 / ratio), 1.0

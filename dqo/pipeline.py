@@ -29,6 +29,7 @@ class DefaultPipeline:
     n_offline: int = 256  # prompts sampled for the offline dataset
     n_test: int = 200  # held-out problems for evaluation
     n_dev: int = 100  # problems that decide when the warm-up stops
+    n_val: int = 0  # problems that choose hyper-parameters (the replication's sweep)
     samples_per_prompt: int = 8
     sft_max_steps: int = 1500
     sft_target: float = 0.35  # stop the warm-up at this greedy accuracy: "right sometimes"
@@ -48,12 +49,11 @@ class Splits:
     """Disjoint problem sets of the synthetic task, fixed by the seed."""
 
     def __init__(self, pipe: DefaultPipeline, seed: int):
-        n = pipe.n_sft + pipe.n_offline + pipe.n_dev + pipe.n_test
-        probs = arithmetic.make_problems(n, seed)
-        self.sft = probs[:pipe.n_sft]
-        self.offline = probs[pipe.n_sft:pipe.n_sft + pipe.n_offline]
-        self.dev = probs[pipe.n_sft + pipe.n_offline:n - pipe.n_test]
-        self.test = probs[n - pipe.n_test:]
+        sizes = (pipe.n_sft, pipe.n_offline, pipe.n_dev, pipe.n_test, pipe.n_val)
+        probs = arithmetic.make_problems(sum(sizes), seed)  # the same prefix for any n_val
+        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        self.sft, self.offline, self.dev, self.test, self.val = (
+            probs[a:b] for a, b in zip([0] + ends[:-1], ends))
 
 
 class Evaluator:
@@ -65,10 +65,11 @@ class Evaluator:
         self.answers = [p.answer for p in problems]
         self.verify = get_verifier("arithmetic")
 
-    def __call__(self, model, samples: Optional[int] = None) -> Dict[str, float]:
+    def __call__(self, model, samples: Optional[int] = None,
+                 per_problem: bool = False) -> Dict[str, float]:
         return accuracy(model, self.tok, self.prompts, self.answers, self.verify,
                         samples=self.samples if samples is None else samples,
-                        decoding=self.decoding)
+                        decoding=self.decoding, per_problem=per_problem)
 
 
 def warm_up_base(pipe: DefaultPipeline, splits: Splits, out_dir: Path, *, seed: int = 0,

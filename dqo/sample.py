@@ -33,7 +33,7 @@ from dqo_kernels import token_logprobs
 
 from .cli import UsageError, check_file, check_model, check_range
 from .cli import run as run_cli
-from .data import read_prompts, split_steps, write_jsonl
+from .data import read_prompt_rows, split_steps, write_jsonl
 from .decoding import DecodingConfig, encode_prompt, own_generation_config, sidecar, split_at_stop
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,20 @@ Verifier = Callable[[Sequence[str], Sequence[str]], List[bool]]
 
 
 def label_samples(prompts, answers, samples: List[List[Sample]], verify: Verifier, *,
-                  grade_truncated: bool = False) -> List[Dict]:
+                  grade_truncated: bool = False,
+                  solutions: Optional[Sequence[Optional[str]]] = None) -> List[Dict]:
     """Rows for the trainer: reward 1 if the final answer is right, else 0 (paper app. A); a
-    response cut at the length limit is wrong unless ``grade_truncated``."""
+    response cut at the length limit is wrong unless ``grade_truncated``. A prompt's canonical
+    ``solution``, where given, rides along (``--algo sft`` trains on it)."""
     rows = []
-    for p, a, ss in zip(prompts, answers, samples):
+    for i, (p, a, ss) in enumerate(zip(prompts, answers, samples)):
         ok = verify([s.text for s in ss], [a] * len(ss))
+        extra = {"solution": solutions[i]} if solutions and solutions[i] is not None else {}
         for s, good in zip(ss, ok):
             rows.append(dict(prompt=p, response=s.text, response_ids=s.ids,
                              behavior_logp=s.logp, finished=s.finished,
-                             reward=float(good and (s.finished or grade_truncated)), answer=a))
+                             reward=float(good and (s.finished or grade_truncated)), answer=a,
+                             **extra))
     return rows
 
 
@@ -221,7 +225,8 @@ def _main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--prompts", required=True, help="jsonl with prompt and answer")
+    p.add_argument("--prompts", required=True,
+                   help="jsonl with prompt and answer (and solution: copied into the data)")
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20, help="responses per prompt (paper: 20)")
@@ -247,12 +252,14 @@ def _main(argv=None) -> None:
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)
     decoding = decoding.with_stop_ids(tok, model)
-    prompts, answers = read_prompts(args.prompts)
+    prompt_rows = read_prompt_rows(args.prompts)
+    prompts, answers = [r["prompt"] for r in prompt_rows], [r["answer"] for r in prompt_rows]
     verify = get_verifier(args.task)
     samples = generate(model, tok, prompts, n=args.n, progress=True, decoding=decoding,
                        batch_size=args.batch_size)
     rows = label_samples(prompts, answers, samples, verify,
-                         grade_truncated=args.grade_truncated)
+                         grade_truncated=args.grade_truncated,
+                         solutions=[r.get("solution") for r in prompt_rows])
     if args.process_scores == "mc":
         rows = mc_process_scores(model, tok, rows, verify, n=args.process_n,
                                  total=args.process_reward_total, decoding=decoding,

@@ -38,7 +38,14 @@ from .atomic import atomic_write, replace_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .cli import UsageError, check_file, check_model, check_range
 from .cli import run as run_cli
-from .data import Example, apply_truncated_policy, read_jsonl, tokenize_rows
+from .data import (
+    Example,
+    apply_truncated_policy,
+    read_jsonl,
+    read_solutions,
+    sft_rows,
+    tokenize_rows,
+)
 from .decoding import DecodingConfig, find_decoding, sidecar
 from .engine import (
     OptimConfig,
@@ -50,6 +57,7 @@ from .engine import (
     resolve_engine_kind,
     world_size,
 )
+from .losses import kto_weights
 from .modeling import PolicyLogprobs, ValueModel
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .reference_logps import compute_ref_logps
@@ -67,6 +75,7 @@ class TrainArgs:
     eval_data: Optional[str] = None  # jsonl with prompt, answer
     out: str = "runs/dqo"
     value_model: Optional[str] = None  # HF path of the value backbone; None: a copy of the policy
+    sft_data: Optional[str] = None  # --algo sft: jsonl of prompt + solution (default: --data's)
     strict_data: bool = False
     max_bad_rows: float = 0.1  # the share of bad rows a run goes on with
     max_length: Optional[int] = None
@@ -75,6 +84,9 @@ class TrainArgs:
     padding: str = "right"
     # the algorithm (dqo, or a baseline on the same samples: dro, sft, rs, dpo, kto)
     algo: str = "dqo"
+    # KTO: the weights of desirable / undesirable samples; None: the KTO paper's ratio rule
+    kto_desirable_weight: Optional[float] = None
+    kto_undesirable_weight: Optional[float] = None
     # DQO
     beta: float = 0.1
     lam: float = 1.0
@@ -182,6 +194,19 @@ def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingCon
     barrier()
 
 
+def kto_setup(args: TrainArgs, pairs, policy, pad_id: int, out_dir: Path) -> TrainArgs:
+    """KTO's extras, before any update: reference log-probs of the mismatched pairs (``policy``
+    is still the reference), and the sample weights (the KTO paper's rule unless given)."""
+    compute_ref_logps(policy, [kl for _, kl in pairs], pad_id, cache_dir=str(out_dir / "cache"))
+    n_d = sum(e.correct for e, _ in pairs)
+    rule_d, rule_u = kto_weights(n_d, len(pairs) - n_d)
+    d = args.kto_desirable_weight if args.kto_desirable_weight is not None else rule_d
+    u = args.kto_undesirable_weight if args.kto_undesirable_weight is not None else rule_u
+    log.info("KTO: %d desirable, %d undesirable samples; weights %.3f / %.3f", n_d,
+             len(pairs) - n_d, d, u)
+    return replace(args, kto_desirable_weight=d, kto_undesirable_weight=u)
+
+
 def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
           eval_fn: Optional[Callable[[], Dict]] = None,
           decoding: Optional[DecodingConfig] = None) -> Dict:
@@ -191,6 +216,8 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
     data = algos.items(args.algo, examples, seed=args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.algo == "kto":
+        args = kto_setup(args, data, policy, tokenizer.pad_token_id, out_dir)
     if args.batch_size % args.micro_batch:
         raise ValueError(f"batch_size ({args.batch_size}) must be a multiple of micro_batch "
                          f"({args.micro_batch})")
@@ -372,6 +399,10 @@ def run_custom(args: TrainArgs) -> Dict:
         decoding = replace(decoding, max_new_tokens=args.max_new_tokens)
     decoding = decoding.with_stop_ids(tok, policy)
     rows, bad = read_jsonl(args.data, strict=args.strict_data)
+    if args.algo == "sft":  # canonical solutions, never the sampled responses
+        if args.sft_data:
+            rows, bad = read_solutions(args.sft_data), []
+        rows = sft_rows(rows, args.sft_data or args.data)
     # the model's context is the length limit unless the user sets one: a huge row is cut to
     # fit (and trained as unfinished), never allowed to exhaust memory
     max_length = args.max_length or getattr(policy.config, "max_position_embeddings", None)
@@ -408,10 +439,14 @@ HELP = {
     "task": "verifier used for evaluation", "eval_data": "jsonl with prompt and answer",
     "out": "run directory: metrics.jsonl, checkpoints/, final/",
     "value_model": "HF path of the value backbone (default: a copy of the policy)",
+    "sft_data": "--algo sft: jsonl rows of prompt and solution (default: the solution field "
+                "of --data's rows)",
     "strict_data": "fail on the first bad row instead of skipping it",
     "max_bad_rows": "the share of rows that may be bad (skipped) before the run stops",
     "max_skipped_steps": "consecutive steps with non-finite gradients before training stops",
     "algo": "dqo, or a baseline on the same samples", "beta": "KL coefficient",
+    "kto_desirable_weight": "KTO: weight of correct samples (default: the KTO paper's rule)",
+    "kto_undesirable_weight": "KTO: weight of incorrect samples (default: 1)",
     "lam": "lambda of the lambda-return", "gamma": "discount",
     "is_clip": "cap C of the cumulative importance ratio (inf: none)",
     "is_policy": "importance weights on the policy loss", "is_value": "... on the value loss",
@@ -446,7 +481,8 @@ def parse_args(argv=None) -> TrainArgs:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             typ = {"is_clip": float, "max_steps": int, "value_lr": float, "max_length": int,
-                   "max_new_tokens": int}.get(
+                   "max_new_tokens": int, "kto_desirable_weight": float,
+                   "kto_undesirable_weight": float}.get(
                 f.name, type(d) if d is not None else str)
             p.add_argument(flag, type=typ, default=None, choices=CHOICES.get(f.name), help=help_)
     ns = vars(p.parse_args(argv))
@@ -469,6 +505,9 @@ def check_train_args(a: TrainArgs) -> None:
     check_model("--value-model", a.value_model)
     check_file("--data", a.data)
     check_file("--eval-data", a.eval_data)
+    check_file("--sft-data", a.sft_data)
+    if a.sft_data and a.algo != "sft":
+        raise UsageError(f"--sft-data: only --algo sft trains on it, got --algo {a.algo}")
     inf = math.inf
     for flag, value, low, high, low_open, high_open, integer in (
             ("--beta", a.beta, 0, inf, True, True, False),
@@ -480,6 +519,8 @@ def check_train_args(a: TrainArgs) -> None:
             ("--grad-clip", a.grad_clip, 0, inf, False, True, False),
             ("--truncated-reward", a.truncated_reward, -inf, inf, True, True, False),
             ("--max-bad-rows", a.max_bad_rows, 0, 1, False, False, False),
+            ("--kto-desirable-weight", a.kto_desirable_weight, 0, inf, True, True, False),
+            ("--kto-undesirable-weight", a.kto_undesirable_weight, 0, inf, True, True, False),
             ("--epochs", a.epochs, 1, inf, False, True, True),
             ("--max-steps", a.max_steps, 1, inf, False, True, True),
             ("--batch-size", a.batch_size, 1, inf, False, True, True),

@@ -7,33 +7,91 @@ import torch
 
 from dqo import algos
 from dqo import data as D
-from dqo.losses import dpo_loss, kto_loss, sequence_sum
+from dqo.losses import dpo_loss, kto_loss, kto_reference_point, kto_weights, sequence_sum
 from dqo.modeling import ValueModel, build_policy, tiny_config
 from dqo.reference_logps import compute_ref_logps
 from dqo.tokenizer import char_tokenizer
 from dqo.train import TrainArgs, train
+from dqo_kernels import dro_loss
 
 
-def test_dpo_loss_closed_form():
-    c, r = torch.tensor([-3.0, -1.0], requires_grad=True), torch.tensor([-2.0, -4.0])
+def sig(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_dpo_loss_and_gradient_by_hand():
+    """TRL's sigmoid DPO: -log sigmoid(beta * ((c - cr) - (r - rr))), mean over pairs."""
+    c = torch.tensor([-3.0, -1.0], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([-2.0, -4.0], dtype=torch.float64, requires_grad=True)
     cr, rr = torch.tensor([-2.5, -2.0]), torch.tensor([-2.0, -3.0])
-    loss = dpo_loss(c, r, cr, rr, beta=0.5)
-    margins = torch.tensor([(-3 + 2.5) - (-2 + 2.0), (-1 + 2.0) - (-4 + 3.0)])
-    torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(0.5 * margins).mean())
+    beta = 0.5
+    loss = dpo_loss(c, r, cr.double(), rr.double(), beta=beta)
+    m = [(-3 + 2.5) - (-2 + 2.0), (-1 + 2.0) - (-4 + 3.0)]  # -0.5, 2.0
+    assert loss.item() == pytest.approx(sum(-math.log(sig(beta * x)) for x in m) / 2, abs=1e-12)
     loss.backward()
-    assert (c.grad < 0).all()  # raising the chosen log-prob lowers the loss
+    # d/dm of -log sig(beta m) is -beta sig(-beta m); c enters m with +1, r with -1
+    assert c.grad.tolist() == pytest.approx([-beta * sig(-beta * x) / 2 for x in m], abs=1e-12)
+    assert r.grad.tolist() == pytest.approx([beta * sig(-beta * x) / 2 for x in m], abs=1e-12)
 
 
-def test_kto_loss_directions():
-    logp = torch.tensor([-1.0, -1.0], requires_grad=True)
-    ref = torch.tensor([-2.0, -2.0])
-    loss = kto_loss(logp, ref, torch.tensor([True, False]), beta=1.0)
+def test_kto_loss_and_gradient_by_hand():
+    """TRL's KTO: z0 = max(0, mean log-ratio of mismatched pairs), detached; weighted losses."""
+    logp = torch.tensor([-1.0, -3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-2.0, -2.5, -2.0], dtype=torch.float64)
+    desirable = torch.tensor([True, False, True])
+    kl_logp = torch.tensor([-4.0, -3.0, -5.0], dtype=torch.float64, requires_grad=True)
+    kl_ref = torch.tensor([-4.5, -3.5, -5.5], dtype=torch.float64)
+    beta, ld, lu = 0.5, 1.5, 1.0
+    z0 = kto_reference_point(kl_logp, kl_ref)
+    assert z0.item() == pytest.approx(0.5) and not z0.requires_grad
+    loss = kto_loss(logp, ref, desirable, z0, beta=beta, lambda_d=ld, lambda_u=lu)
+    r = [1.0, -0.5, 0.0]
+    expect = (ld * (1 - sig(beta * (r[0] - 0.5))) + lu * (1 - sig(beta * (0.5 - r[1])))
+              + ld * (1 - sig(beta * (r[2] - 0.5)))) / 3
+    assert loss.item() == pytest.approx(expect, abs=1e-12)
     loss.backward()
-    assert logp.grad[0] < 0 < logp.grad[1]  # push desirable up, undesirable down
-    z = 1.0  # mean log-ratio, clamped at 0
-    exp = ((1 - torch.sigmoid(torch.tensor(1.0 - z)))
-           + (1 - torch.sigmoid(torch.tensor(z - 1.0)))) / 2
-    torch.testing.assert_close(loss, exp)
+    dsig = lambda x: sig(x) * (1 - sig(x))  # noqa: E731
+    assert logp.grad.tolist() == pytest.approx([-ld * beta * dsig(beta * (r[0] - 0.5)) / 3,
+                                                lu * beta * dsig(beta * (0.5 - r[1])) / 3,
+                                                -ld * beta * dsig(beta * (r[2] - 0.5)) / 3],
+                                               abs=1e-12)
+    assert kl_logp.grad is None  # the reference point is a constant of the loss
+    # a negative mean log-ratio is clamped at 0
+    assert kto_reference_point(kl_ref, kl_logp.detach()).item() == 0.0
+
+
+def test_kto_weights_follow_the_ratio_rule():
+    for n_d, n_u, lam_d in ((30, 70, 70 / 30), (50, 50, 1.0), (60, 40, 4 / 3 * 40 / 60),
+                            (55, 45, 1.0)):
+        d, u = kto_weights(n_d, n_u)
+        assert (d, u) == (pytest.approx(lam_d), 1.0)
+        assert 1.0 - 1e-12 <= d * n_d / (u * n_u) <= 4 / 3 + 1e-12
+
+
+def test_kto_reference_pairs_mismatch_every_prompt(setup):
+    _, _, exs = setup
+    pairs = algos.items("kto", exs)
+    assert [e for e, _ in pairs] == exs
+    for e, kl in pairs:
+        assert kl.prompt_ids == e.prompt_ids and kl.response_ids != e.response_ids
+        source = next(x for x in exs if x.response_ids == kl.response_ids)
+        assert source.prompt != e.prompt  # another prompt's response
+
+
+def test_dro_loss_and_gradient_by_hand():
+    """DRO (Richemond et al.): 0.5 (beta l + V - r)^2, policy through l, value through V."""
+    logp = torch.tensor([-3.0, -5.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-3.5, -4.0], dtype=torch.float64)
+    v = torch.tensor([0.2, 0.6], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    beta = 0.3
+    out = dro_loss(logp, ref, v, r, beta=beta, backend="torch")
+    delta = [beta * 0.5 + 0.2 - 1.0, beta * -1.0 + 0.6 - 0.0]
+    assert out.policy_loss.item() == pytest.approx(sum(0.5 * d * d for d in delta) / 2)
+    assert out.value_loss.item() == pytest.approx(sum(0.5 * d * d for d in delta) / 2)
+    out.loss.backward()
+    assert logp.grad.tolist() == pytest.approx([beta * d / 2 for d in delta], abs=1e-12)
+    assert v.grad.tolist() == pytest.approx([d / 2 for d in delta], abs=1e-12)
 
 
 def test_sequence_sum_ignores_padding_garbage():
@@ -82,3 +140,29 @@ def test_every_algorithm_trains(setup, algo, tmp_path):
     assert len(rows) == 10 and all(math.isfinite(r["loss"]) for r in rows)
     first, last = sum(r["loss"] for r in rows[:3]), sum(r["loss"] for r in rows[-3:])
     assert last < first, (algo, [round(r["loss"], 4) for r in rows])
+
+
+def test_sft_trains_on_canonical_solutions_never_on_samples(tmp_path):
+    sampled = [dict(prompt="Q1", response="wrong", reward=0.0, _source="d:1"),
+               dict(prompt="Q1", response="right", reward=1.0, _source="d:2")]
+    with pytest.raises(D.DataError, match=r"d.jsonl: no row has a 'solution': --algo sft "
+                                          r"trains on canonical solutions"):
+        D.sft_rows(sampled, "d.jsonl")
+    with_solutions = [dict(r, solution="1+1=2\n#### 2") for r in sampled] + [
+        dict(prompt="Q2", response="x", reward=0.0, solution="#### 5")]
+    rows = D.sft_rows(with_solutions, "d.jsonl")
+    assert [(r["prompt"], r["response"], r["reward"]) for r in rows] == [
+        ("Q1", "1+1=2\n#### 2", 1.0), ("Q2", "#### 5", 1.0)]  # once a prompt
+    f = tmp_path / "sft.jsonl"
+    f.write_text('{"prompt": "Q", "solution": "#### 1"}\n{"prompt": "Q3"}\n')
+    with pytest.raises(D.DataError, match=rf"{f}:2: expected an object with string 'prompt' "
+                                          r"and 'solution'"):
+        D.read_solutions(f)
+
+
+def test_sampling_carries_a_prompts_solution_into_its_rows():
+    from dqo.sample import Sample, label_samples
+    s = Sample("#### 2", [3, 2], [-0.1, -0.2])
+    rows = label_samples(["Q1", "Q2"], ["2", "3"], [[s], [s]], lambda t, a: [True] * len(t),
+                         solutions=["1+1=2\n#### 2", None])
+    assert rows[0]["solution"] == "1+1=2\n#### 2" and "solution" not in rows[1]

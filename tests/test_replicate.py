@@ -15,6 +15,10 @@ def test_replicate_quick(tmp_path, capsys):
         m.name for m in replicate.METHODS}
     assert set(res["values"]) == {"DQO", "DQO + process scores (exact labels)"}
     assert "python -m dqo.experiments.replicate --quick" in table
+    assert "| method | greedy % | minus DQO | sampled % | minus DQO |" in table
+    assert all(len(r["greedy_items"]) == 16 for r in res["runs"] if "greedy" in r)
+    assert {x["method"] for x in res["sweep"] if x.get("chosen")} == {
+        m.name for m in replicate.METHODS if m.tuned}
 
 
 class PairTokenizer:
@@ -56,15 +60,35 @@ def test_step_values_follow_tokens_and_skip_blank_lines():
     assert rows == expect
 
 
-def test_paired_to_compares_on_the_same_base_and_seed():
-    runs = [dict(method=m, base=b, seed=s, greedy=g) for m, b, s, g in (
-        ("DQO", 0, 0, 0.5), ("DQO", 0, 1, 0.7), ("DQO", 1, 0, 0.2), ("DQO", 1, 1, 0.2),
-        ("RS", 0, 0, 0.6), ("RS", 0, 1, 0.6), ("RS", 1, 0, 0.1), ("RS", 1, 1, 0.3))]
+def test_compare_is_paired_on_problems_bases_and_seeds():
+    items = {  # (method, base, seed) -> per-problem greedy correctness on 4 test problems
+        ("DQO", 0, 0): [1, 0, 1, 0], ("DQO", 0, 1): [1, 1, 0, 0], ("DQO", 1, 0): [0, 0, 0, 1],
+        ("RS", 0, 0): [1, 1, 1, 0], ("RS", 0, 1): [1, 1, 0, 0], ("RS", 1, 0): [1, 0, 0, 1],
+        ("RS", 1, 1): [1, 1, 1, 1],  # no DQO run to pair with: left out of the difference
+    }
+    runs = [dict(method=m, base=b, seed=s, greedy=sum(v) / 4, greedy_items=[float(x) for x in v])
+            for (m, b, s), v in items.items()]
     runs.append(dict(method="KTO", base=0, seed=0, skipped="0 training items"))
-    (rs,) = replicate.paired_to(runs)
-    assert rs["method"] == "RS" and rs["bases"] == 2
-    assert abs(rs["diff"] - 0.0) < 1e-12  # +0.1, -0.1, -0.1, +0.1
-    assert rs["ahead"] == 0  # base 0: 0.6 vs 0.6, base 1: 0.2 vs 0.2, neither strictly ahead
-    runs[4]["greedy"] = 0.9
-    (rs,) = replicate.paired_to(runs)
-    assert rs["ahead"] == 1 and abs(rs["diff"] - 0.075) < 1e-12
+    rs = replicate.compare(runs, "RS", "DQO", "greedy", n=500)
+    assert rs["acc"] == 11 / 16  # all four RS runs
+    assert abs(rs["diff"] - (7 - 5) / 12) < 1e-12  # paired: the three (base, seed) both have
+    lo, hi = rs["diff_ci"]
+    assert lo <= rs["diff"] <= hi and lo < hi
+    on_base_1 = replicate.compare(runs, "RS", "DQO", "greedy", n=500, base=1)
+    assert on_base_1["diff"] == 1 / 4
+    assert replicate.compare(runs, "KTO", "DQO", "greedy", n=500) == {}
+    identical = replicate.compare(runs, "DQO", "DQO", "greedy", n=500)
+    assert "diff" not in identical
+
+
+def test_the_sweep_gives_every_tuned_method_the_same_budget():
+    budget = replicate.Budget()
+    sizes = {m.algo: len(replicate.grid(m.algo, budget)) for m in replicate.METHODS if m.tuned}
+    assert set(sizes) == {"sft", "rs", "dpo", "kto", "dro", "dqo"}
+    assert len(set(sizes.values())) == 1
+    assert all("beta" in c for c in replicate.grid("kto", budget))
+    assert all("max_steps" in c for c in replicate.grid("sft", budget))
+    splits = replicate.Splits(replicate.replication_pipeline(), seed=0)
+    assert not set(splits.val) & set(splits.test)  # chosen on problems never tested on
+    default = replicate.Splits(replicate.DefaultPipeline(), seed=0)
+    assert default.test == splits.test  # the validation split leaves the test set as it was

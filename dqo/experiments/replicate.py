@@ -1,22 +1,29 @@
 """A reproducible mini-replication of the paper's comparisons (Tables 3-7, Figure 2) on the
 synthetic arithmetic task, on a CPU.
 
-    python -m dqo.experiments.replicate                 # 3 bases x 2 seeds, about 25 min
+    python -m dqo.experiments.replicate                 # 3 bases x 2 seeds, about an hour
     python -m dqo.experiments.replicate --quick         # toy sizes, seconds (CI smoke)
 
 A tiny base policy is warmed up with SFT until it is right sometimes. An offline dataset is
 sampled from it (8 responses a prompt, verified), plus two process-score variants of it: Monte-
 Carlo (paper 4.4: completions sampled from every prefix of a failed response) and the task's
-exact step labels. Then every method below trains from the same base weights on the same
-samples with the same budget (optimizer steps, batch size, learning rate). Each is evaluated
-on held-out problems, greedy and sampled, over several seeds (data order and sampling).
+exact step labels. Every method then trains from the same base weights on the same samples
+(SFT on the problems' canonical solutions).
+
+Tuning, as the paper's appendix A does for every baseline: each of SFT, RS, DPO, KTO, DRO and
+DQO gets the same budget of configurations (lr x beta where a method has a beta, lr x steps
+for SFT and RS), each trained once and scored by greedy accuracy on a validation split that is
+disjoint from the test problems; the best goes on to the test problems with every training
+seed. DQO's ablations and process-score variants use DQO's chosen configuration.
 
 All of that is repeated for several bases (``--bases``: SFT warm-ups from different seeds,
-each with its own offline data): differences between methods that are smaller than the
-base-to-base spread are not findings.
+each with its own offline data). Every accuracy comes with a 95% interval from a bootstrap
+over the test problems, and every method is compared with DQO paired on the same problems,
+bases and seeds (the paired bootstrap's interval of the difference).
 
-Outputs in ``--out``: ``replication.md`` (mean +- std table), ``replication.json`` (every run),
-``replication.png`` (accuracy, and learned V(s) against true step correctness).
+Outputs in ``--out``: ``replication.md`` (tables), ``replication.json`` (every run, with its
+per-problem results), ``replication.png`` (accuracy with intervals, and learned V(s) against
+true step correctness).
 """
 from __future__ import annotations
 
@@ -52,15 +59,16 @@ class Method:
     algo: str
     data: str = "outcome"  # outcome | mc | exact | reference
     overrides: Dict = field(default_factory=dict)
+    tuned: bool = False  # swept on the validation split (else: DQO's chosen configuration)
 
 
 METHODS = [
-    Method("SFT", "sft", "reference"),
-    Method("RS", "rs"),
-    Method("DPO", "dpo"),
-    Method("KTO", "kto"),
-    Method("DRO", "dro"),
-    Method("DQO", "dqo"),
+    Method("SFT", "sft", "reference", tuned=True),
+    Method("RS", "rs", tuned=True),
+    Method("DPO", "dpo", tuned=True),
+    Method("KTO", "kto", tuned=True),
+    Method("DRO", "dro", tuned=True),
+    Method("DQO", "dqo", tuned=True),
     Method("DQO, no IS on policy loss", "dqo", overrides={"is_policy": False}),
     Method("DQO, no IS on value loss", "dqo", overrides={"is_value": False}),
     Method("DQO, no IS", "dqo", overrides={"is_policy": False, "is_value": False}),
@@ -74,18 +82,36 @@ METHODS = [
 class Budget:
     max_steps: int = 64
     batch_size: int = 64
-    lr: float = 2e-5
     value_lr: float = 1e-3
-    beta: float = 0.1
     eval_samples: int = 4
     mc_samples: int = 4  # completions per prefix for the Monte-Carlo process scores
     process_reward_total: float = PROCESS_REWARD_TOTAL  # the most a failed response earns
+    # the sweep: the same number of configurations for every tuned method
+    lrs: Tuple[float, ...] = (1e-5, 3e-5)
+    betas: Tuple[float, ...] = (0.03, 0.1)  # methods with a KL coefficient
+    steps: Tuple[int, ...] = (32, 64)  # SFT and RS: lr x steps
+    bootstrap: int = 2000  # resamples of the test problems for the 95% intervals
+
+
+BETA_ALGOS = ("dqo", "dro", "dpo", "kto")
+
+
+def grid(algo: str, budget: Budget) -> List[Dict]:
+    """The configurations a tuned method is swept over: the same number for every method."""
+    name, values = (("beta", budget.betas) if algo in BETA_ALGOS
+                    else ("max_steps", budget.steps))
+    return [{"lr": lr, name: v} for lr in budget.lrs for v in values]
 
 
 def quick() -> (DefaultPipeline, Budget):
-    return (DefaultPipeline(n_sft=512, n_offline=16, n_test=16, n_dev=16, samples_per_prompt=8,
-                            sft_max_steps=150, hidden_size=64, layers=2),
-            Budget(max_steps=2, batch_size=4, eval_samples=1, mc_samples=2))
+    return (DefaultPipeline(n_sft=512, n_offline=16, n_test=16, n_dev=16, n_val=8,
+                            samples_per_prompt=8, sft_max_steps=150, hidden_size=64, layers=2),
+            Budget(max_steps=2, batch_size=4, eval_samples=1, mc_samples=2, lrs=(2e-5,),
+                   betas=(0.1,), steps=(2,), bootstrap=200))
+
+
+def replication_pipeline() -> DefaultPipeline:
+    return DefaultPipeline(n_val=100)
 
 
 def build_datasets(tok, policy, pipe: DefaultPipeline, splits: Splits, budget: Budget,
@@ -141,39 +167,60 @@ def step_values(value, tok, problem, text: str, response_ids) -> List[Dict]:
     return out
 
 
-def summarize(runs: List[Dict], methods: List[Method]) -> List[Dict]:
+def bootstrap_ci(items: List[float], n: int, seed: int = 0) -> Tuple[float, float]:
+    """95% percentile interval of the mean of ``items`` (one value per test problem), from
+    ``n`` resamples of the problems."""
+    x = torch.tensor(items, dtype=torch.float64)
+    idx = torch.randint(len(x), (n, len(x)), generator=torch.Generator().manual_seed(seed))
+    lo, hi = torch.quantile(x[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return lo.item(), hi.item()
+
+
+def per_problem(runs: List[Dict], key: str) -> List[float]:
+    """Each test problem's score averaged over ``runs`` (bases x seeds)."""
+    return [statistics.mean(col) for col in zip(*(r[key + "_items"] for r in runs))]
+
+
+def compare(runs: List[Dict], name: str, ref: str, key: str, n: int,
+            base: Optional[int] = None) -> Dict:
+    """``name``'s accuracy with its interval and its difference from ``ref``'s, paired on the
+    same problems, bases and seeds, with the paired bootstrap's interval."""
+    def sel(m):
+        return {(r["base"], r["seed"]): r for r in runs if r["method"] == m
+                and f"{key}_items" in r and (base is None or r["base"] == base)}
+    mine, theirs = sel(name), sel(ref)
+    if not mine:
+        return {}
+    own = per_problem(list(mine.values()), key)
+    out = dict(acc=statistics.mean(own), ci=bootstrap_ci(own, n))
+    both = sorted(set(mine) & set(theirs))
+    if name != ref and both:
+        diff = [a - b for a, b in zip(per_problem([mine[k] for k in both], key),
+                                      per_problem([theirs[k] for k in both], key))]
+        out.update(diff=statistics.mean(diff), diff_ci=bootstrap_ci(diff, n))
+    return out
+
+
+def summarize(runs: List[Dict], methods: List[Method], bases: List[int], n: int,
+              ref: str = "DQO") -> List[Dict]:
     rows = []
-    for m in [Method("Base (SFT warm-up)", "-")] + methods:
-        rs = [r for r in runs if r["method"] == m.name and "skipped" not in r]
-        row = {"method": m.name, "n": len(rs)}
-        for k in ("greedy", "sampled"):
-            vals = [r[k] for r in rs]
-            row[k] = statistics.mean(vals) if vals else float("nan")
-            row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            # mean over seeds for each base: the spread a single-base study cannot see
-            row[k + "_by_base"] = {b: statistics.mean(r[k] for r in rs if r["base"] == b)
-                                   for b in sorted({r["base"] for r in rs})}
+    for name in ["Base (SFT warm-up)"] + [m.name for m in methods]:
+        row = {"method": name, "n": sum(r["method"] == name and "greedy" in r for r in runs),
+               "skipped": sorted({r["skipped"] for r in runs
+                                  if r["method"] == name and "skipped" in r})}
+        for key in ("greedy", "sampled"):
+            row[key] = compare(runs, name, ref, key, n)
+            row[key + "_by_base"] = {b: compare(runs, name, ref, key, n, base=b) for b in bases}
         rows.append(row)
     return rows
 
 
-def paired_to(runs: List[Dict], ref: str = "DQO") -> List[Dict]:
-    """Each method minus ``ref`` on the same base and training seed (greedy accuracy): the
-    comparison the base-to-base spread does not blur. ``ahead``: in how many bases the method's
-    mean over seeds is above ``ref``'s."""
-    acc = {(r["method"], r["base"], r["seed"]): r["greedy"] for r in runs if "greedy" in r}
-    out = []
-    for name in dict.fromkeys(r["method"] for r in runs):
-        pairs = [(b, acc[(name, b, s)] - acc[(ref, b, s)]) for (m, b, s) in acc
-                 if m == name and (ref, b, s) in acc]
-        if name == ref or not pairs:
-            continue
-        diffs = [d for _, d in pairs]
-        by_base = {b: statistics.mean(d for bb, d in pairs if bb == b) for b, _ in pairs}
-        out.append(dict(method=name, diff=statistics.mean(diffs),
-                        diff_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                        ahead=sum(d > 0 for d in by_base.values()), bases=len(by_base)))
-    return out
+def _pct(c: Dict, which: str = "acc") -> str:
+    if which == "acc":
+        return f"{100 * c['acc']:.1f} [{100 * c['ci'][0]:.1f}, {100 * c['ci'][1]:.1f}]"
+    if "diff" not in c:
+        return "–"
+    return f"{100 * c['diff']:+.1f} [{100 * c['diff_ci'][0]:+.1f}, {100 * c['diff_ci'][1]:+.1f}]"
 
 
 def auc(pos: List[float], neg: List[float]) -> float:
@@ -184,47 +231,72 @@ def auc(pos: List[float], neg: List[float]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def write_report(out: Path, summary, values, meta, data_stats, runs) -> None:
+def _config(c: Dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in c.items())
+
+
+def write_report(out: Path, summary, values, meta, data_stats, sweep) -> None:
     correct = ", ".join(f"{100 * d['outcome']['correct']:.1f}%" for d in data_stats.values())
+    bases, budget, pipe = meta["bases"], meta["budget"], meta["pipe"]
     lines = [
         "# Mini-replication on the synthetic arithmetic task", "",
         f"Command: `{meta['command']}`  ",
         f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, "
         f"python {meta['python']}; {meta['device']}; {meta['date']}; {meta['minutes']:.1f} min",
         "",
-        f"Bases: {len(meta['bases'])} {meta['params_m']:.2f}M-parameter transformers, SFT "
-        f"warm-ups on {meta['pipe']['n_sft']} problems from seeds {meta['bases']}. Offline data "
-        f"of each: {meta['pipe']['n_offline']} prompts x {meta['pipe']['samples_per_prompt']} "
-        f"samples ({correct} correct). Every method: {meta['budget']['max_steps']} steps of "
-        f"{meta['budget']['batch_size']}, lr {meta['budget']['lr']}, beta "
-        f"{meta['budget']['beta']}. Accuracy on {meta['pipe']['n_test']} held-out problems, "
-        f"mean +- std over {len(meta['bases'])} bases x {len(meta['seeds'])} training seeds.",
+        f"Bases: {len(bases)} {meta['params_m']:.2f}M-parameter transformers, SFT warm-ups on "
+        f"{pipe['n_sft']} problems from seeds {bases}. Offline data of each: "
+        f"{pipe['n_offline']} prompts x {pipe['samples_per_prompt']} samples ({correct} "
+        f"correct). Every method: {budget['max_steps']} steps of {budget['batch_size']} "
+        f"(SFT and RS: the swept number of steps). Tuned methods swept over "
+        f"lr {list(budget['lrs'])} x (beta {list(budget['betas'])} or steps "
+        f"{list(budget['steps'])}) on {pipe['n_val']} validation problems, per base; the best "
+        f"by greedy accuracy is reported on the {pipe['n_test']} test problems over "
+        f"{len(meta['seeds'])} training seeds. Ablations and process-score variants use DQO's "
+        f"configuration. Brackets: 95% intervals, bootstrap over the test problems "
+        f"({budget['bootstrap']} resamples); \"minus DQO\" is paired on the same problems, bases "
+        f"and seeds.",
         "",
-        "| method | greedy | sampled |",
-        "|---|---:|---:|",
+        "| method | greedy % | minus DQO | sampled % | minus DQO |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in summary:
-        if r["n"] == 0:
-            lines.append(f"| {r['method']} | skipped: no training data | |")
+        if not r["n"]:
+            why = "; ".join(r["skipped"]) or "not run"
+            lines.append(f"| {r['method']} | skipped: {why} | | | |")
             continue
-        lines.append(f"| {r['method']} | {100 * r['greedy']:.1f} +- {100 * r['greedy_std']:.1f} "
-                     f"| {100 * r['sampled']:.1f} +- {100 * r['sampled_std']:.1f} |")
-    bases = meta["bases"]
-    lines += ["", "Greedy accuracy of each base and what each method made of it (mean over "
-              "training seeds):", "",
+        g, sm = r["greedy"], r["sampled"]
+        lines.append(f"| {r['method']} | {_pct(g)} | {_pct(g, 'diff')} | {_pct(sm)} | "
+                     f"{_pct(sm, 'diff')} |")
+    lines += ["", "Greedy accuracy on each base (mean over training seeds), and minus DQO's on "
+              "that base:", "",
               "| method | " + " | ".join(f"base {b}" for b in bases) + " |",
               "|---|" + "---:|" * len(bases)]
     for r in summary:
-        if r["n"]:
-            lines.append(f"| {r['method']} | " + " | ".join(
-                f"{100 * r['greedy_by_base'][b]:.1f}" if b in r["greedy_by_base"] else ""
-                for b in bases) + " |")
-    lines += ["", "Greedy accuracy minus DQO's on the same base and training seed (mean +- std "
-              "over the pairs), and in how many bases the method is ahead of DQO:", "",
-              "| method | minus DQO | ahead in |", "|---|---:|---:|"]
-    for r in paired_to(runs):
-        lines.append(f"| {r['method']} | {100 * r['diff']:+.1f} +- {100 * r['diff_std']:.1f} "
-                     f"| {r['ahead']} of {r['bases']} |")
+        cells = []
+        for b in bases:
+            c = r["greedy_by_base"].get(b) or {}
+            cells.append(f"{100 * c['acc']:.1f} ({_pct(c, 'diff')})" if c else
+                         "skipped: " + ("; ".join(r["skipped"]) or "not run"))
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    lines += ["", "The sweep: greedy accuracy on the validation problems of every configuration "
+              "(one training seed), the chosen one in bold:", "",
+              "| method | configuration | " + " | ".join(f"base {b}" for b in bases) + " |",
+              "|---|---|" + "---:|" * len(bases)]
+    for name in dict.fromkeys(x["method"] for x in sweep):
+        for cfg in [dict(c) for c in dict.fromkeys(
+                tuple(x["config"].items()) for x in sweep if x["method"] == name)]:
+            cells = []
+            for b in bases:
+                hit = [x for x in sweep if x["method"] == name and x["base"] == b
+                       and x["config"] == cfg]
+                if not hit:
+                    cells.append("")
+                    continue
+                text = (f"{100 * hit[0]['greedy']:.1f}" if "greedy" in hit[0]
+                        else f"skipped: {hit[0]['skipped']}")
+                cells.append(f"**{text}**" if hit[0].get("chosen") else text)
+            lines.append(f"| {name} | {_config(cfg)} | " + " | ".join(cells) + " |")
     lines += ["", "Learned V(s) after each step of held-out responses vs the exact correctness "
               "of the prefix (base 0, seed 0; AUC = P(V correct prefix > V incorrect prefix)):",
               "",
@@ -244,18 +316,21 @@ def plot(out: Path, summary, values) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    names = [r["method"] for r in summary]
-    x = range(len(names))
+    rows = [r for r in summary if r["n"]]
+    x = range(len(rows))
+    top = 0.0
     for off, key, color in ((-0.2, "greedy", "tab:blue"), (0.2, "sampled", "tab:orange")):
-        ax1.bar([i + off for i in x], [100 * r[key] for r in summary], 0.4,
-                yerr=[100 * r[key + "_std"] for r in summary], label=key, color=color,
-                capsize=2)
+        acc = [100 * r[key]["acc"] for r in rows]
+        err = [[a - 100 * r[key]["ci"][0] for a, r in zip(acc, rows)],
+               [100 * r[key]["ci"][1] - a for a, r in zip(acc, rows)]]
+        ax1.bar([i + off for i in x], acc, 0.4, yerr=err, label=key, color=color, capsize=2)
+        top = max(top, max(100 * r[key]["ci"][1] for r in rows))
     ax1.set_xticks(list(x))
-    ax1.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax1.set_xticklabels([r["method"] for r in rows], rotation=60, ha="right", fontsize=8)
     ax1.set_ylabel("accuracy on held-out problems (%)")
-    ax1.set_ylim(0, 1.2 * max(100 * r[k] for r in summary for k in ("greedy", "sampled")))
+    ax1.set_ylim(0, 1.2 * top)
     ax1.legend(ncol=2, loc="upper center")  # above the bars: the ylim leaves room
-    ax1.set_title("Accuracy (mean +- std over seeds)")
+    ax1.set_title("Accuracy, tuned baselines (95% intervals over test problems)")
     data, labels = [], []
     for name, pts in values.items():
         for ok in (True, False):
@@ -275,29 +350,50 @@ def plot(out: Path, summary, values) -> None:
 VALUE_METHODS = ("DQO", "DQO + process scores (exact labels)")  # the Figure-2 analysis
 
 
-def run_method(m: Method, b: int, seed: int, tok, base, datasets, budget: Budget, work: Path,
-               evaluate) -> Tuple[Dict, Optional[ValueModel]]:
-    """Train one method from a copy of ``base`` and evaluate it: the row of the results, and
-    the trained value model (None for methods without one) for the Figure-2 analysis."""
+def run_method(m: Method, b: int, seed: int, config: Dict, tok, base, datasets,
+               budget: Budget, work: Path, evaluate, samples: Optional[int] = None
+               ) -> Tuple[Dict, Optional[ValueModel]]:
+    """Train one method with ``config`` from a copy of ``base`` and evaluate it: the row of
+    the results (with per-problem scores), and the trained value model (None for methods
+    without one) for the Figure-2 analysis."""
     torch.manual_seed(seed)
     policy = copy.deepcopy(base)
     value = ValueModel.from_policy(policy) if m.algo in algos.NEEDS_VALUE else None
+    settings = dict(dict(max_steps=budget.max_steps), **config, **m.overrides)
     targs = TrainArgs(algo=m.algo, out=str(work / "runs" / f"{m.algo}-{seed}"),
-                      lr=budget.lr, value_lr=budget.value_lr, beta=budget.beta,
-                      batch_size=budget.batch_size, micro_batch=budget.batch_size,
-                      max_steps=budget.max_steps, engine="torch", progress=False,
-                      seed=seed, **m.overrides)
+                      value_lr=budget.value_lr, batch_size=budget.batch_size,
+                      micro_batch=budget.batch_size, engine="torch", progress=False,
+                      seed=seed, **settings)
+    row = dict(method=m.name, base=b, seed=seed, config=config)
     n_items = len(algos.items(m.algo, datasets[m.data]))
     if n_items < budget.batch_size:  # e.g. RS/DPO when no sample is correct
         log.warning("base %d seed %d %s: skipped, %d training items < one batch", b, seed,
                     m.name, n_items)
-        return dict(method=m.name, base=b, seed=seed, skipped=f"{n_items} training items"), None
+        return dict(row, skipped=f"{n_items} training items < one batch"), None
     t = time.time()
     train(targs, tok, policy, value, datasets[m.data])
-    res = evaluate(policy)
-    log.info("base %d seed %d %-38s greedy %.3f sampled %.3f", b, seed, m.name,
-             res["greedy"], res["sampled"])
-    return dict(method=m.name, base=b, seed=seed, train_s=time.time() - t, **res), value
+    res = evaluate(policy, samples=samples, per_problem=True)
+    log.info("base %d seed %d %-38s %-22s greedy %.3f%s", b, seed, m.name, _config(config),
+             res["greedy"], f" sampled {res['sampled']:.3f}" if "sampled" in res else "")
+    return dict(row, train_s=time.time() - t, **res), value
+
+
+def sweep_base(methods: List[Method], b: int, tok, base, datasets, budget: Budget, work: Path,
+               validate) -> Tuple[Dict[str, Dict], List[Dict]]:
+    """Each tuned method's configurations on the validation split (seed 0, greedy): the
+    chosen configuration of every method on this base, and the sweep's rows."""
+    chosen, rows = {}, []
+    for m in (m for m in methods if m.tuned):
+        tried = [run_method(m, b, 0, cfg, tok, base, datasets, budget, work, validate,
+                            samples=0)[0] for cfg in grid(m.algo, budget)]
+        scored = [r for r in tried if "greedy" in r]
+        best = max(scored, key=lambda r: r["greedy"]) if scored else tried[0]
+        best["chosen"] = True
+        chosen[m.name] = best["config"]
+        rows += [{k: v for k, v in r.items() if not k.endswith("_items")} for r in tried]
+    for m in methods:  # the rest ride on DQO's choice
+        chosen.setdefault(m.name, chosen.get("DQO", grid("dqo", budget)[0]))
+    return chosen, rows
 
 
 def main(argv=None) -> None:
@@ -317,7 +413,7 @@ def main(argv=None) -> None:
     hf_logging.disable_progress_bar()
 
     t0 = time.time()
-    pipe, budget = quick() if args.quick else (DefaultPipeline(), Budget())
+    pipe, budget = quick() if args.quick else (replication_pipeline(), Budget())
     bases = list(range(args.bases or (1 if args.quick else 3)))
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
     methods = METHODS if not args.methods else [
@@ -327,6 +423,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     splits = Splits(pipe, seed=0)  # one split: every base is tested on the same problems
     runs: List[Dict] = []
+    sweep: List[Dict] = []
     values: Dict[str, List[Dict]] = {}
     data_stats: Dict[int, Dict] = {}
     for b in bases:
@@ -334,16 +431,21 @@ def main(argv=None) -> None:
         tok, base = warm_up_base(pipe, splits, work, seed=b, progress=False)
         base.eval()
         datasets, data_stats[b] = build_datasets(tok, base, pipe, splits, budget, work)
+        validate = Evaluator(tok, splits.val, pipe.decoding, samples=0)
         evaluate = Evaluator(tok, splits.test, pipe.decoding, samples=budget.eval_samples)
+        chosen, rows = sweep_base(methods, b, tok, base, datasets, budget, work, validate)
+        sweep += rows
         for seed in seeds:
             torch.manual_seed(seed)
-            runs.append(dict(method="Base (SFT warm-up)", base=b, seed=seed, **evaluate(base)))
+            runs.append(dict(method="Base (SFT warm-up)", base=b, seed=seed,
+                             **evaluate(base, per_problem=True)))
             for m in methods:
-                row, value = run_method(m, b, seed, tok, base, datasets, budget, work, evaluate)
+                row, value = run_method(m, b, seed, chosen[m.name], tok, base, datasets, budget,
+                                        work, evaluate)
                 runs.append(row)
                 if b == 0 and seed == 0 and m.name in VALUE_METHODS:
                     values[m.name] = value_vs_correctness(value, tok, base, splits.test, pipe)
-    summary = summarize(runs, methods)
+    summary = summarize(runs, methods, bases, budget.bootstrap)
     import transformers
     meta = dict(command="python -m dqo.experiments.replicate" + (" --quick" if args.quick else ""),
                 torch=torch.__version__, transformers=transformers.__version__,
@@ -353,8 +455,9 @@ def main(argv=None) -> None:
                 params_m=sum(x.numel() for x in base.parameters()) / 1e6,
                 bases=bases, pipe=asdict(pipe), budget=asdict(budget))
     (out / "replication.json").write_text(json.dumps(
-        dict(meta=meta, data=data_stats, summary=summary, runs=runs, values=values), indent=1))
-    write_report(out, summary, values, meta, data_stats, runs)
+        dict(meta=meta, data=data_stats, summary=summary, sweep=sweep, runs=runs,
+             values=values), indent=1))
+    write_report(out, summary, values, meta, data_stats, sweep)
     plot(out, summary, values)
     print((out / "replication.md").read_text())
 
