@@ -7,9 +7,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <system_error>
 #include <thread>
 #include <type_traits>
@@ -119,6 +121,10 @@ inline float exp_acc(float x) { return exp_f32<float>(x); }
 // threads, each taking at least `min_work` elements (thread start-up costs ~20 us; below that
 // one thread is faster). Plain threads that are joined, not a spinning pool: on a busy machine
 // idle workers must not burn the cores the other processes need.
+//
+// An exception in a worker (std::bad_alloc of a row buffer) must not reach std::terminate: it
+// is caught there, every thread is joined, and it is rethrown on the calling thread, where
+// module.cpp turns it into a status code.
 template <typename F>
 void parallel_rows(int64_t rows, int64_t row_len, int threads, int64_t min_work, F fn) {
   const int64_t work = rows * std::max<int64_t>(row_len, 1);
@@ -129,17 +135,27 @@ void parallel_rows(int64_t rows, int64_t row_len, int threads, int64_t min_work,
     return;
   }
   const int64_t chunk = (rows + k - 1) / k;
+  std::atomic<bool> failed{false};
+  auto guarded = [&fn, &failed](int64_t begin, int64_t end) {
+    try {
+      fn(begin, end);
+    } catch (...) {
+      failed = true;
+    }
+  };
   std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(k));  // no reallocation while threads run
   int64_t begin = chunk;  // the calling thread takes [0, chunk)
   try {
     for (; begin < rows; begin += chunk) {
-      pool.emplace_back(fn, begin, std::min(rows, begin + chunk));
+      pool.emplace_back(guarded, begin, std::min(rows, begin + chunk));
     }
   } catch (const std::system_error&) {  // no more threads: the caller does the rest
-    fn(begin, rows);
+    guarded(begin, rows);
   }
-  fn(int64_t(0), std::min(rows, chunk));
+  guarded(int64_t(0), std::min(rows, chunk));
   for (auto& t : pool) t.join();
+  if (failed) throw std::runtime_error("a worker thread failed");
 }
 
 }  // namespace dqo

@@ -19,6 +19,7 @@ whether it needs a value model and reference log-probs, and what one micro-batch
 """
 from __future__ import annotations
 
+import logging
 import random
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
@@ -29,6 +30,8 @@ from dqo_kernels import dro_loss, fused_dqo_loss
 
 from .data import Batch, Example, collate
 from .losses import dpo_loss, kto_loss, kto_reference_point, sequence_sum, sft_loss
+
+log = logging.getLogger(__name__)
 
 ALGOS = ("dqo", "dro", "sft", "rs", "dpo", "kto")
 NEEDS_VALUE = {"dqo", "dro"}
@@ -51,6 +54,10 @@ def mismatched(examples: Sequence[Example]) -> List[Example]:
         out[i] = Example(e.prompt_ids, other.response_ids, [0.0] * len(other.response_ids),
                          prompt=e.prompt, response=other.response,
                          source=f"{e.source} x {other.source}", finished=other.finished)
+    same = sum(a.prompt == b.prompt for a, b in zip(examples, out))
+    if same:  # one prompt holds more than half of the samples: not every pair can mismatch
+        log.warning("KTO: %d of %d reference-point pairs share their prompt (one prompt has "
+                    "more than half of the samples)", same, len(out))
     return out
 
 
@@ -112,15 +119,22 @@ def last_action(mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - mask.flip(-1).float().argmax(-1)
 
 
-def _non_finite(*xs: torch.Tensor, mask: torch.Tensor) -> bool:
-    return any(not bool(torch.isfinite(x[mask]).all()) for x in xs if x is not None)
+def _non_finite(*xs: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None) -> bool:
+    return any(not bool(torch.isfinite(x if mask is None else x[mask]).all())
+               for x in xs if x is not None)
 
 
 def _skip_with_nan_gradients(engines, **tensors) -> Dict[str, float]:
     """Model outputs that are not finite (a diverged model, an overflow in bf16): the loss
     would refuse them, so back-propagate NaN instead. Every parameter they depend on gets a NaN
     gradient, every engine's finite-gradient check then skips the step, and every rank still
-    runs the same backward (DeepSpeed's gradient hooks stay in step)."""
+    runs the same backward (DeepSpeed's gradient hooks stay in step). An engine that cannot
+    skip a step (DeepSpeed without ZeRO in fp32) would apply the NaN: that is an error."""
+    blind = [n for n, e in engines.items() if not getattr(e, "skips_non_finite", True)]
+    if blind:
+        raise RuntimeError(f"non-finite model outputs, and the {', '.join(blind)} engine "
+                           f"cannot skip a step (DeepSpeed ZeRO-0 in fp32 checks no gradient); "
+                           f"use --zero-stage 1 or more")
     for name, x in tensors.items():
         engines[name].backward(x.sum() * float("nan"))
     for engine in engines.values():
@@ -133,7 +147,7 @@ def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, floa
     if algo == "dqo":
         logp = _logp(engines, b)
         values, bootstrap = _values_and_bootstrap(engines, b)
-        if _non_finite(logp, values, mask=b.action_mask):
+        if _non_finite(logp, values, mask=b.action_mask) or _non_finite(bootstrap):
             return _skip_with_nan_gradients(engines, policy=logp, value=values)
         out = fused_dqo_loss(
             logp, b.ref_logp, values, b.rewards, b.action_mask, behavior_logp=b.behavior_logp,
@@ -150,7 +164,7 @@ def micro_step(algo: str, engines, b: Batch, args, num_tokens) -> Dict[str, floa
     if algo == "dro":
         logp = _logp(engines, b)
         values, bootstrap = _values_and_bootstrap(engines, b)
-        if _non_finite(logp, values, mask=b.action_mask):
+        if _non_finite(logp, values, mask=b.action_mask) or _non_finite(bootstrap):
             return _skip_with_nan_gradients(engines, policy=logp, value=values)
         first = b.action_mask.float().argmax(-1)  # V(prompt) = V at the first action
         rows = torch.arange(len(first), device=first.device)

@@ -57,16 +57,18 @@ class Example:
     source: str = ""  # file:line
     ref_logp: Optional[List[float]] = field(default=None, repr=False)  # per response token
     reward: float = 0.0  # the row's outcome reward
-    finished: bool = True  # False: cut at a length limit, its return bootstraps
+    finished: bool = True  # False: its return bootstraps (cut, and --truncated bootstrap)
     cut_to_fit: bool = False  # the response was cut here to fit max_length
+    truncated: bool = False  # the response as trained did not end (cut when sampled, or here)
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
     @property
     def correct(self) -> bool:
-        """The outcome label of the baselines (RS, DPO, KTO): a positive outcome reward."""
-        return self.reward > 0
+        """The outcome label of the baselines (RS, DPO, KTO): a positive outcome reward on a
+        response that ended; a cut one is never a correct sample."""
+        return self.reward > 0 and not self.truncated
 
 
 def _num(x) -> bool:
@@ -297,7 +299,8 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
             rewards[e] += float(r)
     ex = Example(prompt_ids, response_ids, rewards, None if behavior is None else list(behavior),
                  row["prompt"], row["response"], row.get("answer"), where,
-                 reward=float(row["reward"]), finished=bool(finished))
+                 reward=float(row["reward"]), finished=bool(finished),
+                 truncated=not finished)
     if max_length is not None and len(ex) > max_length:
         fits = max_length - len(prompt_ids)
         if fits < 1:
@@ -306,7 +309,7 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
         ex.response_ids, ex.rewards = ex.response_ids[:fits], ex.rewards[:fits]
         if ex.behavior_logp is not None:
             ex.behavior_logp = ex.behavior_logp[:fits]
-        ex.finished, ex.cut_to_fit = False, True
+        ex.finished, ex.cut_to_fit, ex.truncated = False, True, True
     return ex
 
 

@@ -160,6 +160,9 @@ class DeepSpeedEngine:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                                config=self.config)
         self.module = self.engine.module
+        # ZeRO's optimizers skip a step whose gradient norm is not finite (fp32; bf16 with
+        # check_grad_overflow); without ZeRO only fp16's loss scaler would
+        self.skips_non_finite = zero_stage > 0
         self.last_step_skipped = False
 
     def __call__(self, *args, **kwargs):

@@ -31,7 +31,8 @@ def attn_implementation() -> str:
     return "sdpa"
 
 
-def tiny_config(tokenizer, *, hidden_size=128, layers=4, heads=4, max_positions=128):
+def tiny_config(tokenizer, *, hidden_size=128, layers=4, heads=4, max_positions=128,
+                attention_dropout=0.0):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -39,7 +40,7 @@ def tiny_config(tokenizer, *, hidden_size=128, layers=4, heads=4, max_positions=
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, attention_dropout=attention_dropout,
     )
 
 

@@ -38,6 +38,7 @@ class DefaultPipeline:
     max_new_tokens: int = 40
     hidden_size: int = 128
     layers: int = 4
+    attention_dropout: float = 0.0
 
     @property
     def decoding(self) -> DecodingConfig:
@@ -82,7 +83,8 @@ def warm_up_base(pipe: DefaultPipeline, splits: Splits, out_dir: Path, *, seed: 
         log.info("reusing the warmed-up base policy in %s", base_dir)
         return tok, build_policy(path=str(base_dir))
     seed_stage(seed, "warm-up")
-    policy = build_policy(tiny_config(tok, hidden_size=pipe.hidden_size, layers=pipe.layers))
+    policy = build_policy(tiny_config(tok, hidden_size=pipe.hidden_size, layers=pipe.layers,
+                                      attention_dropout=pipe.attention_dropout))
     n_params = sum(p.numel() for p in policy.parameters())
     log.info("SFT warm-up of a %.2fM-parameter model", n_params / 1e6)
     dev = Evaluator(tok, splits.dev, pipe.decoding, samples=0)

@@ -23,10 +23,12 @@ def seed_stage(seed: int, stage: str) -> None:
 
 
 def rng_state() -> Dict:
-    """The RNG states a checkpoint keeps: torch's CPU and CUDA generators, and ``random``'s."""
+    """The RNG states a checkpoint keeps: torch's CPU generator, the current CUDA device's (one
+    process a GPU: the same state on every rank, so a resume on another number of GPUs
+    restores it too), and ``random``'s."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -35,7 +37,7 @@ def set_rng_state(state: Dict) -> None:
     if "python" in state:
         random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 @contextlib.contextmanager

@@ -107,15 +107,16 @@ def label_samples(prompts, answers, samples: List[List[Sample]], verify: Verifie
                   grade_truncated: bool = False,
                   solutions: Optional[Sequence[Optional[str]]] = None) -> List[Dict]:
     """Rows for the trainer: reward 1 if the final answer is right, else 0 (paper app. A); a
-    response cut at the length limit is wrong unless ``grade_truncated``. A prompt's canonical
-    ``solution``, where given, rides along (``--algo sft`` trains on it)."""
+    response cut at the length limit is wrong, unless ``grade_truncated``: then it is graded as
+    it stands and counts as having ended (``finished: true``, no bootstrap on top of its
+    grade). A prompt's canonical ``solution``, where given, rides along (``--algo sft``)."""
     rows = []
     for i, (p, a, ss) in enumerate(zip(prompts, answers, samples)):
         ok = verify([s.text for s in ss], [a] * len(ss))
         extra = {"solution": solutions[i]} if solutions and solutions[i] is not None else {}
         for s, good in zip(ss, ok):
             rows.append(dict(prompt=p, response=s.text, response_ids=s.ids,
-                             behavior_logp=s.logp, finished=s.finished,
+                             behavior_logp=s.logp, finished=s.finished or grade_truncated,
                              reward=float(good and (s.finished or grade_truncated)), answer=a,
                              **extra))
     return rows
@@ -231,7 +232,8 @@ def _main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20, help="responses per prompt (paper: 20)")
     p.add_argument("--grade-truncated", action="store_true",
-                   help="grade responses cut at --max-new-tokens as they stand (default: wrong)")
+                   help="grade responses cut at --max-new-tokens as they stand, as if they had "
+                        "ended (finished: true); default: wrong, unfinished")
     p.add_argument("--process-scores", choices=("none", "mc"), default="none")
     p.add_argument("--process-n", type=int, default=20,
                    help="completions per prefix (default: 20, the paper's)")

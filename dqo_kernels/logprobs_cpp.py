@@ -48,11 +48,20 @@ def _check_rows(t: torch.Tensor, name: str) -> None:
                          f"shape {tuple(t.shape)}, strides {t.stride()} on {t.device}")
 
 
+def _check_rows_of(n: int, **vectors) -> None:
+    """Every per-row vector holds N entries: the kernel reads N of each, unchecked."""
+    for name, v in vectors.items():
+        if v is not None and v.numel() != n:
+            raise ValueError(f"{name}: expected {n} entries (one per row of logits), got shape "
+                             f"{tuple(v.shape)}")
+
+
 def lse_forward(logits: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: float,
                 want_ez: bool):
     """(lse, zt, ez or None), each [N] in the compute dtype (see csrc/logprobs.cpp)."""
     _check_rows(logits, "logits")
     N, V = logits.shape
+    _check_rows_of(N, targets=targets)
     acc = acc_dtype(logits)
     targets = targets.to(torch.int64).contiguous()
     lse, zt = torch.empty(N, dtype=acc), torch.empty(N, dtype=acc)
@@ -78,6 +87,7 @@ def logits_grad(logits, targets, lse, grad, v0: int, inv_temp: float, out, grad_
         raise ValueError(f"out: expected dtype {logits.dtype} or {acc}, got {out.dtype}")
     if (grad_ent is None) != (entropy is None):
         raise ValueError("grad_ent and entropy: expected both or neither")
+    _check_rows_of(N, targets=targets, lse=lse, grad=grad, grad_ent=grad_ent, entropy=entropy)
     vec = lambda t: None if t is None else t.to(acc).contiguous()  # noqa: E731
     targets = targets.to(torch.int64).contiguous()
     lse, grad, grad_ent, entropy = vec(lse), vec(grad), vec(grad_ent), vec(entropy)

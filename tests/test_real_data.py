@@ -76,7 +76,8 @@ def test_cut_responses_are_unfinished_graded_wrong_and_get_no_eos(tok, policy):
             assert len(r["response_ids"]) == 4
     graded = label_samples(prompts, [p.answer for p in probs], samples, always_right,
                            grade_truncated=True)
-    assert all(r["reward"] == 1.0 for r in graded)
+    # graded as they stand, and so ended: no bootstrap on top of the grade
+    assert all(r["reward"] == 1.0 and r["finished"] for r in graded)
 
 
 def test_generation_stops_at_every_stop_id(tok, policy):
@@ -201,6 +202,45 @@ def test_rows_over_max_length_are_cut_to_fit_never_their_prompt(tok, caplog):
     assert "2 of 2 responses cut to fit max_length" in caplog.text
 
 
+def test_a_cut_response_is_never_a_correct_sample(tok):
+    ids = tok("#### 3", add_special_tokens=False)["input_ids"]
+    right = D.check_row({"prompt": "Q", "response": "#### 3", "reward": 1.0}, "x")
+    cut_by_user = D.check_row({"prompt": "Q", "response": "#### 3", "reward": 1.0,
+                               "response_ids": ids}, "x")  # no stop token: unfinished
+    exs = [D.tokenize_row(right, tok), D.tokenize_row(cut_by_user, tok),
+           D.tokenize_row(right, tok, max_length=len(encode_prompt(tok, "Q")) + 2)]
+    assert [e.correct for e in exs] == [True, False, False]
+    penalized, _ = D.apply_truncated_policy(exs, "penalize")
+    assert [e.correct for e in penalized] == [True, False, False]  # terminal, still not right
+    assert algos.items("rs", exs) == [exs[0]]
+    wrong = D.tokenize_row(D.check_row({"prompt": "Q", "response": "#### 4", "reward": 0.0},
+                                       "x"), tok)
+    pairs = algos.items("dpo", exs + [wrong])
+    assert {id(c) for c, _ in pairs} == {id(exs[0])}  # the cut ones are rejected samples
+    assert {id(r) for _, r in pairs} == {id(exs[1]), id(exs[2]), id(wrong)}
+
+
+def test_kto_pairs_warn_when_one_prompt_dominates(tok, caplog):
+    rows = [{"prompt": p, "response": str(i), "reward": 0.0}
+            for i, p in enumerate(["Q1", "Q1", "Q1", "Q2"])]
+    exs = [D.tokenize_row(D.check_row(r, "x"), tok) for r in rows]
+    pairs = algos.mismatched(exs)
+    same = sum(a.prompt == b.prompt for a, b in zip(exs, pairs))
+    assert same > 0 and f"KTO: {same} of 4 reference-point pairs share their prompt" in caplog.text
+
+
+def test_non_finite_outputs_on_an_engine_that_cannot_skip_is_an_error(tok, policy):
+    class Blind:
+        skips_non_finite = False
+
+        def backward(self, loss):
+            raise AssertionError("NaN gradients must never be applied")
+
+    x = torch.full((2, 3), float("nan"), requires_grad=True)
+    with pytest.raises(RuntimeError, match="the policy engine cannot skip a step"):
+        algos._skip_with_nan_gradients({"policy": Blind()}, policy=x)
+
+
 def test_truncated_policies(tok):
     rows = [{"prompt": "Q", "response": "1", "reward": 1.0},
             {"prompt": "Q", "response": "2", "reward": 0.0, "finished": False}]
@@ -268,24 +308,39 @@ def test_sampled_cut_responses_train_with_bootstrap(tok, policy, tmp_path, monke
     compute_ref_logps(policy, exs, tok.pad_token_id)
     value = ValueModel.from_policy(policy)
     torch.nn.init.normal_(value.head.weight)
-    seen = []
-    real = algos._values_and_bootstrap
+    seen, losses = [], []
+    real, real_dqo, real_dro = algos._values_and_bootstrap, algos.fused_dqo_loss, algos.dro_loss
 
     def spy(engines, b):
         out = real(engines, b)
-        seen.append((b.unfinished.clone(), out[1]))
+        seen.append((b.unfinished.clone(), out[1], b))
         return out
 
+    def spy_dqo(*a, **k):  # the loss gets exactly that bootstrap
+        losses.append(("dqo", k["bootstrap"], a[3]))
+        return real_dqo(*a, **k)
+
+    def spy_dro(*a, **k):  # the sequence reward plus that bootstrap
+        losses.append(("dro", None, a[3]))
+        return real_dro(*a, **k)
+
     monkeypatch.setattr(algos, "_values_and_bootstrap", spy)
+    monkeypatch.setattr(algos, "fused_dqo_loss", spy_dqo)
+    monkeypatch.setattr(algos, "dro_loss", spy_dro)
     args = TrainArgs(out=str(tmp_path / "run"), algo=algo, lr=1e-3, value_lr=1e-2, batch_size=8,
                      micro_batch=4, max_steps=2, engine="torch", progress=False)
     train(args, tok, policy, value, exs)
-    assert len(seen) == 4
-    for unfinished, boot in seen:
+    assert len(seen) == len(losses) == 4
+    for (unfinished, boot, b), (kind, passed, rewards) in zip(seen, losses):
         if unfinished.any():
             assert bool((boot[unfinished] != 0).all()) and bool((boot[~unfinished] == 0).all())
         else:
             assert boot is None
+        if kind == "dqo":
+            assert passed is boot
+        else:
+            seq = (b.rewards * b.action_mask).sum(-1)
+            torch.testing.assert_close(rewards, seq if boot is None else seq + boot)
 
 
 def test_evaluation_grades_cut_responses_wrong_and_reports_how_many(tok, policy):

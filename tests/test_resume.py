@@ -8,6 +8,7 @@ process, whose imports are most of its time.)
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,8 +28,10 @@ RUNNER = textwrap.dedent("""
     from dqo.pipeline import DefaultPipeline
     from dqo.train import TrainArgs, parse_args, run_default
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+    # attention dropout: training draws random numbers, so a resume must restore the RNG
     pipe = DefaultPipeline(n_sft=64, n_offline=8, n_test=8, n_dev=8, samples_per_prompt=2,
-                           sft_max_steps=6, max_new_tokens=10, hidden_size=32, layers=2)
+                           sft_max_steps=6, max_new_tokens=10, hidden_size=32, layers=2,
+                           attention_dropout=0.1)
     args = TrainArgs(**{**parse_args([]).__dict__, "out": sys.argv[1], "progress": False,
                         "batch_size": 4, "micro_batch": 2, "epochs": 1, "save_every": 1,
                         "eval_samples": 1, "resume": sys.argv[2] == "1"})
@@ -58,14 +61,18 @@ def _run(out: Path, resume: bool) -> str:
     return line
 
 
-def _run_and_kill(out: Path, marker: str, resume: bool) -> None:
+def _run_and_kill(out: Path, marker: str, resume: bool) -> str:
+    """Run until ``marker`` shows (in the log or as a file), SIGKILL; the log so far."""
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(out), "1" if resume else "0"],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     seen = threading.Event()
 
+    log = []
+
     def watch():
         for line in proc.stderr:
+            log.append(line)
             if marker in line:
                 seen.set()
         seen.set()  # the run ended without the marker: the assertion below says so
@@ -77,6 +84,7 @@ def _run_and_kill(out: Path, marker: str, resume: bool) -> None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, f"the run ended before {marker!r}: nothing was killed"
+    return "".join(log)
 
 
 def _outcome(out: Path, result: str):
@@ -91,8 +99,11 @@ def test_killed_at_every_stage_resumes_bit_for_bit(tmp_path):
     straight = tmp_path / "straight"
     expected = _outcome(straight, _run(straight, resume=False))
     out = tmp_path / "killed"
-    for i, marker in enumerate(KILL_POINTS.values()):
-        _run_and_kill(out, marker, resume=i > 0)
+    logs = [_run_and_kill(out, marker, resume=i > 0) for i, marker in
+            enumerate(KILL_POINTS.values())]
+    # the run after the kill in training went on from a checkpoint, not from step 0
+    after_training = logs[list(KILL_POINTS).index("training") + 1]
+    assert re.search(r"resumed from \S+step-\d+ at step [1-9]", after_training), after_training
     data, weights, metrics, result = _outcome(out, _run(out, resume=True))
     exp_data, exp_weights, exp_metrics, exp_result = expected
     assert data == exp_data
