@@ -175,6 +175,17 @@ def trim_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda f: f.writelines(line + "\n" for line in kept))
 
 
+def draw_curves(out_dir: Path) -> None:
+    """``curves.png`` from ``metrics.jsonl`` (dqo.plot); a run without matplotlib skips it."""
+    try:
+        from .plot import plot_run
+        log.info("training curves: %s", plot_run(out_dir))
+    except ImportError:
+        log.info("no training curves: matplotlib is not installed (pip install matplotlib)")
+    except ValueError as exc:  # no metrics rows (a resumed run that was already complete)
+        log.info("no training curves: %s", exc)
+
+
 def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingConfig]) -> None:
     """``final/{policy,value}`` in HF format (+ the tokenizer and decoding config beside the
     policy), written to a temporary directory and moved into place: never half written.
@@ -304,6 +315,8 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
             save_checkpoint(out_dir, step + 1, engines, {"args": asdict(args)},
                             keep=args.keep_checkpoints)
     save_final(out_dir, engines, tokenizer, decoding)
+    if rank() == 0:
+        draw_curves(out_dir)
     return last_eval
 
 

@@ -389,6 +389,7 @@ def test_default_pipeline_smoke(tmp_path):
     assert 0 <= res["after"]["greedy"] <= 1 and 0 <= res["after"]["sampled"] <= 1
     assert (tmp_path / "d" / "offline.jsonl").is_file()
     assert (tmp_path / "d" / "final" / "policy" / "config.json").is_file()
+    assert (tmp_path / "d" / "curves.png").stat().st_size > 10_000  # dqo.plot, at the end
     # --resume reuses every stage: same base, same offline data, training already complete
     data_before = (tmp_path / "d" / "offline.jsonl").read_text()
     metrics_before = (tmp_path / "d" / "metrics.jsonl").read_text()
