@@ -63,8 +63,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         # the trainer (python -m dqo.train); flash-attn is used on GPU when installed
+        # matplotlib: the curves every run draws (dqo.plot); accelerate: dqo.hf's Trainer
         "train": ["transformers>=4.56", "deepspeed>=0.16", "math-verify>=0.7", "tqdm",
-                  "matplotlib"],  # matplotlib: the curves every run draws (dqo.plot)
+                  "matplotlib", "accelerate>=1.0"],
         "experiments": ["matplotlib"],  # python -m dqo.experiments.replicate
         # ruff pinned: a new release may add rules and fail CI on unchanged code
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "ruff==0.17.6"],

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from dqo_kernels import linear_logprobs, token_logprobs
+from dqo_kernels import action_logprobs, action_logprobs_from_logits, to_actions
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,17 @@ def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     action_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """``[B, T]`` fp32 log-probs of the taken tokens on action positions (0 elsewhere),
     computed from the last hidden states and the lm_head weight without ``[B, T, V]`` logits."""
-    targets = input_ids[:, 1:].masked_fill(~action_mask[:, 1:], -100)
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None):
         # Soft-capped logits are not a linear function of the hidden state: go through them.
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids(attention_mask)).logits[:, :-1]
-        logp = token_logprobs(logits, targets, temperature=temperature)
-    else:
-        hidden = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids(attention_mask)).last_hidden_state
-        logp = linear_logprobs(hidden[:, :-1], head.weight, targets,
-                               bias=getattr(head, "bias", None), temperature=temperature)
-    return torch.nn.functional.pad(logp, (1, 0))
+                       position_ids=position_ids(attention_mask)).logits
+        return action_logprobs_from_logits(logits, input_ids, action_mask,
+                                           temperature=temperature)
+    hidden = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids(attention_mask)).last_hidden_state
+    return action_logprobs(hidden, head.weight, input_ids, action_mask,
+                           bias=getattr(head, "bias", None), temperature=temperature)
 
 
 class PolicyLogprobs(nn.Module):
@@ -153,7 +151,7 @@ class ValueModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask)).last_hidden_state
         after = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
-        values = torch.nn.functional.pad(after[:, :-1], (1, 0))
+        values = to_actions(after[:, :-1])
         return (values, after) if with_after else values
 
     def save_pretrained(self, path) -> None:
