@@ -57,6 +57,7 @@ class Example:
     source: str = ""  # file:line
     ref_logp: Optional[List[float]] = field(default=None, repr=False)  # per response token
     reward: float = 0.0  # the row's outcome reward
+    labelled_correct: Optional[bool] = None  # the row's own 'correct' (dqo.sample writes it)
     finished: bool = True  # False: its return bootstraps (cut, and --truncated bootstrap)
     cut_to_fit: bool = False  # the response was cut here to fit max_length
     truncated: bool = False  # the response as trained did not end (cut when sampled, or here)
@@ -66,9 +67,11 @@ class Example:
 
     @property
     def correct(self) -> bool:
-        """The outcome label of the baselines (RS, DPO, KTO): a positive outcome reward on a
-        response that ended; a cut one is never a correct sample."""
-        return self.reward > 0 and not self.truncated
+        """The outcome label of the baselines (RS, DPO, KTO): the row's ``correct`` (reward at
+        least the sampler's ``--correct-threshold``), else a positive outcome reward; a response
+        that did not end is never a correct sample."""
+        label = self.reward > 0 if self.labelled_correct is None else self.labelled_correct
+        return label and not self.truncated
 
 
 def _num(x) -> bool:
@@ -81,6 +84,8 @@ def check_row(row, where: str) -> Dict:
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "solution" in row and not isinstance(row["solution"], str):
         raise DataError(f"{where}: 'solution' must be a string")
+    if "correct" in row and not isinstance(row["correct"], bool):
+        raise DataError(f"{where}: 'correct' must be true or false, got {row['correct']!r}")
     for key in ("prompt", "reward"):
         if key not in row:
             raise DataError(f"{where}: missing required field {key!r}")
@@ -162,15 +167,20 @@ def read_jsonl(path, *, strict: bool = False) -> Tuple[List[Dict], List[str]]:
     return rows, errors
 
 
-def read_prompt_rows(path) -> List[Dict]:
-    """Rows of a prompts file: ``prompt``, ``answer`` and, where given, ``solution`` (a worked
-    canonical solution, what ``--algo sft`` trains on), as strings."""
+def read_prompt_rows(path, require_answer: bool = True) -> List[Dict]:
+    """Rows of a prompts file: ``prompt``, ``answer`` (needed by the built-in tasks' verifiers,
+    optional for a user's reward function) and, where given, ``solution`` (a worked canonical
+    solution, what ``--algo sft`` trains on), as strings; every other field as it is (a
+    reward function's extra columns)."""
     rows = []
     for where, line in _lines(path):
         obj = _parse(where, line)
-        if not isinstance(obj, dict) or "prompt" not in obj or "answer" not in obj:
-            raise DataError(f"{where}: expected an object with 'prompt' and 'answer'")
-        rows.append({k: str(obj[k]) for k in ("prompt", "answer", "solution") if k in obj})
+        if not isinstance(obj, dict) or "prompt" not in obj or (
+                require_answer and "answer" not in obj):
+            raise DataError(f"{where}: expected an object with 'prompt'"
+                            + (" and 'answer'" if require_answer else ""))
+        rows.append({k: (str(v) if k in ("prompt", "answer", "solution") else v)
+                     for k, v in obj.items()})
     return rows
 
 
@@ -299,8 +309,8 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
             rewards[e] += float(r)
     ex = Example(prompt_ids, response_ids, rewards, None if behavior is None else list(behavior),
                  row["prompt"], row["response"], row.get("answer"), where,
-                 reward=float(row["reward"]), finished=bool(finished),
-                 truncated=not finished)
+                 reward=float(row["reward"]), labelled_correct=row.get("correct"),
+                 finished=bool(finished), truncated=not finished)
     if max_length is not None and len(ex) > max_length:
         fits = max_length - len(prompt_ids)
         if fits < 1:

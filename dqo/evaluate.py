@@ -17,33 +17,42 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .cli import UsageError, check_file, check_model, check_range
 from .cli import run as run_cli
 from .decoding import DecodingConfig, find_decoding
-from .sample import Verifier, generate
+from .rewards import as_reward
+from .sample import Verifier, generate, reward_columns
 
 log = logging.getLogger(__name__)
 
 
-def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
+def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[Optional[str]],
              verify: Verifier, *, decoding: DecodingConfig, samples: int = 4,
-             batch_size: int = 64, per_problem: bool = False) -> Dict:
+             batch_size: int = 64, per_problem: bool = False,
+             columns: Optional[Sequence[Dict]] = None) -> Dict:
     """``greedy`` and ``sampled`` accuracy (a cut response is wrong), and the share of
     responses cut at ``decoding.max_new_tokens`` (``greedy_cut``, ``sampled_cut``). With
     ``per_problem``, also each problem's score (``greedy_items``, ``sampled_items``: the share
     of its responses that are right), for paired statistics over problems."""
     decoding = decoding.with_stop_ids(tokenizer, model)
+    reward = as_reward(verify)
     out = {}
     runs = [("greedy", 1, True)] + ([("sampled", samples, False)] if samples > 0 else [])
     for name, n, greedy in runs:
         res = generate(model, tokenizer, prompts, n=n, greedy=greedy, decoding=decoding,
                        batch_size=batch_size)
         flat = [s for ss in res for s in ss]
-        ok = verify([s.text for s in flat], [a for a in answers for _ in range(n)])
+        cols: Dict[str, List] = {}
+        for i, a in enumerate(answers):  # each prompt's columns, once per completion
+            for k, v in reward_columns(a, columns[i] if columns else None, n).items():
+                cols.setdefault(k, []).extend(v)
+        scores = reward.scores([p for p in prompts for _ in range(n)],
+                               [s.text for s in flat], cols)
+        ok = reward.correct(scores)
         right = [float(good and s.finished) for good, s in zip(ok, flat)]
         out[name] = sum(right) / max(1, len(flat))
         out[f"{name}_cut"] = sum(not s.finished for s in flat) / max(1, len(flat))
@@ -57,19 +66,25 @@ def main(argv=None) -> None:
 
 
 def _main(argv=None) -> None:
-    from .data import read_prompts
+    from .data import read_prompt_rows
     from .modeling import load_policy
-    from .sample import add_decoding_args, decoding_from_args
-    from .tasks import TASKS, get_verifier
+    from .sample import (
+        RESERVED,
+        add_decoding_args,
+        add_reward_args,
+        decoding_from_args,
+        reward_from_args,
+    )
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="jsonl with prompt and answer")
-    p.add_argument("--task", choices=TASKS, required=True)
+    add_reward_args(p)
     p.add_argument("--samples", type=int, default=4, help="samples a problem (0: greedy only)")
     p.add_argument("--decoding", help="decoding.json to evaluate with (default: the model's)")
     add_decoding_args(p, help_suffix=", or the decoding config's")
     args = p.parse_args(argv)
+    reward = reward_from_args(args)
     check_model("--model", args.model)
     check_file("--data", args.data)
     check_file("--decoding", args.decoding)
@@ -83,11 +98,12 @@ def _main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)
-    prompts, answers = read_prompts(args.data)
+    rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None)
     decoding = decoding.with_stop_ids(tok, model)
-    res = accuracy(model, tok, prompts, answers, get_verifier(args.task), samples=args.samples,
-                   decoding=decoding, batch_size=args.batch_size)
-    print(json.dumps(dict(model=args.model, data=args.data, n=len(prompts), **res,
+    res = accuracy(model, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows],
+                   reward, samples=args.samples, decoding=decoding, batch_size=args.batch_size,
+                   columns=[{k: v for k, v in r.items() if k not in RESERVED} for r in rows])
+    print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
                           decoding=json.loads(decoding.to_json()))))
 
 

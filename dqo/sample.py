@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -35,6 +36,7 @@ from .cli import UsageError, check_file, check_model, check_range
 from .cli import run as run_cli
 from .data import read_prompt_rows, split_steps, write_jsonl
 from .decoding import DecodingConfig, encode_prompt, own_generation_config, sidecar, split_at_stop
+from .rewards import Reward, RewardError, as_reward, load_reward, task_reward
 
 log = logging.getLogger(__name__)
 
@@ -100,25 +102,43 @@ def generate(model, tokenizer, prompts: Sequence[str], *, decoding: DecodingConf
     return out
 
 
-Verifier = Callable[[Sequence[str], Sequence[str]], List[bool]]
+# a verifier ``(responses, answers) -> list[bool]`` or a :class:`dqo.rewards.Reward`
+Verifier = Union[Callable[[Sequence[str], Sequence[str]], List[bool]], Reward]
+RESERVED = ("prompt", "answer", "solution", "response", "response_ids", "behavior_logp",
+            "finished", "reward", "correct", "steps", "step_rewards")
+
+
+def reward_columns(answer, extra: Optional[Dict], n: int) -> Dict[str, List]:
+    """A reward function's ``**columns`` for ``n`` completions of one prompt."""
+    cols = {} if answer is None else {"answer": [answer] * n}
+    cols.update({k: [v] * n for k, v in (extra or {}).items()})
+    return cols
 
 
 def label_samples(prompts, answers, samples: List[List[Sample]], verify: Verifier, *,
                   grade_truncated: bool = False,
-                  solutions: Optional[Sequence[Optional[str]]] = None) -> List[Dict]:
-    """Rows for the trainer: reward 1 if the final answer is right, else 0 (paper app. A); a
-    response cut at the length limit is wrong, unless ``grade_truncated``: then it is graded as
-    it stands and counts as having ended (``finished: true``, no bootstrap on top of its
-    grade). A prompt's canonical ``solution``, where given, rides along (``--algo sft``)."""
+                  solutions: Optional[Sequence[Optional[str]]] = None,
+                  columns: Optional[Sequence[Dict]] = None) -> List[Dict]:
+    """Rows for the trainer: the reward of each response (built-in tasks: 1 if the final
+    answer is right, else 0, paper app. A) and whether it is ``correct`` (reward >= the
+    threshold). A response cut at the length limit gets 0 and is not correct, unless
+    ``grade_truncated``: then it is graded as it stands and counts as having ended
+    (``finished: true``, no bootstrap on top of its grade). A prompt's canonical ``solution``
+    and its other ``columns`` (a reward function's extra inputs) ride along."""
+    reward = as_reward(verify)
     rows = []
     for i, (p, a, ss) in enumerate(zip(prompts, answers, samples)):
-        ok = verify([s.text for s in ss], [a] * len(ss))
-        extra = {"solution": solutions[i]} if solutions and solutions[i] is not None else {}
-        for s, good in zip(ss, ok):
+        extra = dict(columns[i]) if columns else {}
+        scores = reward.scores([p] * len(ss), [s.text for s in ss],
+                               reward_columns(a, extra, len(ss)))
+        if solutions and solutions[i] is not None:
+            extra["solution"] = solutions[i]
+        for s, score, good in zip(ss, scores, reward.correct(scores)):
+            ended = s.finished or grade_truncated
             rows.append(dict(prompt=p, response=s.text, response_ids=s.ids,
-                             behavior_logp=s.logp, finished=s.finished or grade_truncated,
-                             reward=float(good and (s.finished or grade_truncated)), answer=a,
-                             **extra))
+                             behavior_logp=s.logp, finished=ended,
+                             reward=score if ended else 0.0, correct=bool(good and ended),
+                             **({} if a is None else {"answer": a}), **extra))
     return rows
 
 
@@ -135,7 +155,9 @@ def mc_process_scores(model, tokenizer, rows: List[Dict], verify: Verifier, *,
     from every prefix s_1..s_k (k < K); if one of them is correct, steps 1..k are judged
     correct. Each of them earns ``total / K`` (:func:`with_step_rewards`). Rows keep their
     tokens and behaviour log-probs and gain ``steps``/``step_rewards``."""
-    failed = [r for r in rows if r["reward"] <= 0 and len(step_lines(r["response"])) > 1]
+    reward = as_reward(verify)
+    failed = [r for r in rows if not r.get("correct", r["reward"] > 0)
+              and len(step_lines(r["response"])) > 1]
     queries = []  # (row, k, prefix)
     for r in failed:
         lines, steps = split_steps(r["response"]), step_lines(r["response"])
@@ -147,8 +169,10 @@ def mc_process_scores(model, tokenizer, rows: List[Dict], verify: Verifier, *,
                            prefixes=[q[2] for q in queries], decoding=decoding,
                            batch_size=batch_size)
         for (r, k, prefix), ss in zip(queries, samples):
-            ok = verify([prefix + s.text for s in ss], [r["answer"]] * len(ss))
-            if any(good and s.finished for good, s in zip(ok, ss)):
+            extra = {c: v for c, v in r.items() if c not in RESERVED}
+            scores = reward.scores([r["prompt"]] * len(ss), [prefix + s.text for s in ss],
+                                   reward_columns(r.get("answer"), extra, len(ss)))
+            if any(good and s.finished for good, s in zip(reward.correct(scores), ss)):
                 best[id(r)] = max(best.get(id(r), 0), k)
     failed_ids = {id(r) for r in failed}
     return [with_step_rewards(r, best.get(id(r), 0), total) if id(r) in failed_ids else r
@@ -162,7 +186,7 @@ def exact_process_scores(rows: List[Dict], step_labels: Callable[[str, str], Lis
     out = []
     for r in rows:
         steps = step_lines(r["response"])
-        if r["reward"] > 0 or len(steps) < 2:
+        if r.get("correct", r["reward"] > 0) or len(steps) < 2:
             out.append(r)
             continue
         labels = step_labels(r["prompt"], r["response"])
@@ -185,6 +209,35 @@ def with_step_rewards(row: Dict, k: int, total: float = PROCESS_REWARD_TOTAL) ->
     per_step = total / len(steps)
     return dict(row, steps=lines,
                 step_rewards=[per_step if i in rewarded else 0.0 for i in range(len(lines))])
+
+
+def add_reward_args(p: argparse.ArgumentParser, *, task_default: Optional[str] = None) -> None:
+    """--task / --reward-fn / --correct-threshold, shared by dqo.sample, evaluate and train."""
+    from .tasks import TASKS
+    p.add_argument("--task", choices=TASKS, default=task_default,
+                   help="a built-in verifier (reward 1 right, 0 wrong)")
+    p.add_argument("--reward-fn", metavar="SPEC",
+                   help="your reward function instead: path/to/file.py:function or "
+                        "package.module:function, called as f(prompts, completions, **columns) "
+                        "-> list[float] (TRL's signature; columns: the prompt rows' other fields)")
+    p.add_argument("--correct-threshold", type=float, default=1.0,
+                   help="a response is correct when its reward is at least this (default 1.0)")
+
+
+def reward_from_args(args) -> Reward:
+    """The reward the flags name; exactly one of --task and --reward-fn."""
+    check_range("--correct-threshold", args.correct_threshold, low=-math.inf, low_open=True,
+                high_open=True)
+    if args.reward_fn and args.task:
+        raise UsageError("--reward-fn and --task: give one of them")
+    if args.reward_fn:
+        try:
+            return load_reward(args.reward_fn, args.correct_threshold)
+        except RewardError as exc:
+            raise UsageError(str(exc)) from None
+    if not args.task:
+        raise UsageError("--task or --reward-fn: give one of them (what grades a response)")
+    return task_reward(args.task, args.correct_threshold)
 
 
 def add_decoding_args(p: argparse.ArgumentParser, *, defaults: Optional[DecodingConfig] = None,
@@ -222,13 +275,12 @@ def main(argv=None) -> None:
 
 def _main(argv=None) -> None:
     from .modeling import load_policy
-    from .tasks import TASKS, get_verifier
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True,
                    help="jsonl with prompt and answer (and solution: copied into the data)")
-    p.add_argument("--task", choices=TASKS, required=True)
+    add_reward_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20, help="responses per prompt (paper: 20)")
     p.add_argument("--grade-truncated", action="store_true",
@@ -244,6 +296,7 @@ def _main(argv=None) -> None:
     add_decoding_args(p)
     args = p.parse_args(argv)
     decoding = decoding_from_args(args)
+    reward = reward_from_args(args)
     check_model("--model", args.model)
     check_file("--prompts", args.prompts)
     check_range("--n", args.n, 1, integer=True)
@@ -254,21 +307,22 @@ def _main(argv=None) -> None:
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)
     decoding = decoding.with_stop_ids(tok, model)
-    prompt_rows = read_prompt_rows(args.prompts)
-    prompts, answers = [r["prompt"] for r in prompt_rows], [r["answer"] for r in prompt_rows]
-    verify = get_verifier(args.task)
+    prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None)
+    prompts, answers = [r["prompt"] for r in prompt_rows], [r.get("answer") for r in prompt_rows]
     samples = generate(model, tok, prompts, n=args.n, progress=True, decoding=decoding,
                        batch_size=args.batch_size)
-    rows = label_samples(prompts, answers, samples, verify,
+    rows = label_samples(prompts, answers, samples, reward,
                          grade_truncated=args.grade_truncated,
-                         solutions=[r.get("solution") for r in prompt_rows])
+                         solutions=[r.get("solution") for r in prompt_rows],
+                         columns=[{k: v for k, v in r.items() if k not in RESERVED}
+                                  for r in prompt_rows])
     if args.process_scores == "mc":
-        rows = mc_process_scores(model, tok, rows, verify, n=args.process_n,
+        rows = mc_process_scores(model, tok, rows, reward, n=args.process_n,
                                  total=args.process_reward_total, decoding=decoding,
                                  batch_size=args.batch_size)
     write_jsonl(args.out, rows)
     decoding.save(sidecar(args.out))
-    acc = sum(r["reward"] > 0 for r in rows) / max(1, len(rows))
+    acc = sum(r["correct"] for r in rows) / max(1, len(rows))
     cut = sum(not r["finished"] for r in rows) / max(1, len(rows))
     log.info("wrote %d responses to %s (%.1f%% correct, %.1f%% cut at %d tokens); decoding "
              "settings in %s", len(rows), args.out, 100 * acc, 100 * cut,

@@ -61,6 +61,7 @@ from .losses import kto_weights
 from .modeling import PolicyLogprobs, ValueModel
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .reference_logps import compute_ref_logps
+from .rewards import RewardError, load_reward, task_reward
 from .rng import seed_stage, stage_rng
 
 log = logging.getLogger("dqo.train")
@@ -72,6 +73,8 @@ class TrainArgs:
     model: Optional[str] = None  # HF path of the base policy; None: the embedded default
     data: Optional[str] = None  # offline jsonl (dqo.data format); None: sample it (default)
     task: str = "arithmetic"  # verifier for evaluation: arithmetic | gsm8k | math
+    reward_fn: Optional[str] = None  # evaluation with your reward function instead (SPEC)
+    correct_threshold: float = 1.0  # a response is correct when its reward is at least this
     eval_data: Optional[str] = None  # jsonl with prompt, answer
     out: str = "runs/dqo"
     value_model: Optional[str] = None  # HF path of the value backbone; None: a copy of the policy
@@ -394,7 +397,6 @@ def run_custom(args: TrainArgs) -> Dict:
     """``--model PATH --data FILE``: train a real model on an offline dataset."""
     from .evaluate import accuracy
     from .modeling import load_policy
-    from .tasks import get_verifier
 
     if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -433,11 +435,15 @@ def run_custom(args: TrainArgs) -> Dict:
         value.to(next(policy.parameters()).device)
     eval_fn = None
     if args.eval_data:
-        from .data import read_prompts
-        prompts, answers = read_prompts(args.eval_data)
-        verify = get_verifier(args.task)
-        eval_fn = lambda: accuracy(policy, tok, prompts, answers, verify,  # noqa: E731
-                                   samples=args.eval_samples, decoding=decoding)
+        from .data import read_prompt_rows
+        from .sample import RESERVED
+        rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None)
+        reward = (load_reward(args.reward_fn, args.correct_threshold) if args.reward_fn
+                  else task_reward(args.task, args.correct_threshold))
+        eval_fn = lambda: accuracy(  # noqa: E731
+            policy, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows], reward,
+            samples=args.eval_samples, decoding=decoding,
+            columns=[{k: v for k, v in r.items() if k not in RESERVED} for r in rows])
     seed_stage(args.seed, "evaluate-before")
     before = eval_fn() if eval_fn else {}
     train(args, tok, policy, value, examples, eval_fn=eval_fn, decoding=decoding)
@@ -450,6 +456,9 @@ HELP = {
     "model": "HF path of the base policy (also the reference); omit for the embedded default",
     "data": "offline jsonl (see README: dataset format); omit for the embedded default",
     "task": "verifier used for evaluation", "eval_data": "jsonl with prompt and answer",
+    "reward_fn": "evaluation with your reward function instead of --task: path/to/file.py:fn "
+                 "or package.module:fn, f(prompts, completions, **columns) -> list[float]",
+    "correct_threshold": "a response is correct when its reward is at least this",
     "out": "run directory: metrics.jsonl, checkpoints/, final/",
     "value_model": "HF path of the value backbone (default: a copy of the policy)",
     "sft_data": "--algo sft: jsonl rows of prompt and solution (default: the solution field "
@@ -519,6 +528,12 @@ def check_train_args(a: TrainArgs) -> None:
     check_file("--data", a.data)
     check_file("--eval-data", a.eval_data)
     check_file("--sft-data", a.sft_data)
+    check_range("--correct-threshold", a.correct_threshold, low_open=True, high_open=True)
+    if a.reward_fn:
+        try:
+            load_reward(a.reward_fn, a.correct_threshold)
+        except RewardError as exc:
+            raise UsageError(str(exc)) from None
     if a.sft_data and a.algo != "sft":
         raise UsageError(f"--sft-data: only --algo sft trains on it, got --algo {a.algo}")
     inf = math.inf

@@ -1,0 +1,122 @@
+"""Reward functions: the user's own, or a built-in task's, behind one interface.
+
+A reward function has TRL's signature::
+
+    def reward(prompts: list[str], completions: list[str], **columns) -> list[float]
+
+where ``columns`` are the other fields of the prompt rows (``answer``, say), each a list
+aligned with ``prompts``. ``--reward-fn SPEC`` names one: ``path/to/file.py:function`` or
+``package.module:function``. A response is *correct* (for accuracy, rejection sampling, DPO's
+pairs, KTO's labels) when its reward is at least ``--correct-threshold`` (default 1.0).
+``--task arithmetic|gsm8k|math`` is the shorthand for the built-in verifiers, through the same
+interface (reward 1.0 right, 0.0 wrong).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+
+class RewardError(ValueError):
+    """A reward function that cannot be loaded, fails, or returns something that is not one
+    number a completion; the message names the function (and the row)."""
+
+
+@dataclass
+class Reward:
+    fn: Callable
+    name: str
+    threshold: float = 1.0
+
+    def scores(self, prompts: Sequence[str], completions: Sequence[str],
+               columns: Optional[Dict[str, Sequence]] = None) -> List[float]:
+        """One finite float a completion."""
+        prompts, completions = list(prompts), list(completions)
+        columns = {k: list(v) for k, v in (columns or {}).items()}
+        try:
+            out = self.fn(prompts, completions, **columns)
+        except Exception as exc:
+            raise RewardError(f"reward function {self.name} failed"
+                              f"{self._failing_row(prompts, completions, columns)}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
+            raise RewardError(f"reward function {self.name}: expected a list of "
+                              f"{len(prompts)} numbers, got {type(out).__name__}")
+        out = list(out)
+        if len(out) != len(prompts):
+            raise RewardError(f"reward function {self.name}: expected {len(prompts)} rewards "
+                              f"(one a completion), got {len(out)}")
+        for i, x in enumerate(out):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+                raise RewardError(f"reward function {self.name}: row {i} (prompt "
+                                  f"{prompts[i][:60]!r}): expected a finite number, got {x!r}")
+        return [float(x) for x in out]
+
+    def correct(self, scores: Sequence[float]) -> List[bool]:
+        return [s >= self.threshold for s in scores]
+
+    def _failing_row(self, prompts, completions, columns) -> str:
+        """Which row makes the function raise, found by calling it row by row."""
+        for i in range(len(prompts)):
+            try:
+                self.fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in columns.items()})
+            except Exception:
+                return f" on row {i} (prompt {prompts[i][:60]!r})"
+        return ""
+
+
+def load_reward(spec: str, threshold: float = 1.0) -> Reward:
+    """``path/to/file.py:function`` or ``package.module:function`` -> :class:`Reward`."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise RewardError(f"--reward-fn: expected path/to/file.py:function or "
+                          f"package.module:function, got {spec!r}")
+    if where.endswith(".py") or "/" in where:
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise RewardError(f"--reward-fn: no such file: {where}")
+        module_spec = importlib.util.spec_from_file_location(f"_dqo_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise RewardError(f"--reward-fn: importing {where} failed: {type(exc).__name__}: "
+                              f"{exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise RewardError(f"--reward-fn: cannot import {where}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardError(f"--reward-fn: {where} has no function {name!r}")
+    return Reward(fn, spec, threshold)
+
+
+def task_reward(task: str, threshold: float = 1.0) -> Reward:
+    """A built-in task's verifier as a reward function: 1.0 if the answer is right."""
+    from .tasks import get_verifier
+
+    verify = get_verifier(task)
+
+    def reward(prompts, completions, answer, **_):
+        return [float(ok) for ok in verify(completions, answer)]
+
+    return Reward(reward, f"--task {task}", threshold)
+
+
+def as_reward(verify) -> Reward:
+    """A :class:`Reward`, or a legacy ``verify(responses, answers) -> list[bool]`` wrapped as
+    one (reward 1.0 right, 0.0 wrong)."""
+    if isinstance(verify, Reward):
+        return verify
+
+    def reward(prompts, completions, answer, **_):
+        return [float(ok) for ok in verify(completions, answer)]
+
+    return Reward(reward, getattr(verify, "__name__", "verifier"))

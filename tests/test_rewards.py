@@ -1,0 +1,113 @@
+"""Users' own reward functions (TRL's signature) through dqo.sample, dqo.train and
+dqo.evaluate; the built-in tasks through the same interface."""
+import json
+import textwrap
+
+import pytest
+import torch
+
+from dqo import data as D
+from dqo.cli import UsageError
+from dqo.rewards import RewardError, load_reward, task_reward
+
+REWARD_FILE = textwrap.dedent("""
+    def partial_credit(prompts, completions, answer, weight, **_):
+        # 1.0 for the right final answer, else `weight` times the share of digits written
+        out = []
+        for c, a, w in zip(completions, answer, weight):
+            right = c.strip().endswith(a)
+            out.append(1.0 if right else w * sum(ch.isdigit() for ch in c) / max(1, len(c)))
+        return out
+
+    def wrong_length(prompts, completions, **_):
+        return [0.0]
+
+    def not_a_number(prompts, completions, **_):
+        return ["high"] * len(prompts)
+
+    def fails_on_empty(prompts, completions, **_):
+        return [1.0 / len(c) for c in completions]
+""")
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+def test_a_reward_file_is_loaded_and_scored(reward_file):
+    r = load_reward(f"{reward_file}:partial_credit", threshold=1.0)
+    scores = r.scores(["Q1", "Q2"], ["#### 4", "12ab"], {"answer": ["4", "7"],
+                                                        "weight": [0.5, 0.5]})
+    assert scores == [1.0, 0.25] and r.correct(scores) == [True, False]
+    builtin = task_reward("arithmetic")
+    assert builtin.scores(["Q"], ["#### 15"], {"answer": ["15"]}) == [1.0]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("wrong_length", r"wrong_length: expected 2 rewards \(one a completion\), got 1"),
+    ("not_a_number", r"not_a_number: row 0 \(prompt 'Q1'\): expected a finite number, got "
+                     r"'high'"),
+    ("fails_on_empty", r"fails_on_empty failed on row 1 \(prompt 'Q2'\): ZeroDivisionError"),
+])
+def test_a_bad_reward_function_names_itself_and_the_row(reward_file, name, message):
+    r = load_reward(f"{reward_file}:{name}")
+    with pytest.raises(RewardError, match=message):
+        r.scores(["Q1", "Q2"], ["ab", ""], {})
+
+
+def test_bad_reward_specs(reward_file, tmp_path):
+    for spec, message in ((str(reward_file), "expected path/to/file.py:function"),
+                          (f"{tmp_path}/none.py:f", "no such file"),
+                          (f"{reward_file}:missing", "has no function 'missing'"),
+                          ("no_such_package_xyz:f", "cannot import no_such_package_xyz")):
+        with pytest.raises(RewardError, match=message):
+            load_reward(spec)
+
+
+def test_user_reward_through_sample_train_evaluate(reward_file, tmp_path, capsys):
+    from dqo import evaluate, sample
+    from dqo import train as train_cli
+    from dqo.modeling import build_policy, tiny_config
+    from dqo.tasks import arithmetic
+    from dqo.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    policy = build_policy(tiny_config(tok, hidden_size=32, layers=2, heads=2))
+    model_dir = tmp_path / "base"
+    policy.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    D.write_jsonl(prompts, [dict(prompt=p.prompt, answer=p.answer, weight=0.5)
+                            for p in arithmetic.make_problems(4, 9)])
+    data = tmp_path / "data.jsonl"
+    spec = f"{reward_file}:partial_credit"
+    sample.main(["--model", str(model_dir), "--prompts", str(prompts), "--reward-fn", spec,
+                 "--n", "2", "--max-new-tokens", "8", "--out", str(data)])
+    rows, _ = D.read_jsonl(data, strict=True)
+    assert len(rows) == 8 and all(r["weight"] == 0.5 for r in rows)  # its column rides along
+    for r in rows:  # the function's float rewards; correct = reward >= 1.0 and ended
+        assert 0.0 <= r["reward"] <= 1.0 and r["correct"] == (r["reward"] >= 1.0)
+    out = tmp_path / "run"
+    train_cli.main(["--model", str(model_dir), "--data", str(data), "--reward-fn", spec,
+                    "--eval-data", str(prompts), "--eval-samples", "1", "--max-steps", "1",
+                    "--batch-size", "4", "--micro-batch", "4", "--engine", "torch",
+                    "--out", str(out), "--no-progress"])
+    evaluate.main(["--model", str(out / "final" / "policy"), "--data", str(prompts),
+                   "--reward-fn", spec, "--correct-threshold", "0.1", "--samples", "1"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 4 and 0 <= res["greedy"] <= 1
+
+
+def test_task_or_reward_fn_exactly_one(reward_file):
+    from argparse import Namespace
+
+    from dqo.sample import reward_from_args
+    with pytest.raises(UsageError, match="give one of them"):
+        reward_from_args(Namespace(task="gsm8k", reward_fn=f"{reward_file}:partial_credit",
+                                   correct_threshold=1.0))
+    with pytest.raises(UsageError, match="--task or --reward-fn"):
+        reward_from_args(Namespace(task=None, reward_fn=None, correct_threshold=1.0))
