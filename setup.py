@@ -67,8 +67,10 @@ setup(
         "train": ["transformers>=4.56", "deepspeed>=0.16", "math-verify>=0.7", "tqdm",
                   "matplotlib", "accelerate>=1.0"],
         "experiments": ["matplotlib"],  # python -m dqo.experiments.replicate
+        "tracking": ["tensorboard", "wandb"],  # --report-to tensorboard|wandb
         # ruff pinned: a new release may add rules and fail CI on unchanged code
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "ruff==0.17.6"],
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "ruff==0.17.6",
+                 "tensorboard"],  # the --report-to test reads its events file back
     },
     classifiers=[
         "Programming Language :: Python :: 3",

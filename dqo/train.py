@@ -63,6 +63,7 @@ from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_u
 from .reference_logps import compute_ref_logps
 from .rewards import RewardError, load_reward, task_reward
 from .rng import seed_stage, stage_rng
+from .tracking import REPORT_TO, Tracker, make_tracker
 
 log = logging.getLogger("dqo.train")
 
@@ -116,6 +117,7 @@ class TrainArgs:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    report_to: str = "none"  # none | tensorboard | wandb: every metrics row, from rank 0
     eval_samples: int = 4
     max_skipped_steps: int = 3  # consecutive non-finite steps before training stops
     max_new_tokens: Optional[int] = None  # evaluation; default: the data's decoding config
@@ -178,6 +180,15 @@ def trim_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda f: f.writelines(line + "\n" for line in kept))
 
 
+def report_final(tracker: Optional[Tracker], res: Dict) -> None:
+    """The evaluations before and after training, to the tracker (then closed)."""
+    if tracker is None:
+        return
+    tracker.log({f"before_{k}": v for k, v in res.get("before", {}).items()}, 0)
+    tracker.log({f"after_{k}": v for k, v in res.get("after", {}).items()}, tracker.last_step)
+    tracker.close()
+
+
 def draw_curves(out_dir: Path) -> None:
     """``curves.png`` from ``metrics.jsonl`` (dqo.plot); a run without matplotlib skips it."""
     try:
@@ -221,12 +232,22 @@ def kto_setup(args: TrainArgs, pairs, policy, pad_id: int, out_dir: Path) -> Tra
     return replace(args, kto_desirable_weight=d, kto_undesirable_weight=u)
 
 
+def open_tracker(args: TrainArgs, out_dir: Path) -> Optional[Tracker]:
+    """``--report-to``'s tracker on rank 0 (None elsewhere, and for ``none``)."""
+    return make_tracker(args.report_to, out_dir, asdict(args)) if rank() == 0 else None
+
+
 def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
           eval_fn: Optional[Callable[[], Dict]] = None,
-          decoding: Optional[DecodingConfig] = None) -> Dict:
+          decoding: Optional[DecodingConfig] = None,
+          tracker: Optional[Tracker] = None) -> Dict:
     """The training loop of ``args.algo`` (see :mod:`dqo.algos`). ``examples`` carry
     ``ref_logp`` where the algorithm needs it; ``value`` is None for policy-only algorithms;
-    ``decoding`` is saved with the final policy. Returns the last evaluation (if any)."""
+    ``decoding`` is saved with the final policy; every metrics row also goes to ``tracker``
+    (default: ``--report-to``'s, closed at the end). Returns the last evaluation (if any)."""
+    own_tracker = tracker is None
+    if own_tracker:
+        tracker = open_tracker(args, Path(args.out))
     data = algos.items(args.algo, examples, seed=args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +320,8 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
         if rank() == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if tracker is not None:
+                tracker.log(row, step + 1)
         if args.progress:
             steps.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "kl", "return_mean")
                                if k in row})
@@ -320,6 +343,8 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
     save_final(out_dir, engines, tokenizer, decoding)
     if rank() == 0:
         draw_curves(out_dir)
+    if own_tracker and tracker is not None:
+        tracker.close()
     return last_eval
 
 
@@ -361,12 +386,15 @@ def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict
     examples = truncated_examples(args, examples)
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
     value = ValueModel.from_policy(policy) if args.algo in algos.NEEDS_VALUE else None
+    tracker = open_tracker(args, out_dir)
     train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0),
-          decoding=decoding)
+          decoding=decoding, tracker=tracker)
 
     log.info("stage 4/4: evaluation")
     seed_stage(args.seed, "evaluate-after")
-    return {"before": before, "after": evaluate(policy)}
+    res = {"before": before, "after": evaluate(policy)}
+    report_final(tracker, res)
+    return res
 
 
 def check_bad_rows(args: TrainArgs, errors: List[str], total: int) -> None:
@@ -446,10 +474,14 @@ def run_custom(args: TrainArgs) -> Dict:
             columns=[{k: v for k, v in r.items() if k not in RESERVED} for r in rows])
     seed_stage(args.seed, "evaluate-before")
     before = eval_fn() if eval_fn else {}
-    train(args, tok, policy, value, examples, eval_fn=eval_fn, decoding=decoding)
+    tracker = open_tracker(args, Path(args.out))
+    train(args, tok, policy, value, examples, eval_fn=eval_fn, decoding=decoding,
+          tracker=tracker)
     seed_stage(args.seed, "evaluate-after")
     after = eval_fn() if eval_fn else {}
-    return {"before": before, "after": after}
+    res = {"before": before, "after": after}
+    report_final(tracker, res)
+    return res
 
 
 HELP = {
@@ -466,6 +498,8 @@ HELP = {
     "strict_data": "fail on the first bad row instead of skipping it",
     "max_bad_rows": "the share of rows that may be bad (skipped) before the run stops",
     "max_skipped_steps": "consecutive steps with non-finite gradients before training stops",
+    "report_to": "every metrics row (and the final evaluations) to TensorBoard "
+                 "(<out>/tensorboard) or W&B, from rank 0",
     "algo": "dqo, or a baseline on the same samples", "beta": "KL coefficient",
     "kto_desirable_weight": "KTO: weight of correct samples (default: the KTO paper's rule)",
     "kto_undesirable_weight": "KTO: weight of incorrect samples (default: 1)",
@@ -488,7 +522,8 @@ HELP = {
 CHOICES = {"algo": algos.ALGOS, "engine": ("auto", "deepspeed", "torch"),
            "task": ("arithmetic", "gsm8k", "math"), "padding": ("right", "left"),
            "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-           "zero_stage": (0, 1, 2, 3), "truncated": ("bootstrap", "drop", "penalize")}
+           "zero_stage": (0, 1, 2, 3), "truncated": ("bootstrap", "drop", "penalize"),
+           "report_to": REPORT_TO}
 
 
 def parse_args(argv=None) -> TrainArgs:

@@ -26,3 +26,34 @@ def test_plot_cli_names_a_missing_file(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dqo.plot", str(tmp_path)], capture_output=True,
                          text=True, cwd=ROOT)
     assert res.returncode == 2 and "no such file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_tensorboard_gets_every_metric(tmp_path):
+    import pytest
+    pytest.importorskip("tensorboard")
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dqo.data import check_row, tokenize_row
+    from dqo.modeling import ValueModel, build_policy, tiny_config
+    from dqo.reference_logps import compute_ref_logps
+    from dqo.tokenizer import char_tokenizer
+    from dqo.train import TrainArgs, train
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    policy = build_policy(tiny_config(tok, hidden_size=32, layers=2, heads=2))
+    exs = [tokenize_row(check_row(dict(prompt="Q: 1+1=?\n", response=r, reward=float(i % 2)),
+                                  "x"), tok) for i, r in enumerate(["#### 2", "#### 3"] * 4)]
+    compute_ref_logps(policy, exs, tok.pad_token_id)
+    args = TrainArgs(out=str(tmp_path), lr=1e-3, batch_size=4, micro_batch=4, max_steps=2,
+                     engine="torch", progress=False, report_to="tensorboard")
+    train(args, tok, policy, ValueModel.from_policy(policy), exs)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "kl", "is_ess", "value_explained_var", "lr"):
+        events = acc.Scalars(key)
+        assert [e.step for e in events] == [1, 2]
+        for e, row in zip(events, rows):
+            assert abs(e.value - row[key]) <= 1e-6 * max(1.0, abs(row[key])), key
