@@ -64,8 +64,9 @@ setup(
         "triton": ["triton>=3.0"],
         # the trainer (python -m dqo.train); flash-attn is used on GPU when installed
         # matplotlib: the curves every run draws (dqo.plot); accelerate: dqo.hf's Trainer
+        # datasets: prompts and data in the Hub's formats (json, parquet, csv, saved dirs)
         "train": ["transformers>=4.56", "deepspeed>=0.16", "math-verify>=0.7", "tqdm",
-                  "matplotlib", "accelerate>=1.0"],
+                  "matplotlib", "accelerate>=1.0", "datasets"],
         "experiments": ["matplotlib"],  # python -m dqo.experiments.replicate
         "tracking": ["tensorboard", "wandb"],  # --report-to tensorboard|wandb
         # ruff pinned: a new release may add rules and fail CI on unchanged code

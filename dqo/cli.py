@@ -58,6 +58,26 @@ def check_file(flag: str, value: Optional[str]) -> None:
         raise UsageError(f"{flag}: expected a file, got the directory {value}")
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def check_data(flag: str, value: Optional[str]) -> None:
+    """A data file in a format we read, or a directory ``datasets`` saved (save_to_disk)."""
+    if value is None:
+        return
+    p = Path(value).expanduser()
+    if not p.exists():
+        raise UsageError(f"{flag}: no such file or directory: {value}")
+    if p.is_dir():
+        if not any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json",
+                                               "state.json")):
+            raise UsageError(f"{flag}: {value} is a directory but not a saved datasets one "
+                             f"(save_to_disk)")
+    elif p.suffix not in DATA_SUFFIXES:
+        raise UsageError(f"{flag}: expected a {', '.join(DATA_SUFFIXES)} file or a saved "
+                         f"datasets directory, got {value}")
+
+
 def check_model(flag: str, value: Optional[str]) -> None:
     """A model directory that exists, or a Hugging Face Hub id (``org/name``): anything else
     cannot be a model, and transformers would only say "Repo id must use alphanumeric chars"."""

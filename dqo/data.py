@@ -31,6 +31,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -149,12 +150,61 @@ def _parse(where: str, line):
         raise DataError(f"{where}: invalid JSON ({e.msg})") from None
 
 
-def read_jsonl(path, *, strict: bool = False) -> Tuple[List[Dict], List[str]]:
-    """Rows of a jsonl file and the errors of the rows that were skipped."""
-    rows, errors = [], []
-    for where, line in _lines(path):
+TABLE_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _table_rows(path) -> Iterator[Tuple[str, object]]:
+    """``("path:row N", row)`` of a json, parquet or csv file or a saved ``datasets``
+    directory, read with the ``datasets`` library (the formats of the Hub)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading anything but jsonl needs the datasets package "
+                        f"(pip install datasets)") from None
+    p = Path(path)
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):  # a saved DatasetDict: its train split
+            if "train" not in ds and len(ds) != 1:
+                raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; save the split "
+                                f"to use alone")
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    elif p.suffix in TABLE_FORMATS:
         try:
-            rows.append(check_row(_parse(where, line), where))
+            ds = datasets.load_dataset(TABLE_FORMATS[p.suffix], data_files=str(p),
+                                       split="train")
+        except Exception as exc:  # a malformed file: one error that names it
+            raise DataError(f"{path}: not readable as {TABLE_FORMATS[p.suffix]} "
+                            f"({type(exc).__name__}: {exc})") from None
+    else:
+        raise DataError(f"{path}: expected a .jsonl, .json, .parquet or .csv file or a saved "
+                        f"datasets directory")
+    for i, row in enumerate(ds, 1):
+        yield f"{path}:row {i}", dict(row)
+
+
+def _records(path) -> Iterator[Tuple[str, object]]:
+    """``(where, object or the DataError of its line)`` of a data file in any format: jsonl
+    line by line (a bad line is one bad row), the others with ``datasets``."""
+    if Path(path).is_file() and Path(path).suffix == ".jsonl":
+        for where, line in _lines(path):
+            try:
+                yield where, _parse(where, line)
+            except DataError as e:
+                yield where, e
+    else:
+        yield from _table_rows(path)
+
+
+def read_jsonl(path, *, strict: bool = False) -> Tuple[List[Dict], List[str]]:
+    """Rows of a data file (jsonl, json, parquet, csv or a saved ``datasets`` directory) and
+    the errors of the rows that were skipped."""
+    rows, errors = [], []
+    for where, obj in _records(path):
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            rows.append(check_row(obj, where))
         except DataError as e:
             if strict:
                 raise
@@ -167,38 +217,79 @@ def read_jsonl(path, *, strict: bool = False) -> Tuple[List[Dict], List[str]]:
     return rows, errors
 
 
-def read_prompt_rows(path, require_answer: bool = True) -> List[Dict]:
-    """Rows of a prompts file: ``prompt``, ``answer`` (needed by the built-in tasks' verifiers,
-    optional for a user's reward function) and, where given, ``solution`` (a worked canonical
-    solution, what ``--algo sft`` trains on), as strings; every other field as it is (a
+PROMPT_COLUMNS = ("prompt", "question", "problem")  # ours, GSM8K's, MATH's
+ANSWER_COLUMNS = ("answer", "solution")
+
+
+def prompt_row(obj: Dict, where: str, *, prompt_column: Optional[str] = None,
+               answer_column: Optional[str] = None, require_answer: bool = True) -> Dict:
+    """One prompt row in our fields: ``prompt``, ``answer``, ``solution`` (strings) and every
+    other field as it is. Columns: ``prompt_column``, else the first of prompt, question
+    (GSM8K), problem (MATH); ``answer_column``, else answer, else solution. A worked answer
+    (GSM8K's, ending in ``#### N``; MATH's, with a last ``\\boxed{N}``) gives answer N and
+    becomes the prompt's canonical ``solution``."""
+    from .tasks.verify import extract_hash_answer, last_boxed
+
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected an object, got {type(obj).__name__}")
+    pc = prompt_column or next((c for c in PROMPT_COLUMNS if c in obj), None)
+    if pc is None or pc not in obj:
+        raise DataError(f"{where}: no prompt column ({prompt_column or ', '.join(PROMPT_COLUMNS)}"
+                        f"); found {sorted(obj)}; name it with --prompt-column")
+    ac = answer_column or next((c for c in ANSWER_COLUMNS if c in obj), None)
+    if require_answer and (ac is None or ac not in obj or obj[ac] is None):
+        raise DataError(f"{where}: no answer column ({answer_column or ', '.join(ANSWER_COLUMNS)}"
+                        f"); found {sorted(obj)}; name it with --answer-column")
+    row = {k: v for k, v in obj.items() if k not in (pc, ac)}
+    row["prompt"] = str(obj[pc])
+    if ac is not None and obj.get(ac) is not None:
+        text = str(obj[ac])
+        worked = extract_hash_answer(text) if "####" in text else last_boxed(text)
+        if worked is not None and worked != text.strip():
+            row["answer"] = worked
+            row.setdefault("solution", text)
+        else:
+            row["answer"] = text
+        if ac == "solution":  # a column named solution is one, worked answer or not
+            row["solution"] = text
+    if "solution" in row:
+        row["solution"] = str(row["solution"])
+    return row
+
+
+def read_prompt_rows(path, require_answer: bool = True, *, prompt_column: Optional[str] = None,
+                     answer_column: Optional[str] = None) -> List[Dict]:
+    """Rows of a prompts file (jsonl, json, parquet, csv or a saved ``datasets`` directory), as
+    :func:`prompt_row` reads them: ``prompt``, ``answer`` (needed by the built-in tasks'
+    verifiers, optional for a user's reward function), where given ``solution`` (a worked
+    canonical solution, what ``--algo sft`` trains on), and every other field as it is (a
     reward function's extra columns)."""
     rows = []
-    for where, line in _lines(path):
-        obj = _parse(where, line)
-        if not isinstance(obj, dict) or "prompt" not in obj or (
-                require_answer and "answer" not in obj):
-            raise DataError(f"{where}: expected an object with 'prompt'"
-                            + (" and 'answer'" if require_answer else ""))
-        rows.append({k: (str(v) if k in ("prompt", "answer", "solution") else v)
-                     for k, v in obj.items()})
+    for where, obj in _records(path):
+        if isinstance(obj, DataError):
+            raise obj
+        rows.append(prompt_row(obj, where, prompt_column=prompt_column,
+                               answer_column=answer_column, require_answer=require_answer))
     return rows
 
 
 def read_prompts(path) -> Tuple[List[str], List[str]]:
-    """``prompt`` and ``answer`` of every row of a jsonl file (for sampling and evaluation)."""
+    """``prompt`` and ``answer`` of every row of a prompts file (for sampling and evaluation)."""
     rows = read_prompt_rows(path)
     return [r["prompt"] for r in rows], [r["answer"] for r in rows]
 
 
 def read_solutions(path) -> List[Dict]:
-    """An ``--sft-data`` file: rows of ``prompt`` and ``solution`` (``answer`` optional)."""
+    """An ``--sft-data`` file: rows of ``prompt`` and ``solution`` (``answer`` optional), in
+    any format :func:`read_prompt_rows` reads (GSM8K's question/answer included)."""
     rows = []
-    for where, line in _lines(path):
-        obj = _parse(where, line)
-        if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
-                and isinstance(obj.get("solution"), str)):
+    for where, obj in _records(path):
+        if isinstance(obj, DataError):
+            raise obj
+        row = prompt_row(obj, where, require_answer=False) if isinstance(obj, dict) else obj
+        if not (isinstance(row, dict) and isinstance(row.get("solution"), str)):
             raise DataError(f"{where}: expected an object with string 'prompt' and 'solution'")
-        rows.append(dict(obj, _source=where))
+        rows.append(dict(row, _source=where))
     return rows
 
 

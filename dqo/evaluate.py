@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .cli import UsageError, check_file, check_model, check_range
+from .cli import UsageError, check_data, check_file, check_model, check_range
 from .cli import run as run_cli
 from .decoding import DecodingConfig, find_decoding
 from .rewards import as_reward
@@ -70,6 +70,7 @@ def _main(argv=None) -> None:
     from .modeling import load_policy
     from .sample import (
         RESERVED,
+        add_column_args,
         add_decoding_args,
         add_reward_args,
         decoding_from_args,
@@ -78,15 +79,17 @@ def _main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="jsonl with prompt and answer")
+    p.add_argument("--data", required=True, help="prompts with answers: jsonl, json, parquet, "
+                                                 "csv or a saved datasets directory")
     add_reward_args(p)
+    add_column_args(p)
     p.add_argument("--samples", type=int, default=4, help="samples a problem (0: greedy only)")
     p.add_argument("--decoding", help="decoding.json to evaluate with (default: the model's)")
     add_decoding_args(p, help_suffix=", or the decoding config's")
     args = p.parse_args(argv)
     reward = reward_from_args(args)
     check_model("--model", args.model)
-    check_file("--data", args.data)
+    check_data("--data", args.data)
     check_file("--decoding", args.decoding)
     check_range("--samples", args.samples, 0, integer=True)
     check_range("--batch-size", args.batch_size, 1, integer=True)
@@ -98,7 +101,8 @@ def _main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)
-    rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None)
+    rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None,
+                            prompt_column=args.prompt_column, answer_column=args.answer_column)
     decoding = decoding.with_stop_ids(tok, model)
     res = accuracy(model, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows],
                    reward, samples=args.samples, decoding=decoding, batch_size=args.batch_size,

@@ -32,7 +32,7 @@ import torch
 
 from dqo_kernels import token_logprobs
 
-from .cli import UsageError, check_file, check_model, check_range
+from .cli import UsageError, check_data, check_model, check_range
 from .cli import run as run_cli
 from .data import read_prompt_rows, split_steps, write_jsonl
 from .decoding import DecodingConfig, encode_prompt, own_generation_config, sidecar, split_at_stop
@@ -224,6 +224,14 @@ def add_reward_args(p: argparse.ArgumentParser, *, task_default: Optional[str] =
                    help="a response is correct when its reward is at least this (default 1.0)")
 
 
+def add_column_args(p: argparse.ArgumentParser) -> None:
+    """Which columns of a prompts file hold the prompt and the answer."""
+    p.add_argument("--prompt-column", help="default: the first of prompt, question (GSM8K), "
+                                           "problem (MATH)")
+    p.add_argument("--answer-column", help="default: answer, else solution (MATH); a worked "
+                                           "answer (#### N, or a last \\boxed{N}) gives N")
+
+
 def reward_from_args(args) -> Reward:
     """The reward the flags name; exactly one of --task and --reward-fn."""
     check_range("--correct-threshold", args.correct_threshold, low=-math.inf, low_open=True,
@@ -279,8 +287,10 @@ def _main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True,
-                   help="jsonl with prompt and answer (and solution: copied into the data)")
+                   help="prompts with answers (and solutions, copied into the data): jsonl, "
+                        "json, parquet, csv or a saved datasets directory")
     add_reward_args(p)
+    add_column_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20, help="responses per prompt (paper: 20)")
     p.add_argument("--grade-truncated", action="store_true",
@@ -298,7 +308,7 @@ def _main(argv=None) -> None:
     decoding = decoding_from_args(args)
     reward = reward_from_args(args)
     check_model("--model", args.model)
-    check_file("--prompts", args.prompts)
+    check_data("--prompts", args.prompts)
     check_range("--n", args.n, 1, integer=True)
     check_range("--process-n", args.process_n, 1, integer=True)
     check_range("--process-reward-total", args.process_reward_total, 0, 1, high_open=True)
@@ -307,7 +317,9 @@ def _main(argv=None) -> None:
     torch.manual_seed(args.seed)
     tok, model = load_policy(args.model)
     decoding = decoding.with_stop_ids(tok, model)
-    prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None)
+    prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None,
+                                   prompt_column=args.prompt_column,
+                                   answer_column=args.answer_column)
     prompts, answers = [r["prompt"] for r in prompt_rows], [r.get("answer") for r in prompt_rows]
     samples = generate(model, tok, prompts, n=args.n, progress=True, decoding=decoding,
                        batch_size=args.batch_size)

@@ -36,7 +36,7 @@ import torch
 from . import algos
 from .atomic import atomic_write, replace_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .cli import UsageError, check_file, check_model, check_range
+from .cli import UsageError, check_data, check_model, check_range
 from .cli import run as run_cli
 from .data import (
     Example,
@@ -75,6 +75,8 @@ class TrainArgs:
     data: Optional[str] = None  # offline jsonl (dqo.data format); None: sample it (default)
     task: str = "arithmetic"  # verifier for evaluation: arithmetic | gsm8k | math
     reward_fn: Optional[str] = None  # evaluation with your reward function instead (SPEC)
+    prompt_column: Optional[str] = None  # of --eval-data; default: prompt, question, problem
+    answer_column: Optional[str] = None  # of --eval-data; default: answer, solution
     correct_threshold: float = 1.0  # a response is correct when its reward is at least this
     eval_data: Optional[str] = None  # jsonl with prompt, answer
     out: str = "runs/dqo"
@@ -465,7 +467,9 @@ def run_custom(args: TrainArgs) -> Dict:
     if args.eval_data:
         from .data import read_prompt_rows
         from .sample import RESERVED
-        rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None)
+        rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None,
+                                prompt_column=args.prompt_column,
+                                answer_column=args.answer_column)
         reward = (load_reward(args.reward_fn, args.correct_threshold) if args.reward_fn
                   else task_reward(args.task, args.correct_threshold))
         eval_fn = lambda: accuracy(  # noqa: E731
@@ -560,9 +564,9 @@ def check_train_args(a: TrainArgs) -> None:
                          "python -m dqo.sample first")
     check_model("--model", a.model)
     check_model("--value-model", a.value_model)
-    check_file("--data", a.data)
-    check_file("--eval-data", a.eval_data)
-    check_file("--sft-data", a.sft_data)
+    check_data("--data", a.data)
+    check_data("--eval-data", a.eval_data)
+    check_data("--sft-data", a.sft_data)
     check_range("--correct-threshold", a.correct_threshold, low_open=True, high_open=True)
     if a.reward_fn:
         try:

@@ -240,9 +240,11 @@ def test_a_mostly_bad_dataset_stops_the_run(tmp_path):
     (["--beta", "inf"], "--beta: expected a value in (0, inf), got inf"),
     (["--batch-size", "6", "--micro-batch", "4"],
      "--batch-size: expected a multiple of --micro-batch (4), got 6"),
-    (["--model", "/no/such/model", "--data", "README.md"],
+    (["--model", "/no/such/model", "--data", "pyproject.toml"],
      "--model: no such model directory: /no/such/model"),
-    (["--model", "org/name", "--data", "missing.jsonl"], "--data: no such file: missing.jsonl"),
+    (["--model", "org/name", "--data", "missing.jsonl"],
+     "--data: no such file or directory: missing.jsonl"),
+    (["--model", "org/name", "--data", "README.md"], "--data: expected a .jsonl, .json"),
     (["--data", "README.md"], "--data needs --model"),
 ])
 def test_train_arguments_are_checked_before_any_work(argv, message):

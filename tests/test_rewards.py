@@ -67,7 +67,8 @@ def test_bad_reward_specs(reward_file, tmp_path):
             load_reward(spec)
 
 
-def test_user_reward_through_sample_train_evaluate(reward_file, tmp_path, capsys):
+def test_user_reward_and_a_parquet_file_through_sample_train_evaluate(reward_file, tmp_path,
+                                                                      capsys):
     from dqo import evaluate, sample
     from dqo import train as train_cli
     from dqo.modeling import build_policy, tiny_config
@@ -80,9 +81,10 @@ def test_user_reward_through_sample_train_evaluate(reward_file, tmp_path, capsys
     model_dir = tmp_path / "base"
     policy.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    prompts = tmp_path / "prompts.jsonl"
-    D.write_jsonl(prompts, [dict(prompt=p.prompt, answer=p.answer, weight=0.5)
-                            for p in arithmetic.make_problems(4, 9)])
+    datasets = pytest.importorskip("datasets")
+    prompts = tmp_path / "prompts.parquet"  # a Hub format, read with the datasets library
+    datasets.Dataset.from_list([dict(prompt=p.prompt, answer=p.answer, weight=0.5)
+                                for p in arithmetic.make_problems(4, 9)]).to_parquet(str(prompts))
     data = tmp_path / "data.jsonl"
     spec = f"{reward_file}:partial_credit"
     sample.main(["--model", str(model_dir), "--prompts", str(prompts), "--reward-fn", spec,

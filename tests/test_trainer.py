@@ -125,7 +125,8 @@ def test_read_prompts_names_the_bad_line(tmp_path):
     p.write_text('{"prompt": "1+1=?", "answer": "2"}\n\n{"prompt": "2+2=?", "answer": 4}\n')
     assert D.read_prompts(p) == (["1+1=?", "2+2=?"], ["2", "4"])
     p.write_text('{"prompt": "1+1=?", "answer": "2"}\n{"prompt": "x"}\n')
-    with pytest.raises(D.DataError, match=rf"{p}:2: expected an object with 'prompt' and"):
+    with pytest.raises(D.DataError, match=rf"{p}:2: no answer column \(answer, solution\); "
+                                          r"found \['prompt'\]; name it with --answer-column"):
         D.read_prompts(p)
     p.write_text('\n{"prompt": "1+1=?",\n')
     with pytest.raises(D.DataError, match=rf"{p}:2: invalid JSON"):
