@@ -69,6 +69,7 @@ setup(
                   "matplotlib", "accelerate>=1.0", "datasets"],
         "experiments": ["matplotlib"],  # python -m dqo.experiments.replicate
         "tracking": ["tensorboard", "wandb"],  # --report-to tensorboard|wandb
+        "vllm": ["vllm"],  # dqo.sample --engine vllm (GPU)
         # ruff pinned: a new release may add rules and fail CI on unchanged code
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "ruff==0.17.6",
                  "tensorboard"],  # the --report-to test reads its events file back

@@ -67,13 +67,14 @@ def main(argv=None) -> None:
 
 def _main(argv=None) -> None:
     from .data import read_prompt_rows
-    from .modeling import load_policy
     from .sample import (
         RESERVED,
         add_column_args,
         add_decoding_args,
+        add_engine_arg,
         add_reward_args,
         decoding_from_args,
+        load_sampler,
         reward_from_args,
     )
 
@@ -83,6 +84,7 @@ def _main(argv=None) -> None:
                                                  "csv or a saved datasets directory")
     add_reward_args(p)
     add_column_args(p)
+    add_engine_arg(p)
     p.add_argument("--samples", type=int, default=4, help="samples a problem (0: greedy only)")
     p.add_argument("--decoding", help="decoding.json to evaluate with (default: the model's)")
     add_decoding_args(p, help_suffix=", or the decoding config's")
@@ -100,7 +102,7 @@ def _main(argv=None) -> None:
     decoding = decoding_from_args(args, base)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
-    tok, model = load_policy(args.model)
+    tok, model = load_sampler(args)
     rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None,
                             prompt_column=args.prompt_column, answer_column=args.answer_column)
     decoding = decoding.with_stop_ids(tok, model)

@@ -61,10 +61,13 @@ def generate(model, tokenizer, prompts: Sequence[str], *, decoding: DecodingConf
     """``n`` continuations of every prompt (of ``prompt + prefix`` when ``prefixes`` is given;
     the returned text then excludes the prefix), decoded as ``decoding`` says (greedy: its
     length limit and stop tokens only)."""
+    decoding = decoding.with_stop_ids(tokenizer, model)
+    if hasattr(model, "llm"):  # a dqo.vllm_engine.VLLMEngine
+        return model.generate(tokenizer, prompts, decoding=decoding, n=n, greedy=greedy,
+                              prefixes=prefixes)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    decoding = decoding.with_stop_ids(tokenizer, model)
     gen_config = decoding.generation_config(tokenizer, greedy=greedy)
     encoded = [encode_prompt(tokenizer, p, prefixes[i] if prefixes else "")
                for i, p in enumerate(prompts)]
@@ -232,6 +235,26 @@ def add_column_args(p: argparse.ArgumentParser) -> None:
                                            "answer (#### N, or a last \\boxed{N}) gives N")
 
 
+def add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: transformers' generate; vllm: vLLM (an optional install; "
+                        "temperature 1 only, see dqo/vllm_engine.py)")
+
+
+def load_sampler(args):
+    """(tokenizer, what generate() samples with): the HF model, or a vLLM engine."""
+    from .modeling import load_policy
+    if args.engine == "vllm":
+        if args.temperature not in (None, 1.0):
+            raise UsageError(f"--temperature: the vLLM engine records behaviour log-probs of "
+                             f"the raw logits, exact at temperature 1 only, got "
+                             f"{args.temperature}; use --engine hf")
+        from .vllm_engine import VLLMEngine
+        engine = VLLMEngine(args.model, seed=args.seed)
+        return engine.tokenizer, engine
+    return load_policy(args.model)
+
+
 def reward_from_args(args) -> Reward:
     """The reward the flags name; exactly one of --task and --reward-fn."""
     check_range("--correct-threshold", args.correct_threshold, low=-math.inf, low_open=True,
@@ -282,7 +305,6 @@ def main(argv=None) -> None:
 
 
 def _main(argv=None) -> None:
-    from .modeling import load_policy
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
@@ -291,6 +313,7 @@ def _main(argv=None) -> None:
                         "json, parquet, csv or a saved datasets directory")
     add_reward_args(p)
     add_column_args(p)
+    add_engine_arg(p)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20, help="responses per prompt (paper: 20)")
     p.add_argument("--grade-truncated", action="store_true",
@@ -315,7 +338,7 @@ def _main(argv=None) -> None:
     check_range("--batch-size", args.batch_size, 1, integer=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
-    tok, model = load_policy(args.model)
+    tok, model = load_sampler(args)
     decoding = decoding.with_stop_ids(tok, model)
     prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None,
                                    prompt_column=args.prompt_column,
