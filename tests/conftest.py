@@ -19,3 +19,18 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded default's character tokenizer (built in code, no download)."""
+    from dqo.tokenizer import char_tokenizer
+    return char_tokenizer()
+
+
+@pytest.fixture
+def policy(tok):
+    """A tiny random Llama policy for ``tok`` (fresh weights for every test)."""
+    from dqo.modeling import build_policy, tiny_config
+    torch.manual_seed(0)
+    return build_policy(tiny_config(tok, hidden_size=32, layers=2, heads=2))

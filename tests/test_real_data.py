@@ -24,17 +24,6 @@ from dqo.tokenizer import char_tokenizer
 from dqo.train import TrainArgs, train
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture
-def policy(tok):
-    torch.manual_seed(0)
-    return build_policy(tiny_config(tok, hidden_size=32, layers=2, heads=2))
-
-
 def dec(n, **kw):
     return DecodingConfig(max_new_tokens=n, **kw)
 

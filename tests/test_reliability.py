@@ -15,24 +15,12 @@ from dqo import data as D
 from dqo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from dqo.cli import UsageError
 from dqo.engine import OptimConfig, TorchEngine
-from dqo.modeling import PolicyLogprobs, ValueModel, build_policy, tiny_config
+from dqo.modeling import PolicyLogprobs, ValueModel
 from dqo.reference_logps import compute_ref_logps
 from dqo.tasks import arithmetic
-from dqo.tokenizer import char_tokenizer
 from dqo.train import TrainArgs, TrainingError, check_bad_rows, parse_args, train, trim_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture
-def policy(tok):
-    torch.manual_seed(0)
-    return build_policy(tiny_config(tok, hidden_size=32, layers=2, heads=2))
 
 
 def examples(tok, policy, n=16):

@@ -9,7 +9,7 @@ import torch
 from dqo import data as D
 from dqo.checkpoint import latest_checkpoint
 from dqo.decoding import DecodingConfig, format_prompt
-from dqo.modeling import ValueModel, build_policy, policy_logprobs, tiny_config
+from dqo.modeling import ValueModel, policy_logprobs
 from dqo.reference_logps import compute_ref_logps
 from dqo.sample import (
     PROCESS_REWARD_TOTAL,
@@ -26,17 +26,6 @@ from dqo.train import DefaultPipeline, TrainArgs, parse_args, run_default, train
 
 def dec(max_new_tokens: int) -> DecodingConfig:
     return DecodingConfig(max_new_tokens=max_new_tokens)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture
-def policy(tok):
-    torch.manual_seed(0)
-    return build_policy(tiny_config(tok, hidden_size=32, layers=2, heads=2))
 
 
 # ---- data ---------------------------------------------------------------------------------
