@@ -7,6 +7,11 @@
 //   dL/dlogp_t = beta a w_pi delta,   dL/dvalues_t = a w_V delta
 // and, with target_grad, the forward discounted scan e_t = a w delta + gamma lambda e_{t-1}.
 // Masked-out positions are skipped by both recurrences. Accumulation is in double.
+//
+// With `check`, the same passes also look for what the Python data checks refuse (a non-finite
+// input, a log-prob above `tol`, a reward off the mask, a cumulative log-weight above
+// `log_limit`), conservatively: a row that may fail them is flagged, and the caller then runs
+// the exact Python checks, which say what is wrong. The common case costs no extra pass.
 #include "common.h"
 
 namespace dqo {
@@ -20,6 +25,9 @@ struct ScanArgs {
   int64_t T_len;
   double beta, gamma, lam, log_clip;
   bool is_policy, is_value, target_grad;
+  bool check;
+  double tol, log_limit;
+  uint8_t* row_flagged;  // [B]: 1 if the row may fail a data check
 };
 
 template <typename T>
@@ -30,14 +38,22 @@ void dqo_scan_rows(const ScanArgs<T>& a, int64_t begin, int64_t end) {
     const int64_t o = b * n;
     // Backward: h carries (1 - lam) V_next + lam G_next, so G_t = rt_t + gamma h.
     double h = a.boot ? static_cast<double>(a.boot[b]) : 0.0;
+    bool flagged = a.check && !std::isfinite(h);
     for (int64_t t = n - 1; t >= 0; --t) {
       const int64_t i = o + t;
       if (!a.mask[i]) {
         a.returns[i] = 0;
         a.td[i] = 0;
+        flagged |= a.check && !(a.rewards[i] == 0);  // a reward off the mask (or NaN)
         continue;
       }
       const double v = a.values[i];
+      if (a.check) {  // comparisons false for NaN: "!(x <= tol)" catches it too
+        const double lp = a.logp[i], rf = a.ref[i], bh = a.beh[i], rw = a.rewards[i];
+        flagged |= !(lp <= a.tol) || !(rf <= a.tol) || !(bh <= a.tol) || !std::isfinite(lp) ||
+                   !std::isfinite(rf) || !std::isfinite(bh) || !std::isfinite(v) ||
+                   !std::isfinite(rw);
+      }
       const double l = static_cast<double>(a.logp[i]) - static_cast<double>(a.ref[i]);
       const double g = static_cast<double>(a.rewards[i]) - a.beta * l + a.gamma * h;
       h = (1.0 - a.lam) * v + a.lam * g;
@@ -56,6 +72,7 @@ void dqo_scan_rows(const ScanArgs<T>& a, int64_t begin, int64_t end) {
         continue;
       }
       c += static_cast<double>(a.logp[i]) - static_cast<double>(a.beh[i]);
+      flagged |= a.check && c > a.log_limit;  // exp(c) would overflow the compute dtype
       const double w = std::exp(std::min(c, a.log_clip));
       const double w_pi = a.is_policy ? w : 1.0;
       const double w_v = a.is_value ? w : 1.0;
@@ -70,11 +87,13 @@ void dqo_scan_rows(const ScanArgs<T>& a, int64_t begin, int64_t end) {
     }
     a.policy_rows[b] = static_cast<T>(loss_pi);
     a.value_rows[b] = static_cast<T>(loss_v);
+    a.row_flagged[b] = flagged;
   }
 }
 
+// True if a row was flagged by the data checks.
 template <typename T>
-void dqo_scan(const void* const* in, void* const* out, int64_t B, int64_t T_len,
+bool dqo_scan(const void* const* in, void* const* out, int64_t B, int64_t T_len,
               const double* hyper, const int* flags, int threads, int64_t min_work) {
   ScanArgs<T> a;
   a.logp = static_cast<const T*>(in[0]);
@@ -100,8 +119,14 @@ void dqo_scan(const void* const* in, void* const* out, int64_t B, int64_t T_len,
   a.is_policy = flags[0] != 0;
   a.is_value = flags[1] != 0;
   a.target_grad = flags[2] != 0;
+  a.check = flags[3] != 0;
+  a.tol = hyper[4];
+  a.log_limit = hyper[5];
+  std::vector<uint8_t> row_flagged(static_cast<size_t>(B), 0);
+  a.row_flagged = row_flagged.data();
   parallel_rows(B, T_len, threads, min_work,
                 [&a](int64_t begin, int64_t end) { dqo_scan_rows<T>(a, begin, end); });
+  return std::any_of(row_flagged.begin(), row_flagged.end(), [](uint8_t f) { return f != 0; });
 }
 
 }  // namespace dqo

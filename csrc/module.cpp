@@ -12,7 +12,7 @@
 
 namespace {
 
-constexpr int kOk = 0, kBadDtype = 1, kFailed = 2;
+constexpr int kOk = 0, kBadDtype = 1, kFailed = 2, kDataCheck = 3;
 
 template <typename F>
 int guarded(F fn) {
@@ -28,22 +28,24 @@ int guarded(F fn) {
 extern "C" {
 
 // Bumped whenever a signature below changes; native.py refuses a library of another version.
-int dqo_abi_version() { return 1; }
+int dqo_abi_version() { return 2; }
 
 // in: logp, ref_logp, behavior_logp, values, rewards, mask (uint8), bootstrap (or null),
 //     row_scale; out: returns, weights, td, dlogp, dvalues ([B, T]), policy_rows, value_rows
-// ([B]); hyper: beta, gamma, lambda, log_clip; flags: is_policy, is_value, target_grad.
+// ([B]); hyper: beta, gamma, lambda, log_clip, tol, log_limit; flags: is_policy, is_value,
+// target_grad, check. kDataCheck: done, and a row may fail the data checks (dqo_scan.cpp).
 int dqo_scan_forward(int dtype, const void* const* in, void* const* out, int64_t B, int64_t T,
                      const double* hyper, const int* flags, int threads, int64_t min_work) {
   return guarded([&] {
+    bool flagged;
     if (dtype == dqo::kFloat32) {
-      dqo::dqo_scan<float>(in, out, B, T, hyper, flags, threads, min_work);
+      flagged = dqo::dqo_scan<float>(in, out, B, T, hyper, flags, threads, min_work);
     } else if (dtype == dqo::kFloat64) {
-      dqo::dqo_scan<double>(in, out, B, T, hyper, flags, threads, min_work);
+      flagged = dqo::dqo_scan<double>(in, out, B, T, hyper, flags, threads, min_work);
     } else {
       return kBadDtype;
     }
-    return kOk;
+    return flagged ? kDataCheck : kOk;
   });
 }
 

@@ -10,6 +10,7 @@ computes the diagnostics; the math lives in the backends:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
@@ -26,6 +27,7 @@ from .validation import (
     check_mask,
     check_scalar,
     check_tensor,
+    data_checks_enabled,
     importance_weight_checks,
     run_checks,
     value_checks,
@@ -47,14 +49,14 @@ class DQOLossOutput:
 
 
 def _run_backend(name: str, logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
-                 scale, params) -> DQOScanResult:
+                 scale, params, data_checks=None) -> DQOScanResult:
     if name == "torch":
         return dqo_scan_reference(logp, ref_logp, values, rewards, mask, scale,
                                   behavior_logp=behavior_logp, bootstrap=bootstrap, **params)
     if name == "triton":
         from .dqo_scan_triton import dqo_scan_triton as launch
     else:
-        launch = dqo_scan_cpp.dqo_scan_cpp
+        launch = functools.partial(dqo_scan_cpp.dqo_scan_cpp, data_checks=data_checks)
     return run_closed_form(launch, logp, values, ref_logp, rewards, mask, behavior_logp,
                            bootstrap, scale, params)
 
@@ -136,21 +138,28 @@ def fused_dqo_loss(
     compute_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
     behavior, behavior_name = ((ref_logp, "ref_logp") if behavior_logp is None
                                else (behavior_logp, "behavior_logp"))
-    checks = value_checks({"logp": logp, "ref_logp": ref_logp, "values": values,
-                           "rewards": rewards, "behavior_logp": behavior_logp,
-                           "bootstrap": bootstrap}, mask, rewards=rewards,
-                          whole=("rewards", "bootstrap"),
-                          log_probs=("logp", "ref_logp", "behavior_logp"))
-    if is_policy or is_value:  # otherwise the weights are only reported, never used
-        checks += importance_weight_checks(logp, behavior, behavior_name, mask, is_clip,
-                                           compute_dtype)
-    run_checks(checks)
+    def data_checks():
+        checks = value_checks({"logp": logp, "ref_logp": ref_logp, "values": values,
+                               "rewards": rewards, "behavior_logp": behavior_logp,
+                               "bootstrap": bootstrap}, mask, rewards=rewards,
+                              whole=("rewards", "bootstrap"),
+                              log_probs=("logp", "ref_logp", "behavior_logp"))
+        if is_policy or is_value:  # otherwise the weights are only reported, never used
+            checks += importance_weight_checks(logp, behavior, behavior_name, mask, is_clip,
+                                               compute_dtype)
+        run_checks(checks)
+
+    # The native kernel looks for bad inputs in its own passes and runs these checks only if
+    # it found some (the exact errors are theirs); the other backends run them first.
+    deferred = data_checks if backend == "cpp" and data_checks_enabled() else None
+    if backend != "cpp":
+        data_checks()
 
     scale = row_scale(mask, loss_agg, num_tokens, dtype=compute_dtype)
     params = dict(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
                   is_value=bool(is_value), target_grad=bool(target_grad))
     res = _run_backend(backend, logp, ref_logp, values, rewards, mask, behavior_logp,
-                       bootstrap, scale, params)
+                       bootstrap, scale, params, deferred)
 
     def metrics():
         log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)

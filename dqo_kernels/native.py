@@ -57,7 +57,7 @@ INCLUDED = ("common.h", "dqo_scan.cpp", "logprobs.cpp")
 CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd",
           "-shared", "-fPIC", "-pthread", "-Wno-psabi")
 ISA_FLAGS = {"avx2": ("-mavx2", "-mfma", "-mf16c"), "base": ()}
-ABI_VERSION = 1  # csrc/module.cpp's dqo_abi_version()
+ABI_VERSION = 2  # csrc/module.cpp's dqo_abi_version()
 PREFIX = "_native_"
 PREBUILT_DIR = Path(__file__).resolve().parent  # where setup.py puts the library
 WAIT_REPORT_S = 30.0  # how often a long compile says that it is still compiling
@@ -74,6 +74,7 @@ _SIGNATURES = {
                         _int, _ptr, _i64, _int, _i64],
 }
 _STATUS = {1: "unsupported dtype", 2: "the kernel failed (out of memory?)"}
+DATA_CHECK = 3  # a status that is not an error: the kernel flagged a possible bad input
 
 
 class NativeBuildError(RuntimeError):
@@ -279,11 +280,12 @@ def library_path() -> Optional[str]:
     return _library_path
 
 
-def call(name: str, *args) -> None:
-    """Call a native op; a nonzero status is a RuntimeError naming the op."""
+def call(name: str, *args) -> int:
+    """Call a native op; its status (0, or DATA_CHECK); another is a RuntimeError naming it."""
     status = getattr(load_library(), name)(*args)
-    if status != 0:
+    if status not in (0, DATA_CHECK):
         raise RuntimeError(f"dqo_kernels native op {name}: {_STATUS.get(status, status)}")
+    return status
 
 
 def is_available() -> bool:
