@@ -69,7 +69,7 @@ def lse_forward(logits: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: 
     native.call("dqo_lse_forward", native.dtype_code(logits.dtype), logits.data_ptr(),
                 logits.stride(0), targets.data_ptr(), N, V, int(v0), float(inv_temp),
                 lse.data_ptr(), zt.data_ptr(), _ptr(ez), torch.get_num_threads(),
-                native.MIN_WORK_PER_THREAD)
+                native.LOGPROB_MIN_WORK_PER_THREAD)
     return lse, zt, ez
 
 
@@ -95,5 +95,5 @@ def logits_grad(logits, targets, lse, grad, v0: int, inv_temp: float, out, grad_
                 logits.stride(0), targets.data_ptr(), lse.data_ptr(), grad.data_ptr(),
                 _ptr(grad_ent), _ptr(entropy), N, V, int(v0), float(inv_temp),
                 native.dtype_code(out.dtype), out.data_ptr(), out.stride(0),
-                torch.get_num_threads(), native.MIN_WORK_PER_THREAD)
+                torch.get_num_threads(), native.LOGPROB_MIN_WORK_PER_THREAD)
     return out

@@ -61,8 +61,11 @@ ABI_VERSION = 2  # csrc/module.cpp's dqo_abi_version()
 PREFIX = "_native_"
 PREBUILT_DIR = Path(__file__).resolve().parent  # where setup.py puts the library
 WAIT_REPORT_S = 30.0  # how often a long compile says that it is still compiling
-# Elements of work below which a call runs on one thread (a thread start costs ~20 us).
+# Elements of work a thread must get, else the call runs on fewer threads: a thread start
+# costs ~20-50 us, about 16k elements of the scan (~5 ns each) or 64k of a log-prob pass
+# (~1 ns each), so no thread is started for less work than that.
 MIN_WORK_PER_THREAD = 16384
+LOGPROB_MIN_WORK_PER_THREAD = 65536
 
 _i64, _dbl, _int, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {

@@ -209,6 +209,7 @@ def test_rows_split_across_threads_equal_one_thread(dtype, monkeypatch):
         one = run()
         torch.set_num_threads(4)
         monkeypatch.setattr(native, "MIN_WORK_PER_THREAD", 1)  # split even these small inputs
+        monkeypatch.setattr(native, "LOGPROB_MIN_WORK_PER_THREAD", 1)
         four = run()
     finally:
         torch.set_num_threads(threads)
