@@ -21,7 +21,9 @@ _spec.loader.exec_module(run)  # refuses the Triton interpreter, as run.py does
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-CASES = [pytest.param(job["op"], job["shape"], impl, id=f"{job['op']}-{job['shape']}-{impl}")
+CASES = [pytest.param(job["op"], job["shape"], impl, id=f"{job['op']}-{job['shape']}-{impl}",
+                      marks=[] if run.peer_installed(impl) else pytest.mark.skip(
+                          reason=f"{impl} is not installed"))
          for job in run.plan(DEVICE, quick=True, ops=run.OPS) for impl in job["impls"]]
 
 

@@ -9,13 +9,21 @@ can run here, all in one process:
 
 Ours is the Triton kernels on CUDA and the native kernels (``csrc/``) on CPU.
 
-- ``dqo_loss``: ours vs ``eager`` (the PyTorch reference: a Python loop over T with autograd,
-  the shape of verl's ``compute_gae_advantage_return``) vs ``compile`` (torch.compile of it,
-  GPU, short T only).
-- ``token_logprobs``: ours vs eager ``log_softmax(logits).gather`` vs its torch.compile, and
-  flash-attn's Triton cross-entropy / Liger-Kernel's cross-entropy where installed (GPU).
-- ``linear_logprobs``: ours vs eager (``h @ W.T`` then log_softmax) vs its torch.compile, and
-  Liger-Kernel's fused linear cross-entropy / Cut Cross-Entropy where installed (GPU).
+- ``dqo_loss``: ours vs ``torchrl`` (torchrl's vectorised ``vec_td_lambda_return_estimate``
+  for the lambda-returns, then the IS-weighted losses in eager torch: the strongest thing a
+  user would otherwise write) vs ``eager`` (the PyTorch reference: a Python loop over T with
+  autograd, the shape of verl's ``compute_gae_advantage_return``) vs ``compile``
+  (torch.compile of it, GPU, short T only).
+- ``token_logprobs``: ours vs TRL's ``selective_log_softmax`` vs eager
+  ``log_softmax(logits).gather`` vs its torch.compile, and flash-attn's Triton cross-entropy /
+  Liger-Kernel's cross-entropy where installed (GPU).
+- ``linear_logprobs``: ours vs Cut Cross-Entropy (``impl="torch_compile"`` on CPU, its Triton
+  kernel on GPU) vs eager (``h @ W.T`` then log_softmax) vs its torch.compile, and
+  Liger-Kernel's fused linear cross-entropy (GPU).
+
+The peers are optional installs (``pip install torchrl tensordict trl cut-cross-entropy``, or
+``--no-deps`` into a directory on ``PYTHONPATH``); one that is missing or fails is a row with
+its error. The headline of each op is its strongest peer: the fastest one that ran.
 - ``loss_head``: hidden states -> log-probs -> DQO loss -> backward, ours vs eager.
 
 Peak memory: on CUDA the allocator's peak beyond the inputs; on CPU, with ``--memory``, the
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -104,6 +113,38 @@ def dqo_step(x, backend):
     return step
 
 
+def torchrl_dqo_step(x, beta=0.1, lam=0.95, gamma=1.0, is_clip=1.0):
+    """The DQO loss as a user would write it with torchrl: its vectorised TD(lambda) for the
+    returns of the soft rewards, then the truncated-IS-weighted losses in eager torch
+    (token-mean). Exact for rows whose actions are contiguous, as the benchmark's are."""
+    from torchrl.objectives.value.functional import vec_td_lambda_return_estimate
+
+    logp = x["logp"].clone().requires_grad_(True)
+    values = x["values"].clone().requires_grad_(True)
+    ref, rewards, mask = x["ref_logp"], x["rewards"], x["mask"]
+    m = mask.float()
+    T = mask.shape[1]
+    last = T - 1 - mask.flip(-1).float().argmax(-1)
+    done = torch.zeros_like(mask)
+    done[torch.arange(mask.shape[0]), last] = True
+    log_c = math.log(is_clip)
+
+    def step():
+        logp.grad = values.grad = None
+        l_t = logp - ref
+        soft = (rewards - beta * l_t.detach()) * m
+        next_v = torch.cat([values.detach()[:, 1:], torch.zeros_like(values[:, :1])], 1)
+        g = vec_td_lambda_return_estimate(gamma, lam, next_v[..., None], soft[..., None],
+                                          done[..., None], done[..., None])[..., 0]
+        c = torch.cumsum((logp.detach() - ref) * m, -1)
+        w = torch.exp(torch.clamp(c, max=log_c)) * m
+        n = m.sum()
+        delta = beta * l_t + values.detach() - (g + beta * l_t.detach())
+        loss = (0.5 * w * delta ** 2).sum() / n + (0.5 * w * (values - g) ** 2).sum() / n
+        loss.backward()
+    return step
+
+
 def eager_token_logprobs(logits, targets):
     return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
 
@@ -120,6 +161,9 @@ def token_step(x, impl):
     elif impl in ("eager", "compile"):
         f = torch.compile(eager_token_logprobs) if impl == "compile" else eager_token_logprobs
         fn = lambda: f(logits, x["targets"])  # noqa: E731
+    elif impl == "trl":
+        from trl.trainer.utils import selective_log_softmax
+        fn = lambda: selective_log_softmax(logits, x["targets"])  # noqa: E731
     elif impl == "flash_attn_ce":
         from flash_attn.losses.cross_entropy import CrossEntropyLoss
         ce = CrossEntropyLoss(reduction="none")
@@ -153,7 +197,8 @@ def linear_step(x, impl):
         fn = lambda: -ce(w, h, t)  # noqa: E731
     elif impl == "cce":
         from cut_cross_entropy import linear_cross_entropy
-        fn = lambda: -linear_cross_entropy(h, w, t, reduction="none")  # noqa: E731
+        kw = {} if h.is_cuda else {"impl": "torch_compile"}  # its kernel is Triton-on-GPU
+        fn = lambda: -linear_cross_entropy(h, w, t, reduction="none", **kw)  # noqa: E731
     else:
         raise ValueError(impl)
 
@@ -182,6 +227,16 @@ def head_step(x, impl, B, T):
                              backend=backend)
         out.loss.backward()
     return step
+
+
+PEER_MODULES = {"torchrl": "torchrl", "trl": "trl", "cce": "cut_cross_entropy",
+                "liger_ce": "liger_kernel", "liger_flce": "liger_kernel",
+                "flash_attn_ce": "flash_attn"}
+
+
+def peer_installed(impl: str) -> bool:
+    """True for ours and torch's own implementations, else if the peer's package imports."""
+    return impl not in PEER_MODULES or installed(PEER_MODULES[impl])
 
 
 def installed(module: str) -> bool:
@@ -278,7 +333,7 @@ def plan(device, quick: bool, ops) -> List[Dict]:
         shapes = ([(2, 512), (8, 512), (16, 2048), (32, 2048), (8, 8192), (2, 32768)] if gpu
                   else [(8, 256), (16, 1024), (64, 1024), (16, 4096), (2, 32768)])
         for s in shapes[:2] if quick else shapes:
-            impls = ["ours", "eager"] + (["compile"] if gpu and s[1] <= 512 else [])
+            impls = ["ours", "torchrl", "eager"] + (["compile"] if gpu and s[1] <= 512 else [])
             jobs.append(dict(op="dqo_loss", shape=list(s), impls=impls))
     vocab = [("qwen2-7b", 3584, 152064), ("llama3-8b", 4096, 128256)] if gpu else \
         [("small", 512, 32000)]
@@ -289,14 +344,13 @@ def plan(device, quick: bool, ops) -> List[Dict]:
     for name, D, V in vocab:
         for N in tokens:
             if "token_logprobs" in ops:
-                impls = ["ours", "eager"] + (["compile"] if not quick else [])
+                impls = ["ours", "trl", "eager"] + (["compile"] if not quick else [])
                 impls += [i for i, m in (("flash_attn_ce", "flash_attn"), ("liger_ce",
                           "liger_kernel")) if gpu and installed(m)]
                 jobs.append(dict(op="token_logprobs", shape=[N, V], impls=impls, model=name))
             if "linear_logprobs" in ops:
-                impls = ["ours", "eager"] + (["compile"] if not quick else [])
-                impls += [i for i, m in (("liger_flce", "liger_kernel"), ("cce",
-                          "cut_cross_entropy")) if gpu and installed(m)]
+                impls = ["ours", "cce", "eager"] + (["compile"] if not quick else [])
+                impls += [i for i, m in (("liger_flce", "liger_kernel"),) if gpu and installed(m)]
                 jobs.append(dict(op="linear_logprobs", shape=[N, D, V], impls=impls, model=name))
             if "loss_head" in ops:
                 B = max(1, N // 1024) if gpu else max(1, N // 256)
@@ -308,6 +362,8 @@ def plan(device, quick: bool, ops) -> List[Dict]:
 def build(op, impl, shape, device, dtype):
     if op == "dqo_loss":
         x = dqo_inputs(*shape, device)
+        if impl == "torchrl":
+            return torchrl_dqo_step(x)
         backend = {"ours": None, "eager": "torch"}.get(impl, "torch")
         step = dqo_step(x, backend)
         return torch.compile(step) if impl == "compile" else step
@@ -341,6 +397,19 @@ def probe(spec: str) -> None:
     except (OSError, StopIteration):
         hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(hwm / 1024)
+
+
+def strongest_peers(rows) -> Dict:
+    """(op, shape) -> (our row, the fastest peer's row) wherever a peer ran."""
+    out = {}
+    for r in rows:
+        if r["impl"] != "ours":
+            continue
+        peers = [p for p in rows if p["op"] == r["op"] and p["shape"] == r["shape"]
+                 and p["impl"] != "ours" and not p.get("failed")]
+        if peers:
+            out[(r["op"], tuple(r["shape"]))] = (r, min(peers, key=lambda p: p["ms"]))
+    return out
 
 
 def plot(rows, out_png: Path, dev_name: str) -> None:
@@ -387,12 +456,16 @@ def main(argv=None):
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--memory", action="store_true", help="CPU: measure peak RSS (slow)")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
         return probe(args.probe)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()  # timings on a busy machine say nothing: on record
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -442,6 +515,7 @@ def main(argv=None):
     meta = dict(device=dev_name, date=dt.date.today().isoformat(), torch=torch.__version__,
                 dqo_kernels=dqo_kernels.__version__, python=platform.python_version(),
                 dtype=str(dtype), ours_dqo_loss_backend=ours_backend, rates=rates,
+                threads=torch.get_num_threads(), loadavg_at_start=load_at_start,
                 command="python benchmarks/run.py " + " ".join(argv or sys.argv[1:]),
                 # these change CPU timings a lot (THP: page faults of fresh large buffers)
                 env={k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS",
@@ -456,9 +530,20 @@ def main(argv=None):
              f"`{meta['command'].strip()}`, {meta['date']}, torch {meta['torch']}"
              + (f", triton {meta['triton']}" if "triton" in meta else "")
              + f", {dtype}; copy {rates['bandwidth_GBps']:.1f} GB/s, matmul "
-             f"{rates['matmul_TFLOPs']:.3f} TFLOP/s (measured)", "",
-             "| op | shape | impl | median ms | peak MiB | time / ours | floor ms | floor % |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             f"{rates['matmul_TFLOPs']:.3f} TFLOP/s (measured); {meta['threads']} threads, "
+             f"load average {load_at_start[0]:.2f} at start", "",
+             "Against the strongest peer of each op (the fastest one that ran; > 1: ours is "
+             "faster):", "",
+             "| op | shape | ours ms | strongest peer | its ms | peer / ours |",
+             "|---|---|---:|---|---:|---:|"]
+    for key, (ours, peer) in strongest_peers(rows).items():
+        op, shape = key
+        lines.append(f"| {op} | {list(shape)} | {ours['ms']:.3f} | {peer['impl']} | "
+                     f"{peer['ms']:.3f} | {peer['ms'] / ours['ms']:.2f}x |")
+    lines += ["", "Every implementation (``eager`` for dqo_loss is the Python loop over T, the "
+              "shape of verl's GAE, not a strong peer):", "",
+              "| op | shape | impl | median ms | peak MiB | time / ours | floor ms | floor % |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("failed"):
             lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | failed: {r['failed']} "

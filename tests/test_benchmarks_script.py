@@ -17,8 +17,12 @@ def test_benchmark_script_quick(tmp_path):
     (result,) = tmp_path.glob("*.json")
     rows = json.loads(result.read_text())["rows"]
     assert {r["op"] for r in rows} == {"dqo_loss", "token_logprobs"}
-    assert {"ours", "eager"} <= {r["impl"] for r in rows}
-    assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert {"ours", "eager", "torchrl", "trl"} <= {r["impl"] for r in rows}  # peers: rows
+    for r in rows:  # a peer that is not installed here is a row with its error
+        assert (r["ms"] > 0) if not r.get("failed") else (r["ms"] is None and r["failed"])
+    assert all(r["floor_ms"] > 0 for r in rows)
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert "Against the strongest peer of each op" in table
 
 
 def test_a_failing_peer_is_a_row_of_the_table(tmp_path, monkeypatch):
