@@ -335,24 +335,32 @@ def plan(device, quick: bool, ops) -> List[Dict]:
         for s in shapes[:2] if quick else shapes:
             impls = ["ours", "torchrl", "eager"] + (["compile"] if gpu and s[1] <= 512 else [])
             jobs.append(dict(op="dqo_loss", shape=list(s), impls=impls))
-    vocab = [("qwen2-7b", 3584, 152064), ("llama3-8b", 4096, 128256)] if gpu else \
-        [("small", 512, 32000)]
-    # 64k tokens: eager's [N, V] logits and their fp32 softmax no longer fit (recorded as failed)
-    tokens = [1024, 4096, 16384, 65536] if gpu else [256, 1024, 4096]
-    if quick:
-        tokens = tokens[:1]
-    for name, D, V in vocab:
-        for N in tokens:
-            if "token_logprobs" in ops:
+    # name, hidden size, vocabulary, token counts of each op. On CPU, a 32k vocabulary at
+    # several sizes and Qwen2.5-0.5B's head (896 x 151936) at the sizes of issue 14's goals.
+    # 64k tokens on GPU: eager's [N, V] logits and their fp32 softmax no longer fit (a row of
+    # its failure).
+    gpu_tokens = [1024, 4096, 16384, 65536]
+    vocab = [("qwen2-7b", 3584, 152064, dict.fromkeys(OPS, gpu_tokens)),
+             ("llama3-8b", 4096, 128256, dict.fromkeys(OPS, gpu_tokens))] if gpu else [
+        ("small", 512, 32000, dict(token_logprobs=[256, 1024, 4096, 8192],
+                                   linear_logprobs=[256, 1024, 4096], loss_head=[256, 4096])),
+        ("qwen2.5-0.5b", 896, 151936, dict(token_logprobs=[8192], linear_logprobs=[4096],
+                                           loss_head=[4096]))]
+    for name, D, V, tokens in vocab[:1] if quick else vocab:
+        sizes = {op: ns[:1] if quick else ns for op, ns in tokens.items()}
+        if "token_logprobs" in ops:
+            for N in sizes["token_logprobs"]:
                 impls = ["ours", "trl", "eager"] + (["compile"] if not quick else [])
                 impls += [i for i, m in (("flash_attn_ce", "flash_attn"), ("liger_ce",
                           "liger_kernel")) if gpu and installed(m)]
                 jobs.append(dict(op="token_logprobs", shape=[N, V], impls=impls, model=name))
-            if "linear_logprobs" in ops:
+        if "linear_logprobs" in ops:
+            for N in sizes["linear_logprobs"]:
                 impls = ["ours", "cce", "eager"] + (["compile"] if not quick else [])
                 impls += [i for i, m in (("liger_flce", "liger_kernel"),) if gpu and installed(m)]
                 jobs.append(dict(op="linear_logprobs", shape=[N, D, V], impls=impls, model=name))
-            if "loss_head" in ops:
+        if "loss_head" in ops:
+            for N in sizes["loss_head"]:
                 B = max(1, N // 1024) if gpu else max(1, N // 256)
                 jobs.append(dict(op="loss_head", shape=[B, N // B, D, V], impls=["ours", "eager"],
                                  model=name))
