@@ -285,12 +285,13 @@ def cuda_peak_mib(fn) -> float:
 
 
 def cpu_peak_mib(op: str, impl: str, shape: List[int]) -> Optional[float]:
-    """Peak RSS of one forward+backward in a fresh process, minus the inputs-only baseline."""
+    """Peak RSS of one forward+backward in a fresh process, minus that of a process that
+    builds the same implementation (inputs, imports, set-up) but does not run it."""
     def run(what):
         cmd = [sys.executable, __file__, "--probe", json.dumps([op, what, shape])]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         return float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
-    peak, base = run(impl), run("inputs-only")
+    peak, base = run(impl), run(f"built-only:{impl}")
     return None if peak is None or base is None else max(0.0, peak - base)
 
 
@@ -387,16 +388,11 @@ def probe(spec: str) -> None:
     """Subprocess entry of cpu_peak_mib: print this process's peak RSS in MiB."""
     import resource
     op, impl, shape = json.loads(spec)
-    if impl == "inputs-only":
-        if op == "dqo_loss":
-            dqo_inputs(*shape, torch.device("cpu"))
-        elif op == "token_logprobs":
-            logit_inputs(*shape, torch.device("cpu"), torch.float32)
-        else:
-            dims = shape if op == "linear_logprobs" else [shape[0] * shape[1], *shape[2:]]
-            linear_inputs(*dims, torch.device("cpu"), torch.float32)
-    else:
-        build(op, impl, shape, torch.device("cpu"), torch.float32)()
+    # the baseline of an implementation is itself, built but not run: its inputs, its
+    # imports (torchrl's alone are ~200 MiB) and its set-up are not the op's memory
+    step = build(op, impl.split(":")[-1], shape, torch.device("cpu"), torch.float32)
+    if not impl.startswith("built-only:"):
+        step()
     # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak across
     # fork + exec and make every probe look alike.
     try:

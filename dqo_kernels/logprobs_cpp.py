@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
+import threading
+from typing import List
 
 import torch
 
@@ -12,27 +15,66 @@ from . import native
 from .dtypes import acc_dtype
 
 HUGE_PAGE = 2 << 20
+POOL_REGIONS = 4  # buffers kept for reuse: a backward's gradient, plus one or two in .grad
+
+
+class _RegionPool:
+    """Large CPU buffers reused once no tensor uses them any more, so that a backward's
+    gradient buffer is memory already faulted in: a fresh one costs a page fault and a kernel
+    zero-fill per page, more than the softmax gradient itself (benchmarks/NOTES.md).
+
+    A region is an anonymous mapping, and every tensor made from it holds a reference to it
+    (``torch.frombuffer``: views, ``.grad`` and all); the pool hands a region out again only
+    when it holds the last reference. It keeps at most ``POOL_REGIONS``, dropping free ones of
+    other sizes first; beyond that a buffer is simply not pooled."""
+
+    def __init__(self):
+        self.regions: List[mmap.mmap] = []
+        self.lock = threading.Lock()
+
+    def _free(self, i: int) -> bool:
+        # the pool's list holds one reference, getrefcount's argument the other: no tensor
+        return sys.getrefcount(self.regions[i]) <= 2
+
+    def take(self, size: int) -> mmap.mmap:
+        with self.lock:
+            for i in range(len(self.regions)):  # by index: a loop variable is a reference
+                if len(self.regions[i]) == size and self._free(i):
+                    return self.regions[i]
+            region = mmap.mmap(-1, size)
+            madvise = getattr(mmap, "MADV_HUGEPAGE", None)
+            if madvise is not None and os.environ.get("DQO_KERNELS_HUGEPAGES", "1") != "0":
+                region.madvise(madvise)  # advice only: without THP it changes nothing
+            if len(self.regions) >= POOL_REGIONS:  # make room: drop a free region
+                free = [i for i in range(len(self.regions)) if self._free(i)]
+                if not free:
+                    return region  # every pooled buffer is in use: this one is not pooled
+                del self.regions[free[0]]
+            self.regions.append(region)
+            return region
+
+
+_pool = _RegionPool()
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor for a large scratch or gradient buffer, advised onto
-    transparent huge pages (sizes of 4 MiB and up). Its first write then takes 512x fewer page
-    faults: 2.5x faster steady-state backward at N=1024, V=32000 (benchmarks/NOTES.md), after
-    a few slower first calls while the kernel assembles huge pages.
-    ``DQO_KERNELS_HUGEPAGES=0`` turns this off."""
+    """An uninitialised CPU tensor for a large scratch or gradient buffer (4 MiB and up), from
+    a pool of buffers that no tensor uses any more (:class:`_RegionPool`), advised onto
+    transparent huge pages. ``DQO_KERNELS_POOL=0`` turns the pool off (a fresh mapping each
+    time), ``DQO_KERNELS_HUGEPAGES=0`` the huge-page advice."""
     shape = tuple(int(n) for n in shape)
     numel = 1
     for n in shape:
         numel *= n
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    madvise = getattr(mmap, "MADV_HUGEPAGE", None)
-    if os.environ.get("DQO_KERNELS_HUGEPAGES", "1") == "0" or nbytes < 2 * HUGE_PAGE \
-            or madvise is None:
+    if nbytes < 2 * HUGE_PAGE:
         return torch.empty(shape, dtype=dtype)
-    # an anonymous mapping one huge page longer than needed, used from its first 2 MiB
-    # boundary; the tensor keeps the mapping alive (torch.frombuffer holds a reference)
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE)
-    region.madvise(madvise)  # advice only: without THP it changes nothing
+    # one huge page longer than needed, used from its first 2 MiB boundary
+    size = nbytes + HUGE_PAGE
+    if os.environ.get("DQO_KERNELS_POOL", "1") == "0":
+        region = mmap.mmap(-1, size)
+    else:
+        region = _pool.take(size)
     raw = torch.frombuffer(region, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     return raw[start:start + nbytes].view(dtype).view(shape)

@@ -334,6 +334,31 @@ def test_cpp_large_buffers_on_huge_pages(hugepages, monkeypatch):
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.skipif(not native.is_available(), reason="no C++ compiler")
+def test_cpp_buffer_pool_reuses_only_what_no_tensor_uses(monkeypatch):
+    """The gradient buffers' pool hands a buffer out again only when no tensor (a view, a
+    .grad) refers to it any more: reuse never aliases live data."""
+    from dqo_kernels import logprobs_cpp
+    monkeypatch.setattr(logprobs_cpp, "_pool", logprobs_cpp._RegionPool())
+    shape = (3, 2**20)
+    a = logprobs_cpp.empty(shape, torch.float32)
+    a.fill_(7.0)
+    b = logprobs_cpp.empty(shape, torch.float32)  # a is alive
+    assert b.data_ptr() != a.data_ptr()
+    pa, view = a.data_ptr(), a[1:]
+    del a
+    c = logprobs_cpp.empty(shape, torch.float32)  # a's memory lives on in the view
+    assert c.data_ptr() != pa and bool((view == 7.0).all())
+    x = torch.zeros(4, requires_grad=True)
+    x.grad = view[0, :4]  # as autograd keeps a gradient
+    del view
+    assert logprobs_cpp.empty(shape, torch.float32).data_ptr() != pa
+    x.grad = None
+    del b, c
+    assert logprobs_cpp.empty(shape, torch.float32).data_ptr() == pa  # free again: reused
+    assert len(logprobs_cpp._pool.regions) <= logprobs_cpp.POOL_REGIONS
+
+
 def test_cpp_backend_refuses_gpu_tensors():
     from dqo_kernels import logprobs
     with pytest.raises(ValueError, match=r"backend: 'cpp' needs CPU tensors, got tensors on cuda"):
