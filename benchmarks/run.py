@@ -403,6 +403,30 @@ def probe(spec: str) -> None:
     print(hwm / 1024)
 
 
+def needed_bytes(op: str, impl: str, shape, elem: int) -> float:
+    """A rough peak of one forward + backward: the [N, V] tensors each implementation holds
+    at once (inputs included)."""
+    if op == "token_logprobs":
+        N, V = shape
+        return (2 if impl == "ours" else 4) * N * V * max(elem, 4)
+    if op in ("linear_logprobs", "loss_head"):
+        N, D, V = (shape if op == "linear_logprobs" else (shape[0] * shape[1], *shape[2:]))
+        logits = 0 if impl in ("ours", "cce") else 3 * N * V * 4
+        return logits + 3 * V * D * elem
+    return 0.0
+
+
+def available_bytes(device) -> Optional[float]:
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024.0 for line in f
+                        if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def strongest_peers(rows) -> Dict:
     """(op, shape) -> (our row, the fastest peer's row) wherever a peer ran."""
     out = {}
@@ -487,6 +511,12 @@ def main(argv=None):
         floor = floor_ms(op, shape, elem, rates)
         res, failed = {}, {}
         for impl in job["impls"]:
+            need, have = needed_bytes(op, impl, shape, elem), available_bytes(device)
+            if have is not None and need > 0.9 * have:  # the OOM killer takes the whole run
+                failed[impl] = (f"skipped: needs ~{need / 2**30:.0f} GiB, "
+                                f"{have / 2**30:.0f} GiB available")
+                print(f"  {op} {shape} {impl}: {failed[impl]}", flush=True)
+                continue
             try:
                 fn = build(op, impl, shape, device, dtype)
                 ms = time_ms(fn, device, reps if impl == "ours" else max(3, reps // 3))
@@ -515,20 +545,28 @@ def main(argv=None):
         print(f"{op:16s} {str(shape):24s} " + "  ".join(
             f"{i}={ms:9.3f}ms" + (f"/{m:.0f}MiB" if m is not None else "")
             for i, (ms, m) in res.items()) + f"  floor={floor:.3f}ms", flush=True)
+        write_results(rows, args, argv, dev_name, dtype, rates, ours_backend, load_at_start)
 
+
+
+def write_results(rows, args, argv, dev_name, dtype, rates, ours_backend, load_at_start):
+    """JSON, markdown and plot of the rows so far (after every job: a run that dies, killed
+    for memory say, keeps what it measured)."""
     meta = dict(device=dev_name, date=dt.date.today().isoformat(), torch=torch.__version__,
                 dqo_kernels=dqo_kernels.__version__, python=platform.python_version(),
                 dtype=str(dtype), ours_dqo_loss_backend=ours_backend, rates=rates,
                 threads=torch.get_num_threads(), loadavg_at_start=load_at_start,
                 command="python benchmarks/run.py " + " ".join(argv or sys.argv[1:]),
                 # these change CPU timings a lot (THP: page faults of fresh large buffers)
-                env={k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS",
-                                                    "CUDA_VISIBLE_DEVICES")})
+                env={k: os.environ.get(k) for k in (
+                    "THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+                    "DQO_KERNELS_POOL", "DQO_KERNELS_HUGEPAGES")})
     if installed("triton"):
         import triton
         meta["triton"] = triton.__version__
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{device.type}-{meta['date']}" + ("-quick" if args.quick else "")
+    stem = ("cuda" if "cpu" not in dev_name.lower() else "cpu") + f"-{meta['date']}" + (
+        "-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# dqo-kernels benchmarks on {dev_name}", "",
              f"`{meta['command'].strip()}`, {meta['date']}, torch {meta['torch']}"

@@ -16,6 +16,8 @@ from .dtypes import acc_dtype
 
 HUGE_PAGE = 2 << 20
 POOL_REGIONS = 4  # buffers kept for reuse: a backward's gradient, plus one or two in .grad
+# the most memory the pool keeps mapped, in use or not (a caching allocator's cost)
+POOL_BYTES = int(os.environ.get("DQO_KERNELS_POOL_BYTES", 2 << 30))
 
 
 class _RegionPool:
@@ -25,8 +27,9 @@ class _RegionPool:
 
     A region is an anonymous mapping, and every tensor made from it holds a reference to it
     (``torch.frombuffer``: views, ``.grad`` and all); the pool hands a region out again only
-    when it holds the last reference. It keeps at most ``POOL_REGIONS``, dropping free ones of
-    other sizes first; beyond that a buffer is simply not pooled."""
+    when it holds the last reference. It keeps at most ``POOL_REGIONS`` regions and
+    ``POOL_BYTES`` of them, dropping free ones (oldest first) to make room; a buffer that does
+    not fit is simply not pooled (freed with its last tensor)."""
 
     def __init__(self):
         self.regions: List[mmap.mmap] = []
@@ -45,12 +48,19 @@ class _RegionPool:
             madvise = getattr(mmap, "MADV_HUGEPAGE", None)
             if madvise is not None and os.environ.get("DQO_KERNELS_HUGEPAGES", "1") != "0":
                 region.madvise(madvise)  # advice only: without THP it changes nothing
-            if len(self.regions) >= POOL_REGIONS:  # make room: drop a free region
-                free = [i for i in range(len(self.regions)) if self._free(i)]
-                if not free:
-                    return region  # every pooled buffer is in use: this one is not pooled
-                del self.regions[free[0]]
-            self.regions.append(region)
+            if size > POOL_BYTES:
+                return region
+            free = [i for i in range(len(self.regions)) if self._free(i)]
+            total, drop = sum(len(r) for r in self.regions), []
+            while free and (total + size > POOL_BYTES or
+                            len(self.regions) - len(drop) >= POOL_REGIONS):
+                i = free.pop(0)
+                drop.append(i)
+                total -= len(self.regions[i])
+            for i in reversed(drop):
+                del self.regions[i]
+            if total + size <= POOL_BYTES and len(self.regions) < POOL_REGIONS:
+                self.regions.append(region)
             return region
 
 
@@ -61,7 +71,8 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor for a large scratch or gradient buffer (4 MiB and up), from
     a pool of buffers that no tensor uses any more (:class:`_RegionPool`), advised onto
     transparent huge pages. ``DQO_KERNELS_POOL=0`` turns the pool off (a fresh mapping each
-    time), ``DQO_KERNELS_HUGEPAGES=0`` the huge-page advice."""
+    time), ``DQO_KERNELS_HUGEPAGES=0`` the huge-page advice; ``DQO_KERNELS_POOL_BYTES`` caps
+    what the pool keeps mapped (default 2 GiB)."""
     shape = tuple(int(n) for n in shape)
     numel = 1
     for n in shape:

@@ -357,6 +357,11 @@ def test_cpp_buffer_pool_reuses_only_what_no_tensor_uses(monkeypatch):
     del b, c
     assert logprobs_cpp.empty(shape, torch.float32).data_ptr() == pa  # free again: reused
     assert len(logprobs_cpp._pool.regions) <= logprobs_cpp.POOL_REGIONS
+    monkeypatch.setattr(logprobs_cpp, "POOL_BYTES", 3 * 2**22)  # room for one 12 MiB region
+    pool = logprobs_cpp._pool
+    big = logprobs_cpp.empty((2**21,), torch.float32)  # 8 MiB: the free ones make room
+    assert sum(len(r) for r in pool.regions) <= logprobs_cpp.POOL_BYTES
+    del big
 
 
 def test_cpp_backend_refuses_gpu_tensors():
