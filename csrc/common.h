@@ -62,6 +62,7 @@ template <> inline f16 from_float<f16>(float x) {
 // hang on the auto-vectoriser (which spills `omp simd` reductions to the stack every step).
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
 constexpr int64_t kLanes = 8;
 
 inline f32x8 load8(const float* p) {

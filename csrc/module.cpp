@@ -28,12 +28,13 @@ int guarded(F fn) {
 extern "C" {
 
 // Bumped whenever a signature below changes; native.py refuses a library of another version.
-int dqo_abi_version() { return 2; }
+int dqo_abi_version() { return 3; }
 
-// in: logp, ref_logp, behavior_logp, values, rewards, mask (uint8), bootstrap (or null),
-//     row_scale; out: returns, weights, td, dlogp, dvalues ([B, T]), policy_rows, value_rows
-// ([B]); hyper: beta, gamma, lambda, log_clip, tol, log_limit; flags: is_policy, is_value,
-// target_grad, check. kDataCheck: done, and a row may fail the data checks (dqo_scan.cpp).
+// in: logp, ref_logp, behavior_logp, values, rewards, mask (uint8), bootstrap (or null);
+// out: returns, weights, td, dlogp, dvalues ([B, T]), policy_loss, value_loss (scalars); hyper:
+// beta, gamma, lambda, log_clip, tol, log_limit, num_tokens (<= 0: the mask's count); flags:
+// is_policy, is_value, target_grad, check, loss aggregation (dqo_scan.cpp's LossAgg).
+// kDataCheck: done, and a row may fail the data checks (dqo_scan.cpp).
 int dqo_scan_forward(int dtype, const void* const* in, void* const* out, int64_t B, int64_t T,
                      const double* hyper, const int* flags, int threads, int64_t min_work) {
   return guarded([&] {

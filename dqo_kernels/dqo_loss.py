@@ -10,7 +10,6 @@ computes the diagnostics; the math lives in the backends:
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
@@ -19,8 +18,8 @@ import torch
 from . import dqo_scan_cpp
 from .aggregation import LOSS_AGGS, row_scale
 from .backends import resolve_backend
-from .dqo_scan_function import run_closed_form
-from .dqo_scan_reference import DQOScanResult, dqo_scan_reference
+from .dqo_scan_function import closed_form, run_closed_form
+from .dqo_scan_reference import dqo_scan_reference
 from .dtypes import acc_dtype
 from .metrics import LazyMetrics, clipped_weights, dqo_metrics
 from .validation import (
@@ -49,16 +48,25 @@ class DQOLossOutput:
 
 
 def _run_backend(name: str, logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
-                 scale, params, data_checks=None) -> DQOScanResult:
+                 loss_agg, num_tokens, compute_dtype, params, data_checks=None):
+    """``(loss, DQOScanResult)`` of one backend."""
+    if name == "cpp":  # the kernel computes the row scale and sums the losses itself
+        def launch():
+            return dqo_scan_cpp.dqo_scan_cpp(
+                logp.detach(), ref_logp, values.detach(), rewards, mask, behavior_logp,
+                bootstrap, loss_agg=loss_agg, num_tokens=num_tokens, data_checks=data_checks,
+                **params)
+        return closed_form(launch, logp, values,
+                           (ref_logp, rewards, mask, behavior_logp, bootstrap))
+    scale = row_scale(mask, loss_agg, num_tokens, dtype=compute_dtype)
     if name == "torch":
-        return dqo_scan_reference(logp, ref_logp, values, rewards, mask, scale,
-                                  behavior_logp=behavior_logp, bootstrap=bootstrap, **params)
-    if name == "triton":
-        from .dqo_scan_triton import dqo_scan_triton as launch
+        res = dqo_scan_reference(logp, ref_logp, values, rewards, mask, scale,
+                                 behavior_logp=behavior_logp, bootstrap=bootstrap, **params)
     else:
-        launch = functools.partial(dqo_scan_cpp.dqo_scan_cpp, data_checks=data_checks)
-    return run_closed_form(launch, logp, values, ref_logp, rewards, mask, behavior_logp,
-                           bootstrap, scale, params)
+        from .dqo_scan_triton import dqo_scan_triton
+        res = run_closed_form(dqo_scan_triton, logp, values, ref_logp, rewards, mask,
+                              behavior_logp, bootstrap, scale, params)
+    return res.policy_loss + res.value_loss, res
 
 
 def fused_dqo_loss(
@@ -133,7 +141,10 @@ def fused_dqo_loss(
         raise ValueError(f"loss_agg: expected one of {LOSS_AGGS}, got {loss_agg!r}")
     if num_tokens is not None:
         # A count below one token would be clamped to one by row_scale: refuse it instead.
-        check_scalar("num_tokens", num_tokens, low=1.0, high_open=True)
+        num_tokens = check_scalar("num_tokens", num_tokens, low=1.0, high_open=True)
+        if loss_agg != "token-mean":
+            raise ValueError(f"num_tokens: only applies to loss_agg='token-mean', got "
+                             f"loss_agg={loss_agg!r}")
     backend = resolve_backend(backend, device)
     compute_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
     behavior, behavior_name = ((ref_logp, "ref_logp") if behavior_logp is None
@@ -155,11 +166,10 @@ def fused_dqo_loss(
     if backend != "cpp":
         data_checks()
 
-    scale = row_scale(mask, loss_agg, num_tokens, dtype=compute_dtype)
     params = dict(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
                   is_value=bool(is_value), target_grad=bool(target_grad))
-    res = _run_backend(backend, logp, ref_logp, values, rewards, mask, behavior_logp,
-                       bootstrap, scale, params, deferred)
+    loss, res = _run_backend(backend, logp, ref_logp, values, rewards, mask, behavior_logp,
+                             bootstrap, loss_agg, num_tokens, compute_dtype, params, deferred)
 
     def metrics():
         log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
@@ -168,7 +178,7 @@ def fused_dqo_loss(
                            mask, clipped)
 
     return DQOLossOutput(
-        loss=res.policy_loss + res.value_loss,
+        loss=loss,
         policy_loss=res.policy_loss,
         value_loss=res.value_loss,
         returns=res.returns,

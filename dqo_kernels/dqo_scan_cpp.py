@@ -29,36 +29,52 @@ def _as(x, dtype):
     return x.detach().to(dtype).contiguous()
 
 
-def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap, row_scale, *,
-                 beta, lam, gamma, is_clip, is_policy, is_value, target_grad,
-                 data_checks: Optional[Callable[[], None]] = None):
+# loss_agg -> csrc/dqo_scan.cpp's LossAgg code
+AGG_CODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
+_ptrs7 = ctypes.c_void_p * 7
+_hyper = ctypes.c_double * 7
+_flags = ctypes.c_int * 5
+
+
+def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap, *,
+                 loss_agg, num_tokens, beta, lam, gamma, is_clip, is_policy, is_value,
+                 target_grad, data_checks: Optional[Callable[[], None]] = None):
     """Run the CPU kernel; float inputs are brought to one contiguous dtype: float64 if any of
-    them is, else float32 (the compute dtype of the API and of the other backends).
+    them is, else float32 (the compute dtype of the API and of the other backends). The kernel
+    computes the row scale of ``loss_agg`` (``num_tokens``: a float, or None) itself.
 
     ``data_checks``: the Python data checks of the call, deferred. The kernel looks for what
     they refuse in its own passes, conservatively, and only a flagged batch runs them (they
-    raise the exact error, or find the flag a false alarm). Returns (policy_rows, value_rows,
+    raise the exact error, or find the flag a false alarm). Returns (policy_loss, value_loss,
     returns, weights, td, dlogp, dvalues)."""
     dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
     ref = _as(ref_logp, dtype)
     beh = ref if behavior_logp is None else _as(behavior_logp, dtype)
-    inputs = [_as(logp, dtype), ref, beh, _as(values, dtype), _as(rewards, dtype),
-              _as(mask, torch.bool), _as(bootstrap, dtype), _as(row_scale, dtype)]
-    B, T = inputs[0].shape
-    outputs = [torch.empty(B, T, dtype=dtype) for _ in range(5)]
-    outputs += [torch.empty(B, dtype=dtype) for _ in range(2)]
-    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(  # noqa: E731
-        *(None if t is None else t.data_ptr() for t in ts))
+    logp, values, rewards, mask = (_as(logp, dtype), _as(values, dtype), _as(rewards, dtype),
+                                   _as(mask, torch.bool))
+    bootstrap = _as(bootstrap, dtype)
+    B, T = logp.shape
+    returns, weights, td = (torch.empty(B, T, dtype=dtype) for _ in range(3))
+    grads = torch.empty(2, B, T, dtype=dtype)
+    policy, value = torch.empty((), dtype=dtype), torch.empty((), dtype=dtype)
     cap = log_clip(is_clip)
-    limit = math.log(torch.finfo(dtype).max)  # exp of more overflows the weights
+    limit = _LOG_MAX[dtype]  # exp of more overflows the weights
     log_limit = limit if (is_policy or is_value) and cap > limit else math.inf
     status = native.call(
-        "dqo_scan_forward", native.dtype_code(dtype), ptrs(inputs), ptrs(outputs), B, T,
-        (ctypes.c_double * 6)(beta, gamma, lam, cap, LOGPROB_TOLERANCE, log_limit),
-        (ctypes.c_int * 4)(bool(is_policy), bool(is_value), bool(target_grad),
-                           data_checks is not None),
+        "dqo_scan_forward", native.dtype_code(dtype),
+        _ptrs7(logp.data_ptr(), ref.data_ptr(), beh.data_ptr(), values.data_ptr(),
+               rewards.data_ptr(), mask.data_ptr(),
+               None if bootstrap is None else bootstrap.data_ptr()),
+        _ptrs7(returns.data_ptr(), weights.data_ptr(), td.data_ptr(), grads[0].data_ptr(),
+               grads[1].data_ptr(), policy.data_ptr(), value.data_ptr()),
+        B, T, _hyper(beta, gamma, lam, cap, LOGPROB_TOLERANCE, log_limit,
+                     0.0 if num_tokens is None else float(num_tokens)),
+        _flags(bool(is_policy), bool(is_value), bool(target_grad), data_checks is not None,
+               AGG_CODES[loss_agg]),
         torch.get_num_threads(), native.MIN_WORK_PER_THREAD)
     if status == native.DATA_CHECK and data_checks is not None:
         data_checks()  # raises what is wrong; returns when the kernel's flag was conservative
-    returns, weights, td, dlogp, dvalues, policy_rows, value_rows = outputs
-    return policy_rows, value_rows, returns, weights, td, dlogp, dvalues
+    return policy, value, returns, weights, td, grads[0], grads[1]
+
+
+_LOG_MAX = {dt: math.log(torch.finfo(dt).max) for dt in (torch.float32, torch.float64)}

@@ -57,7 +57,7 @@ INCLUDED = ("common.h", "dqo_scan.cpp", "logprobs.cpp")
 CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd",
           "-shared", "-fPIC", "-pthread", "-Wno-psabi")
 ISA_FLAGS = {"avx2": ("-mavx2", "-mfma", "-mf16c"), "base": ()}
-ABI_VERSION = 2  # csrc/module.cpp's dqo_abi_version()
+ABI_VERSION = 3  # csrc/module.cpp's dqo_abi_version()
 PREFIX = "_native_"
 PREBUILT_DIR = Path(__file__).resolve().parent  # where setup.py puts the library
 WAIT_REPORT_S = 30.0  # how often a long compile says that it is still compiling

@@ -409,6 +409,34 @@ def test_policy_and_value_losses_backward_separately(backend, device):
     torch.testing.assert_close(b["values"].grad, gv)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_retained_graph_backward_twice(backend, device):
+    """The kernel backends hand their gradient buffers to autograd on the first backward; a
+    second backward through the retained graph recomputes them (equal to the first), and the
+    first gradient, kept as .grad, is never changed by it."""
+    dev = device if backend != "cpp" else "cpu"
+    b = to(make_batch("interleaved", B=3, T=21, seed=8), torch.float32, dev)
+    kw = kwargs_of(CONFIGS[3])
+    out = fused_dqo_loss(b["logp"], b["ref_logp"], b["values"], b["rewards"], b["mask"],
+                         behavior_logp=b["behavior_logp"], bootstrap=b["bootstrap"],
+                         backend=backend, **kw)
+    g1 = torch.autograd.grad(out.loss, [b["logp"], b["values"]], retain_graph=True)
+    first = [g.clone() for g in g1]
+    for g in g1:
+        g.mul_(3.0)  # what an optimiser may do to a stolen .grad
+    g2 = torch.autograd.grad(2 * out.loss, [b["logp"], b["values"]], retain_graph=True)
+    for a, f in zip(g2, first):
+        torch.testing.assert_close(a, 2 * f)
+    out.policy_loss.backward(retain_graph=True)
+    out.value_loss.backward(retain_graph=True)
+    torch.testing.assert_close(b["logp"].grad, first[0])
+    torch.testing.assert_close(b["values"].grad, first[1])
+    with torch.no_grad():
+        b["ref_logp"].add_(0.0)  # an in-place change of an input: a recompute must refuse
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.loss.backward()
+
+
 def test_on_policy_weights_are_one():
     """At initialisation pi_theta = pi_ref = behaviour: every weight is 1, no clipping."""
     b = make_batch("left", B=3, T=9, seed=2, behavior=False, garbage=False)

@@ -59,6 +59,15 @@ def test_cpp_equals_reference(**kw):
     check_against_reference("cpp", torch.float64, "cpu", dict(rtol=1e-9, atol=1e-10), **kw)
 
 
+@needs_cpp
+@settings(max_examples=60, deadline=None)
+@given(**{**CONFIG, "T": st.integers(1, 90)})
+def test_cpp_fp32_equals_reference(**kw):
+    """fp32 runs the kernel's 8-token vector path (groups wholly on, wholly off and mixed, the
+    scalar tail): rows up to 90 tokens cross many groups."""
+    check_against_reference("cpp", torch.float32, "cpu", dict(rtol=5e-5, atol=5e-5), **kw)
+
+
 @pytest.mark.skipif(not _triton_available(), reason="triton not installed")
 @settings(max_examples=25, deadline=None)
 @given(**CONFIG)
