@@ -54,8 +54,7 @@ def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap
                                    _as(mask, torch.bool))
     bootstrap = _as(bootstrap, dtype)
     B, T = logp.shape
-    returns, weights, td = (torch.empty(B, T, dtype=dtype) for _ in range(3))
-    grads = torch.empty(2, B, T, dtype=dtype)
+    returns, weights, td, dlogp, dvalues = (torch.empty(B, T, dtype=dtype) for _ in range(5))
     policy, value = torch.empty((), dtype=dtype), torch.empty((), dtype=dtype)
     cap = log_clip(is_clip)
     limit = _LOG_MAX[dtype]  # exp of more overflows the weights
@@ -65,8 +64,8 @@ def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap
         _ptrs7(logp.data_ptr(), ref.data_ptr(), beh.data_ptr(), values.data_ptr(),
                rewards.data_ptr(), mask.data_ptr(),
                None if bootstrap is None else bootstrap.data_ptr()),
-        _ptrs7(returns.data_ptr(), weights.data_ptr(), td.data_ptr(), grads[0].data_ptr(),
-               grads[1].data_ptr(), policy.data_ptr(), value.data_ptr()),
+        _ptrs7(returns.data_ptr(), weights.data_ptr(), td.data_ptr(), dlogp.data_ptr(),
+               dvalues.data_ptr(), policy.data_ptr(), value.data_ptr()),
         B, T, _hyper(beta, gamma, lam, cap, LOGPROB_TOLERANCE, log_limit,
                      0.0 if num_tokens is None else float(num_tokens)),
         _flags(bool(is_policy), bool(is_value), bool(target_grad), data_checks is not None,
@@ -74,7 +73,7 @@ def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap
         torch.get_num_threads(), native.MIN_WORK_PER_THREAD)
     if status == native.DATA_CHECK and data_checks is not None:
         data_checks()  # raises what is wrong; returns when the kernel's flag was conservative
-    return policy, value, returns, weights, td, grads[0], grads[1]
+    return policy, value, returns, weights, td, dlogp, dvalues
 
 
 _LOG_MAX = {dt: math.log(torch.finfo(dt).max) for dt in (torch.float32, torch.float64)}

@@ -1,19 +1,21 @@
 """Autograd wiring of the kernel backends of the fused DQO loss.
 
 The kernels produce the closed-form gradients of SPEC 3.7/3.8 in the same pass as the forward
-(``dL_pi/dlogp`` and ``dL_V/dvalues``), so the losses come out of one autograd node whose
-backward is a scale of the kernel's gradients: no second pass over the data, and one node per
-call (its fixed cost is a good part of a small batch's time on CPU).
+(``dL_pi/dlogp`` and ``dL_V/dvalues``), so each loss becomes its own autograd node whose
+backward is a scale of a gradient already computed: no second pass over the data. The two nodes
+are independent, so ``policy_loss.backward()`` and ``value_loss.backward()`` can be called
+separately (one DeepSpeed engine per model) without ``retain_graph``. (One node with both
+inputs would not do: a backward of the policy loss alone would run the value model's nodes
+with empty gradients and free their saved tensors.)
 
 Backward hands each gradient buffer over to autograd (which keeps it as ``.grad`` without a
-copy) and forgets it, so ``policy_loss.backward()`` and ``value_loss.backward()`` can be called
-separately (one DeepSpeed engine per model) without ``retain_graph``, and ``loss.backward()``
-costs no ``[B, T]`` copy. A second backward through the same node (``retain_graph=True``)
-recomputes the gradients from the inputs, after checking that none was changed in place.
+copy) and forgets it, so ``loss.backward()`` costs no ``[B, T]`` copy. A second backward
+through the same node (``retain_graph=True``) recomputes the gradients from the inputs, after
+checking that none was changed in place.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -27,13 +29,6 @@ Launcher = Callable[..., Tuple[torch.Tensor, ...]]
 LossLauncher = Callable[[], Tuple[torch.Tensor, ...]]
 
 
-def _total(*grads: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    given = [g for g in grads if g is not None]
-    if not given:
-        return None
-    return given[0] if len(given) == 1 else sum(given[1:], given[0])
-
-
 def _scaled(grad: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # loss.backward() passes g = 1: on CPU (where reading it costs no sync) hand the buffer
     # over as it is, instead of a [B, T] multiply into new memory (a fixed cost of every call)
@@ -42,65 +37,57 @@ def _scaled(grad: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
-class ClosedFormLosses(torch.autograd.Function):
-    """``(loss, policy_loss, value_loss, returns, weights, td_error)`` of ``launch``, whose
-    gradients to ``logp`` and ``values`` the launcher already computed; ``logp`` and ``values``
-    are the autograd inputs, and ``inputs`` every tensor the launcher reads (checked for
-    in-place changes before a recompute)."""
+class _Gradients:
+    """The gradients of one call, shared by its two nodes: each is handed out once, then
+    recomputed by ``launch`` if asked for again."""
+
+    def __init__(self, launch: LossLauncher, inputs: Tuple, grads):
+        self.launch, self.inputs, self.grads = launch, inputs, list(grads)
+        self.versions = [None if x is None else x._version for x in inputs]
+
+    def take(self, i: int) -> torch.Tensor:
+        if self.grads[i] is None:
+            self._recompute()
+        grad, self.grads[i] = self.grads[i], None  # autograd may keep it as .grad
+        return grad
+
+    def _recompute(self) -> None:
+        for x, version in zip(self.inputs, self.versions):
+            if x is not None and x._version != version:
+                raise RuntimeError(
+                    "fused_dqo_loss: an input of the loss was modified in place after the "
+                    "forward (a second backward through the same graph needs it unchanged); "
+                    "compute the loss again instead")
+        with torch.no_grad():
+            grads = self.launch()[-2:]
+        self.grads = [g if g is not None else new for g, new in zip(self.grads, grads)]
+
+
+class PrecomputedGradLoss(torch.autograd.Function):
+    """``loss`` as a function of ``x`` whose gradient ``dloss/dx`` is ``grads.take(i)``."""
 
     @staticmethod
-    def forward(ctx, logp, values, launch: LossLauncher, inputs: Tuple):
-        policy, value, returns, weights, td, dlogp, dvalues = launch()
-        ctx.set_materialize_grads(False)
-        ctx.launch, ctx.inputs = launch, inputs
-        ctx.versions = [None if x is None else x._version for x in inputs]
-        ctx.grads = [dlogp, dvalues]
-        ctx.dtypes = (logp.dtype, values.dtype)
-        ctx.mark_non_differentiable(returns, weights, td)
-        if not logp.requires_grad:
-            ctx.mark_non_differentiable(policy)
-        if not values.requires_grad:
-            ctx.mark_non_differentiable(value)
-        return policy + value, policy, value, returns, weights, td
+    def forward(ctx, x, loss, grads: _Gradients, i: int):
+        ctx.grads, ctx.i, ctx.x_dtype = grads, i, x.dtype
+        return loss.clone()
 
     @staticmethod
-    def backward(ctx, g_loss, g_policy, g_value, *_):
-        gs = [_total(g_loss, g_policy), _total(g_loss, g_value)]
-        need = [g is not None and ctx.needs_input_grad[i] for i, g in enumerate(gs)]
-        if any(n and grad is None for n, grad in zip(need, ctx.grads)):
-            _recompute(ctx)
-        out = []
-        for i in range(2):
-            if not need[i]:
-                out.append(None)
-                continue
-            grad, ctx.grads[i] = ctx.grads[i], None  # autograd may keep it as .grad
-            out.append(_scaled(grad, gs[i], ctx.dtypes[i]))
-        return out[0], out[1], None, None
-
-
-def _recompute(ctx) -> None:
-    """The gradients again, for a second backward through a node that handed them out."""
-    for x, version in zip(ctx.inputs, ctx.versions):
-        if x is not None and x._version != version:
-            raise RuntimeError(
-                "fused_dqo_loss: an input of the loss was modified in place after the forward "
-                "(a second backward through the same graph needs it unchanged); compute the "
-                "loss again instead")
-    with torch.no_grad():
-        grads = ctx.launch()[-2:]
-    ctx.grads = [ctx.grads[i] if ctx.grads[i] is not None else grads[i] for i in range(2)]
+    def backward(ctx, g):
+        return _scaled(ctx.grads.take(ctx.i), g, ctx.x_dtype), None, None, None
 
 
 def closed_form(launch: LossLauncher, logp: torch.Tensor, values: torch.Tensor,
                 inputs: Tuple = ()) -> Tuple[torch.Tensor, DQOScanResult]:
     """``(loss, result)`` of a loss launcher, differentiable in ``logp`` and ``values``;
     ``inputs``: the other tensors it reads."""
-    if torch.is_grad_enabled() and (logp.requires_grad or values.requires_grad):
-        loss, *res = ClosedFormLosses.apply(logp, values, launch, (logp, values, *inputs))
-        return loss, DQOScanResult(*res)
     with torch.no_grad():
-        policy, value, returns, weights, td, _, _ = launch()
+        policy, value, returns, weights, td, dlogp, dvalues = launch()
+    if torch.is_grad_enabled() and (logp.requires_grad or values.requires_grad):
+        grads = _Gradients(launch, (logp, values, *inputs), (dlogp, dvalues))
+        if logp.requires_grad:
+            policy = PrecomputedGradLoss.apply(logp, policy, grads, 0)
+        if values.requires_grad:
+            value = PrecomputedGradLoss.apply(values, value, grads, 1)
     return policy + value, DQOScanResult(policy, value, returns, weights, td)
 
 

@@ -48,6 +48,7 @@ _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _library_path: Optional[str] = None
 _error: Optional[BaseException] = None
+_functions: dict = {}  # name -> the loaded library's function
 
 SOURCES = ("module.cpp",)  # the one translation unit; it includes the others
 INCLUDED = ("common.h", "dqo_scan.cpp", "logprobs.cpp")
@@ -285,7 +286,10 @@ def library_path() -> Optional[str]:
 
 def call(name: str, *args) -> int:
     """Call a native op; its status (0, or DATA_CHECK); another is a RuntimeError naming it."""
-    status = getattr(load_library(), name)(*args)
+    fn = _functions.get(name)
+    if fn is None:
+        fn = _functions[name] = getattr(load_library(), name)
+    status = fn(*args)
     if status not in (0, DATA_CHECK):
         raise RuntimeError(f"dqo_kernels native op {name}: {_STATUS.get(status, status)}")
     return status

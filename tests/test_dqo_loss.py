@@ -398,15 +398,19 @@ def test_policy_and_value_losses_backward_separately(backend, device):
     """One engine per model: policy_loss.backward() then value_loss.backward(), no
     retain_graph, gives the same gradients as loss.backward()."""
     dev = device if backend != "cpp" else "cpu"
-    b = to(make_batch("right", B=3, T=9, seed=4), torch.float32, dev)
+    b = to(make_batch("right", B=3, T=9, seed=4, garbage=False), torch.float32, dev)
     _, gl, gv = run(b, backend)
-    out = fused_dqo_loss(b["logp"], b["ref_logp"], b["values"], b["rewards"], b["mask"],
+    # each input the output of a "model" whose graph saves tensors (freed by its backward)
+    s_pi = torch.ones((), device=dev, requires_grad=True)
+    s_v = torch.ones((), device=dev, requires_grad=True)
+    logp, values = b["logp"].detach() * s_pi, b["values"].detach() * s_v
+    out = fused_dqo_loss(logp, b["ref_logp"], values, b["rewards"], b["mask"],
                          behavior_logp=b["behavior_logp"], bootstrap=b["bootstrap"],
                          backend=backend)
     out.policy_loss.backward()
     out.value_loss.backward()
-    torch.testing.assert_close(b["logp"].grad, gl)
-    torch.testing.assert_close(b["values"].grad, gv)
+    torch.testing.assert_close(s_pi.grad, (gl * b["logp"].detach()).sum())
+    torch.testing.assert_close(s_v.grad, (gv * b["values"].detach()).sum())
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
