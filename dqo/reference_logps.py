@@ -18,6 +18,7 @@ from .atomic import atomic_write
 from .data import Example, collate
 from .engine import barrier, rank, world_size
 from .modeling import policy_logprobs
+from .threads import adapt as adapt_threads
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size
     log.info("reference log-probs: %d of %d examples on rank %d", len(mine), len(examples), r)
     rows = []  # (example index, log-probs of its response tokens)
     for start in range(0, len(mine), batch_size):
+        adapt_threads()
         idx = mine[start:start + batch_size]
         b = collate([examples[i] for i in idx], pad_id).to(device)
         lp = policy_logprobs(model, b.input_ids, b.attention_mask, b.action_mask).float().cpu()

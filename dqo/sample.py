@@ -37,6 +37,7 @@ from .cli import run as run_cli
 from .data import read_prompt_rows, split_steps, write_jsonl
 from .decoding import DecodingConfig, encode_prompt, own_generation_config, sidecar, split_at_stop
 from .rewards import Reward, RewardError, as_reward, load_reward, task_reward
+from .threads import adapt as adapt_threads
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, decoding: DecodingConf
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="sampling", leave=False, disable=None)
     for start in chunks:
+        adapt_threads()
         batch = jobs[start:start + batch_size]
         width = max(len(e) for _, e in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)

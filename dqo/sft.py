@@ -10,6 +10,7 @@ import torch
 from .data import collate, tokenize_row
 from .losses import sft_loss
 from .modeling import policy_logprobs
+from .threads import adapt as adapt_threads
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def sft_train(model, tokenizer, pairs: Sequence[Tuple[str, str]], *, steps: int,
         it = tqdm(it, desc="sft warm-up", leave=False, disable=None)
     try:
         for step in it:
+            adapt_threads()
             b = collate(rng.sample(examples, min(batch_size, len(examples))),
                         tokenizer.pad_token_id).to(device)
             loss = sft_loss(policy_logprobs(model, b.input_ids, b.attention_mask, b.action_mask),

@@ -63,6 +63,8 @@ from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_u
 from .reference_logps import compute_ref_logps
 from .rewards import RewardError, load_reward, task_reward
 from .rng import seed_stage, stage_rng
+from .threads import adapt as adapt_threads
+from .threads import fit_threads
 from .tracking import REPORT_TO, Tracker, make_tracker
 
 log = logging.getLogger("dqo.train")
@@ -122,6 +124,7 @@ class TrainArgs:
     report_to: str = "none"  # none | tensorboard | wandb: every metrics row, from rank 0
     eval_samples: int = 4
     max_skipped_steps: int = 3  # consecutive non-finite steps before training stops
+    threads: int = 0  # CPU threads; 0: the cores other processes leave free (dqo.threads)
     max_new_tokens: Optional[int] = None  # evaluation; default: the data's decoding config
     progress: bool = True
 
@@ -301,6 +304,7 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
     for engine in engines.values():
         engine.train()
     for step in steps:
+        adapt_threads()
         epoch, k = divmod(step, steps_per_epoch)
         lo = k * global_batch + rank() * args.batch_size  # this rank's share of the step
         idx = epoch_order(len(data), args.seed, epoch)[lo:lo + args.batch_size]
@@ -502,6 +506,8 @@ HELP = {
     "strict_data": "fail on the first bad row instead of skipping it",
     "max_bad_rows": "the share of rows that may be bad (skipped) before the run stops",
     "max_skipped_steps": "consecutive steps with non-finite gradients before training stops",
+    "threads": "CPU threads; 0 fits them to the cores other processes leave free, checked "
+               "every few seconds",
     "report_to": "every metrics row (and the final evaluations) to TensorBoard "
                  "(<out>/tensorboard) or W&B, from rank 0",
     "algo": "dqo, or a baseline on the same samples", "beta": "KL coefficient",
@@ -598,6 +604,7 @@ def check_train_args(a: TrainArgs) -> None:
             ("--keep-checkpoints", a.keep_checkpoints, 1, inf, False, True, True),
             ("--eval-samples", a.eval_samples, 0, inf, False, True, True),
             ("--max-skipped-steps", a.max_skipped_steps, 1, inf, False, True, True),
+            ("--threads", a.threads, 0, inf, False, True, True),
             ("--max-length", a.max_length, 2, inf, False, True, True),
             ("--max-new-tokens", a.max_new_tokens, 1, inf, False, True, True)):
         check_range(flag, value, low, high, low_open=low_open, high_open=high_open,
@@ -619,6 +626,7 @@ def _main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Writing model shards" at every save
     args = parse_args(argv)
+    fit_threads(args.threads)
     t0 = time.time()
     res = run_default(args) if args.data is None else run_custom(args)
     leave_process_group()
