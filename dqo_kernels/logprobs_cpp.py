@@ -16,8 +16,21 @@ from .dtypes import acc_dtype
 
 HUGE_PAGE = 2 << 20
 POOL_REGIONS = 4  # buffers kept for reuse: a backward's gradient, plus one or two in .grad
+
+
+def _default_pool_bytes() -> int:
+    """A quarter of the machine's memory, at most 16 GiB: room for the gradient of a 151k
+    vocabulary at 8k tokens (5 GB in fp32), which a fresh mapping made 3x slower (the page
+    faults and huge-page compaction of 5 GB every step; benchmarks/NOTES.md)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 2 << 30
+    return min(total // 4, 16 << 30)
+
+
 # the most memory the pool keeps mapped, in use or not (a caching allocator's cost)
-POOL_BYTES = int(os.environ.get("DQO_KERNELS_POOL_BYTES", 2 << 30))
+POOL_BYTES = int(os.environ.get("DQO_KERNELS_POOL_BYTES", _default_pool_bytes()))
 
 
 class _RegionPool:
@@ -27,9 +40,10 @@ class _RegionPool:
 
     A region is an anonymous mapping, and every tensor made from it holds a reference to it
     (``torch.frombuffer``: views, ``.grad`` and all); the pool hands a region out again only
-    when it holds the last reference. It keeps at most ``POOL_REGIONS`` regions and
-    ``POOL_BYTES`` of them, dropping free ones (oldest first) to make room; a buffer that does
-    not fit is simply not pooled (freed with its last tensor)."""
+    when it holds the last reference (the smallest free one that is large enough). It keeps at
+    most ``POOL_REGIONS`` regions and ``POOL_BYTES`` of them, dropping free ones (oldest first)
+    to make room; a buffer that does not fit is simply not pooled (freed with its last
+    tensor)."""
 
     def __init__(self):
         self.regions: List[mmap.mmap] = []
@@ -41,9 +55,15 @@ class _RegionPool:
 
     def take(self, size: int) -> mmap.mmap:
         with self.lock:
+            # the smallest free region that holds `size`: batches of varying length (padded
+            # to their longest row) ask for a slightly different size every step
+            best = None
             for i in range(len(self.regions)):  # by index: a loop variable is a reference
-                if len(self.regions[i]) == size and self._free(i):
-                    return self.regions[i]
+                if len(self.regions[i]) >= size and self._free(i) and (
+                        best is None or len(self.regions[i]) < len(self.regions[best])):
+                    best = i
+            if best is not None:
+                return self.regions[best]
             region = mmap.mmap(-1, size)
             madvise = getattr(mmap, "MADV_HUGEPAGE", None)
             if madvise is not None and os.environ.get("DQO_KERNELS_HUGEPAGES", "1") != "0":
@@ -72,7 +92,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     a pool of buffers that no tensor uses any more (:class:`_RegionPool`), advised onto
     transparent huge pages. ``DQO_KERNELS_POOL=0`` turns the pool off (a fresh mapping each
     time), ``DQO_KERNELS_HUGEPAGES=0`` the huge-page advice; ``DQO_KERNELS_POOL_BYTES`` caps
-    what the pool keeps mapped (default 2 GiB)."""
+    what the pool keeps mapped (default: a quarter of the machine's memory, at most 16 GiB)."""
     shape = tuple(int(n) for n in shape)
     numel = 1
     for n in shape:

@@ -355,11 +355,16 @@ def test_cpp_buffer_pool_reuses_only_what_no_tensor_uses(monkeypatch):
     assert logprobs_cpp.empty(shape, torch.float32).data_ptr() != pa
     x.grad = None
     del b, c
-    assert logprobs_cpp.empty(shape, torch.float32).data_ptr() == pa  # free again: reused
+    d = logprobs_cpp.empty(shape, torch.float32)
+    assert d.data_ptr() == pa  # free again: reused
+    del d
+    smaller = logprobs_cpp.empty((3, 2**20 - 4096), torch.float32)  # a shorter batch: fits
+    assert smaller.data_ptr() == pa
+    del smaller
     assert len(logprobs_cpp._pool.regions) <= logprobs_cpp.POOL_REGIONS
-    monkeypatch.setattr(logprobs_cpp, "POOL_BYTES", 3 * 2**22)  # room for one 12 MiB region
+    monkeypatch.setattr(logprobs_cpp, "POOL_BYTES", 5 * 2**22)  # room for one 20 MiB region
     pool = logprobs_cpp._pool
-    big = logprobs_cpp.empty((2**21,), torch.float32)  # 8 MiB: the free ones make room
+    big = logprobs_cpp.empty((2**22,), torch.float32)  # 16 MiB: the free ones make room
     assert sum(len(r) for r in pool.regions) <= logprobs_cpp.POOL_BYTES
     del big
 
