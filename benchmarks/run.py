@@ -285,8 +285,9 @@ def cuda_peak_mib(fn) -> float:
 
 
 def cpu_peak_mib(op: str, impl: str, shape: List[int]) -> Optional[float]:
-    """Peak RSS of one forward+backward in a fresh process, minus that of a process that
-    builds the same implementation (inputs, imports, set-up) but does not run it."""
+    """Peak RSS of the second forward+backward in a fresh process (the first one warms up,
+    and compiles for torch.compile), minus that of a process that builds the same
+    implementation (inputs, imports, set-up) but does not run it."""
     def run(what):
         cmd = [sys.executable, __file__, "--probe", json.dumps([op, what, shape])]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -392,6 +393,12 @@ def probe(spec: str) -> None:
     # imports (torchrl's alone are ~200 MiB) and its set-up are not the op's memory
     step = build(op, impl.split(":")[-1], shape, torch.device("cpu"), torch.float32)
     if not impl.startswith("built-only:"):
+        step()  # torch.compile compiles here: its compiler's memory is not the op's
+        try:  # restart the peak from the current RSS (what a step keeps stays counted)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
         step()
     # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak across
     # fork + exec and make every probe look alike.
@@ -521,7 +528,7 @@ def main(argv=None):
                 fn = build(op, impl, shape, device, dtype)
                 ms = time_ms(fn, device, reps if impl == "ours" else max(3, reps // 3))
                 mem = cuda_peak_mib(fn) if gpu else (
-                    cpu_peak_mib(op, impl, shape) if args.memory and impl != "compile" else None)
+                    cpu_peak_mib(op, impl, shape) if args.memory else None)
             except Exception as e:  # an OOM or a peer's failure is a result, not a crash
                 first = (str(e).strip().splitlines() or [""])[0][:160]
                 failed[impl] = f"{type(e).__name__}: {first}"
