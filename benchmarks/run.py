@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import math
 import os
@@ -282,6 +283,16 @@ def cuda_peak_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def release_memory(device) -> None:
+    """What the last implementation left behind: its inputs and its cached buffers (ours on
+    CPU keep the gradient buffer for the next step; a 5 GB one beside a probe's 15 GB ran
+    this 24 GiB machine out of memory)."""
+    gc.collect()
+    dqo_kernels.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def cpu_peak_mib(op: str, impl: str, shape: List[int]) -> Optional[float]:
@@ -527,16 +538,19 @@ def main(argv=None):
             try:
                 fn = build(op, impl, shape, device, dtype)
                 ms = time_ms(fn, device, reps if impl == "ours" else max(3, reps // 3))
-                mem = cuda_peak_mib(fn) if gpu else (
-                    cpu_peak_mib(op, impl, shape) if args.memory else None)
+                mem = cuda_peak_mib(fn) if gpu else None
+                fn = None
+                release_memory(device)  # the next implementation, or the probes, need it
+                if not gpu and args.memory:
+                    mem = cpu_peak_mib(op, impl, shape)
             except Exception as e:  # an OOM or a peer's failure is a result, not a crash
                 first = (str(e).strip().splitlines() or [""])[0][:160]
                 failed[impl] = f"{type(e).__name__}: {first}"
                 print(f"  {op} {shape} {impl}: failed ({failed[impl]})", flush=True)
                 continue
             finally:
-                if gpu:
-                    torch.cuda.empty_cache()
+                fn = None
+                release_memory(device)
             res[impl] = (ms, mem)
         if "ours" not in res:
             continue

@@ -14,6 +14,7 @@ from .backends import BACKENDS, resolve_backend
 from .dqo_loss import DQOLossOutput, dro_loss, fused_dqo_loss
 from .dqo_scan_reference import dqo_scan_reference
 from .logprobs import linear_logprobs, token_logprobs
+from .logprobs_cpp import empty_cache
 from .logprobs_reference import linear_logprobs_reference, token_logprobs_reference
 from .validation import set_data_checks
 
@@ -28,6 +29,7 @@ __all__ = [
     "action_targets",
     "dqo_scan_reference",
     "dro_loss",
+    "empty_cache",
     "fused_dqo_loss",
     "linear_logprobs",
     "linear_logprobs_reference",

@@ -84,7 +84,23 @@ class _RegionPool:
             return region
 
 
+    def release(self) -> int:
+        """Unmap every free region; returns the bytes released."""
+        with self.lock:
+            free = [i for i in range(len(self.regions)) if self._free(i)]
+            released = sum(len(self.regions[i]) for i in free)
+            for i in reversed(free):
+                del self.regions[i]
+            return released
+
+
 _pool = _RegionPool()
+
+
+def empty_cache() -> int:
+    """Give the CPU buffers that no tensor uses back to the system (what
+    ``torch.cuda.empty_cache`` does for CUDA memory); returns the bytes released."""
+    return _pool.release()
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:

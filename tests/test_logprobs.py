@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dqo_kernels import fused_dqo_loss, linear_logprobs, native, token_logprobs
+from dqo_kernels import empty_cache, fused_dqo_loss, linear_logprobs, native, token_logprobs
 from dqo_kernels.logprobs_reference import linear_logprobs_reference, token_logprobs_reference
 from dqo_kernels.validation import triton_available as _triton_available
 
@@ -366,7 +366,10 @@ def test_cpp_buffer_pool_reuses_only_what_no_tensor_uses(monkeypatch):
     pool = logprobs_cpp._pool
     big = logprobs_cpp.empty((2**22,), torch.float32)  # 16 MiB: the free ones make room
     assert sum(len(r) for r in pool.regions) <= logprobs_cpp.POOL_BYTES
+    empty_cache()  # the free regions go; big's, in use, stays
+    assert len(pool.regions) == 1 and len(pool.regions[0]) >= big.numel() * 4
     del big
+    assert empty_cache() >= 2**24 and pool.regions == []
 
 
 def test_cpp_backend_refuses_gpu_tensors():
