@@ -257,6 +257,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# CPU: an implementation is timed for at least this long (more repetitions of fast steps: the
+# median of 5 steps of 0.5 ms moved by 1.7x between two runs here)
+MIN_TIME_S = 1.0
+
+
+def set_min_time(seconds: float) -> None:
+    global MIN_TIME_S
+    MIN_TIME_S = seconds
+
+
 def time_ms(fn, device, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
@@ -268,7 +278,7 @@ def time_ms(fn, device, reps: int, warmup: int = 2) -> float:
         except ImportError:
             pass
     times = []
-    for _ in range(reps):
+    while len(times) < reps or sum(times) < 1e3 * MIN_TIME_S:
         t0 = time.perf_counter()
         fn()
         sync(device)
@@ -424,9 +434,9 @@ def probe(spec: str) -> None:
 def needed_bytes(op: str, impl: str, shape, elem: int) -> float:
     """A rough peak of one forward + backward: the [N, V] tensors each implementation holds
     at once (inputs included)."""
-    if op == "token_logprobs":
-        N, V = shape
-        return (2 if impl == "ours" else 4) * N * V * max(elem, 4)
+    if op == "token_logprobs":  # measured at N=8192, V=151936: eager and TRL ~5 copies
+        N, V = shape           # (TRL's OOM-killed a 24 GiB run), torch.compile ~4
+        return {"ours": 2, "compile": 4}.get(impl, 5) * N * V * max(elem, 4)
     if op in ("linear_logprobs", "loss_head"):
         N, D, V = (shape if op == "linear_logprobs" else (shape[0] * shape[1], *shape[2:]))
         logits = 0 if impl in ("ours", "cce") else 3 * N * V * 4
@@ -504,10 +514,20 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--min-time", type=float, default=MIN_TIME_S,
+                   help="CPU: seconds to time each implementation for, at least")
+    p.add_argument("--models", default="", help="only the vocabulary ops of these models "
+                   "(comma-separated names of the plan: small, qwen2.5-0.5b, ...)")
+    p.add_argument("--tag", default="", help="appended to the results' file names")
+    p.add_argument("--render", type=Path, help="redo the markdown and plot of a results JSON")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
         return probe(args.probe)
+    set_min_time(args.min_time)
+    if args.render:
+        res = json.loads(args.render.read_text())
+        return render(res["meta"], res["rows"], args.render.with_suffix(""))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -523,7 +543,10 @@ def main(argv=None):
           f"matmul {rates['matmul_TFLOPs']:.3f} TFLOP/s", flush=True)
     ours_backend = dqo_kernels.resolve_backend(None, device)
     rows = []
+    models = set(filter(None, args.models.split(",")))
     for job in plan(device, args.quick, args.ops.split(",")):
+        if models and "model" in job and job["model"] not in models:
+            continue
         op, shape = job["op"], job["shape"]
         elem = torch.tensor([], dtype=dtype).element_size()
         floor = floor_ms(op, shape, elem, rates)
@@ -587,22 +610,32 @@ def write_results(rows, args, argv, dev_name, dtype, rates, ours_backend, load_a
         meta["triton"] = triton.__version__
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("cuda" if "cpu" not in dev_name.lower() else "cpu") + f"-{meta['date']}" + (
-        "-quick" if args.quick else "")
+        "-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"# dqo-kernels benchmarks on {dev_name}", "",
+    render(meta, rows, args.out / stem)
+
+
+def render(meta, rows, stem: Path) -> None:
+    """The markdown tables and the plot of a results JSON (``--render`` redoes them)."""
+    rates, load = meta["rates"], meta.get("loadavg_at_start")  # older files lack some keys
+    lines = [f"# dqo-kernels benchmarks on {meta['device']}", "",
              f"`{meta['command'].strip()}`, {meta['date']}, torch {meta['torch']}"
              + (f", triton {meta['triton']}" if "triton" in meta else "")
-             + f", {dtype}; copy {rates['bandwidth_GBps']:.1f} GB/s, matmul "
-             f"{rates['matmul_TFLOPs']:.3f} TFLOP/s (measured); {meta['threads']} threads, "
-             f"load average {load_at_start[0]:.2f} at start", "",
+             + f", {meta['dtype']}; copy {rates['bandwidth_GBps']:.1f} GB/s, matmul "
+             f"{rates['matmul_TFLOPs']:.3f} TFLOP/s (measured)"
+             + (f"; {meta['threads']} threads" if "threads" in meta else "")
+             + (f", load average {load[0]:.2f} at start" if load else ""), "",
              "Against the strongest peer of each op (the fastest one that ran; > 1: ours is "
-             "faster):", "",
-             "| op | shape | ours ms | strongest peer | its ms | peer / ours |",
-             "|---|---|---:|---|---:|---:|"]
+             "faster; memory: peak beyond the inputs):", "",
+             "| op | shape | ours ms | strongest peer | its ms | peer / ours | ours MiB "
+             "| its MiB |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    mib = lambda r: "" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"  # noqa: E731
     for key, (ours, peer) in strongest_peers(rows).items():
         op, shape = key
         lines.append(f"| {op} | {list(shape)} | {ours['ms']:.3f} | {peer['impl']} | "
-                     f"{peer['ms']:.3f} | {peer['ms'] / ours['ms']:.2f}x |")
+                     f"{peer['ms']:.3f} | {peer['ms'] / ours['ms']:.2f}x | {mib(ours)} | "
+                     f"{mib(peer)} |")
     lines += ["", "Every implementation (``eager`` for dqo_loss is the Python loop over T, the "
               "shape of verl's GAE, not a strong peer):", "",
               "| op | shape | impl | median ms | peak MiB | time / ours | floor ms | floor % |",
@@ -612,13 +645,12 @@ def write_results(rows, args, argv, dev_name, dtype, rates, ours_backend, load_a
             lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | failed: {r['failed']} "
                          f"| | | {r['floor_ms']:.3f} | |")
             continue
-        mem = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {mem} | "
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {mib(r)} | "
                      f"{r['time_vs_ours']:.2f}x | {r['floor_ms']:.3f} | "
                      f"{100 * r['floor_frac']:.1f}% |")
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    plot(rows, args.out / f"{stem}.png", dev_name)
-    print(f"wrote {args.out / stem}.json, .md and .png")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, stem.with_suffix(".png"), meta["device"])
+    print(f"wrote {stem}.json, .md and .png")
 
 
 if __name__ == "__main__":

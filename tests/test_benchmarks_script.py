@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_benchmark_script_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick",
-                          "--ops", "dqo_loss,token_logprobs", "--reps", "1", "--out",
-                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+                          "--ops", "dqo_loss,token_logprobs", "--reps", "1", "--min-time", "0",
+                          "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (result,) = tmp_path.glob("*.json")
     rows = json.loads(result.read_text())["rows"]
@@ -45,7 +46,7 @@ def test_a_failing_peer_is_a_row_of_the_table(tmp_path, monkeypatch):
                                                       impls=["ours", "eager"])])
     monkeypatch.setattr(run, "measure_rates", lambda device: dict(
         bandwidth_GBps=10.0, matmul_TFLOPs=0.1, matmul_dtype="torch.float32"))
-    run.main(["--reps", "1", "--out", str(tmp_path)])
+    run.main(["--reps", "1", "--min-time", "0", "--out", str(tmp_path)])
     (result,) = tmp_path.glob("*.json")
     rows = {r["impl"]: r for r in json.loads(result.read_text())["rows"]}
     assert rows["ours"]["ms"] > 0 and rows["eager"]["ms"] is None
