@@ -11,10 +11,12 @@ import torch
 from . import native
 from .dqo_scan_reference import log_clip
 from .dtypes import acc_dtype
+from .validation import log_weight_limit, logprob_tolerance
 
-# The smallest tolerance of validation.logprob_tolerance (fp32's): the kernel flags any
+# The smallest tolerance of validation.logprob_tolerance over the dtypes: the kernel flags any
 # log-prob above it, a superset of what the exact check refuses for every dtype.
-LOGPROB_TOLERANCE = 1e-3
+LOGPROB_TOLERANCE = min(logprob_tolerance(dt) for dt in
+                        (torch.float32, torch.float64, torch.float16, torch.bfloat16))
 
 __all__ = ["dqo_scan_cpp", "is_available"]
 
@@ -57,7 +59,7 @@ def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap
     returns, weights, td, dlogp, dvalues = (torch.empty(B, T, dtype=dtype) for _ in range(5))
     policy, value = torch.empty((), dtype=dtype), torch.empty((), dtype=dtype)
     cap = log_clip(is_clip)
-    limit = _LOG_MAX[dtype]  # exp of more overflows the weights
+    limit = log_weight_limit(dtype)  # exp of more overflows the weights
     log_limit = limit if (is_policy or is_value) and cap > limit else math.inf
     status = native.call(
         "dqo_scan_forward", native.dtype_code(dtype),
@@ -75,5 +77,3 @@ def dqo_scan_cpp(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap
         data_checks()  # raises what is wrong; returns when the kernel's flag was conservative
     return policy, value, returns, weights, td, dlogp, dvalues
 
-
-_LOG_MAX = {dt: math.log(torch.finfo(dt).max) for dt in (torch.float32, torch.float64)}

@@ -33,6 +33,15 @@ def _default_pool_bytes() -> int:
 POOL_BYTES = int(os.environ.get("DQO_KERNELS_POOL_BYTES", _default_pool_bytes()))
 
 
+def _new_region(size: int) -> mmap.mmap:
+    """An anonymous mapping of ``size`` bytes, advised onto transparent huge pages."""
+    region = mmap.mmap(-1, size)
+    madvise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if madvise is not None and os.environ.get("DQO_KERNELS_HUGEPAGES", "1") != "0":
+        region.madvise(madvise)  # advice only: without THP it changes nothing
+    return region
+
+
 class _RegionPool:
     """Large CPU buffers reused once no tensor uses them any more, so that a backward's
     gradient buffer is memory already faulted in: a fresh one costs a page fault and a kernel
@@ -53,6 +62,9 @@ class _RegionPool:
         # the pool's list holds one reference, getrefcount's argument the other: no tensor
         return sys.getrefcount(self.regions[i]) <= 2
 
+    def _free_indices(self) -> List[int]:
+        return [i for i in range(len(self.regions)) if self._free(i)]
+
     def take(self, size: int) -> mmap.mmap:
         with self.lock:
             # the smallest free region that holds `size`: batches of varying length (padded
@@ -64,13 +76,10 @@ class _RegionPool:
                     best = i
             if best is not None:
                 return self.regions[best]
-            region = mmap.mmap(-1, size)
-            madvise = getattr(mmap, "MADV_HUGEPAGE", None)
-            if madvise is not None and os.environ.get("DQO_KERNELS_HUGEPAGES", "1") != "0":
-                region.madvise(madvise)  # advice only: without THP it changes nothing
+            region = _new_region(size)
             if size > POOL_BYTES:
                 return region
-            free = [i for i in range(len(self.regions)) if self._free(i)]
+            free = self._free_indices()
             total, drop = sum(len(r) for r in self.regions), []
             while free and (total + size > POOL_BYTES or
                             len(self.regions) - len(drop) >= POOL_REGIONS):
@@ -83,11 +92,10 @@ class _RegionPool:
                 self.regions.append(region)
             return region
 
-
     def release(self) -> int:
         """Unmap every free region; returns the bytes released."""
         with self.lock:
-            free = [i for i in range(len(self.regions)) if self._free(i)]
+            free = self._free_indices()
             released = sum(len(self.regions[i]) for i in free)
             for i in reversed(free):
                 del self.regions[i]
@@ -119,7 +127,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     # one huge page longer than needed, used from its first 2 MiB boundary
     size = nbytes + HUGE_PAGE
     if os.environ.get("DQO_KERNELS_POOL", "1") == "0":
-        region = mmap.mmap(-1, size)
+        region = _new_region(size)
     else:
         region = _pool.take(size)
     raw = torch.frombuffer(region, dtype=torch.uint8)

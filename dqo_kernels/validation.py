@@ -9,6 +9,7 @@ can be turned off for throughput with ``dqo_kernels.set_data_checks(False)`` or
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -174,6 +175,12 @@ def value_checks(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor,
     return checks
 
 
+@functools.lru_cache(maxsize=None)
+def log_weight_limit(dtype: torch.dtype) -> float:
+    """The largest log-weight whose ``exp`` fits in ``dtype``: ``log(finfo.max)``."""
+    return math.log(torch.finfo(dtype).max)
+
+
 def importance_weight_checks(logp: torch.Tensor, behavior: torch.Tensor, behavior_name: str,
                              mask: torch.Tensor, is_clip: float,
                              dtype: torch.dtype) -> List[Check]:
@@ -183,7 +190,7 @@ def importance_weight_checks(logp: torch.Tensor, behavior: torch.Tensor, behavio
     cumulative log-ratios ``c_t``; otherwise this costs nothing. Empty when the data checks are
     off: an overflowing weight then makes the loss inf or NaN.
     """
-    limit = math.log(torch.finfo(dtype).max)
+    limit = log_weight_limit(dtype)
     if not _data_checks or log_clip(is_clip) <= limit:
         return []
     c = cumulative_log_ratio(logp, behavior, mask, dtype)

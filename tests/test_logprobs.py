@@ -340,6 +340,7 @@ def test_cpp_buffer_pool_reuses_only_what_no_tensor_uses(monkeypatch):
     .grad) refers to it any more: reuse never aliases live data."""
     from dqo_kernels import logprobs_cpp
     monkeypatch.setattr(logprobs_cpp, "_pool", logprobs_cpp._RegionPool())
+    monkeypatch.setenv("DQO_KERNELS_POOL", "1")  # this tests the pool, whatever the caller set
     shape = (3, 2**20)
     a = logprobs_cpp.empty(shape, torch.float32)
     a.fill_(7.0)
