@@ -20,13 +20,10 @@ import torch
 
 from .atomic import atomic_write
 from .engine import barrier, rank
+from .errors import CheckpointError
 from .rng import rng_state, set_rng_state
 
 RNG_FILE = "rng_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that cannot be resumed from; the message names the paths."""
 
 
 def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,

@@ -38,12 +38,9 @@ import torch
 
 from .atomic import atomic_write
 from .decoding import encode_prompt
+from .errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A row that cannot be used; the message names the file, line and field."""
 
 
 @dataclass

@@ -13,7 +13,6 @@ accuracy (``greedy_cut``, ``sampled_cut``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -21,9 +20,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .cli import UsageError, check_data, check_file, check_model, check_range
+from .cli import check_data, check_file, check_model, parse_config
 from .cli import run as run_cli
+from .configs import EVAL_SECTIONS, EvalConfig
 from .decoding import DecodingConfig, find_decoding
+from .errors import UsageError
 from .rewards import as_reward
 from .sample import Verifier, generate, reward_columns
 
@@ -67,39 +68,19 @@ def main(argv=None) -> None:
 
 def _main(argv=None) -> None:
     from .data import read_prompt_rows
-    from .sample import (
-        RESERVED,
-        add_column_args,
-        add_decoding_args,
-        add_engine_arg,
-        add_reward_args,
-        decoding_from_args,
-        load_sampler,
-        reward_from_args,
-    )
+    from .sample import RESERVED, load_sampler, reward_from_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="prompts with answers: jsonl, json, parquet, "
-                                                 "csv or a saved datasets directory")
-    add_reward_args(p)
-    add_column_args(p)
-    add_engine_arg(p)
-    p.add_argument("--samples", type=int, default=4, help="samples a problem (0: greedy only)")
-    p.add_argument("--decoding", help="decoding.json to evaluate with (default: the model's)")
-    add_decoding_args(p, help_suffix=", or the decoding config's")
-    args = p.parse_args(argv)
+    args = parse_config(EvalConfig, EVAL_SECTIONS, argv, prog="python -m dqo.evaluate",
+                        description=__doc__)
     reward = reward_from_args(args)
     check_model("--model", args.model)
     check_data("--data", args.data)
     check_file("--decoding", args.decoding)
-    check_range("--samples", args.samples, 0, integer=True)
-    check_range("--batch-size", args.batch_size, 1, integer=True)
     try:
         base = find_decoding(args.decoding, args.model if Path(args.model).is_dir() else None)
     except ValueError as exc:
         raise UsageError(f"--decoding: {exc}") from None
-    decoding = decoding_from_args(args, base)
+    decoding = args.decoding_config(base)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_sampler(args)
@@ -107,7 +88,8 @@ def _main(argv=None) -> None:
                             prompt_column=args.prompt_column, answer_column=args.answer_column)
     decoding = decoding.with_stop_ids(tok, model)
     res = accuracy(model, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows],
-                   reward, samples=args.samples, decoding=decoding, batch_size=args.batch_size,
+                   reward, samples=args.samples, decoding=decoding,
+                   batch_size=args.generation_batch_size,
                    columns=[{k: v for k, v in r.items() if k not in RESERVED} for r in rows])
     print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
                           decoding=json.loads(decoding.to_json()))))

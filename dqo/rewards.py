@@ -21,10 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-
-class RewardError(ValueError):
-    """A reward function that cannot be loaded, fails, or returns something that is not one
-    number a completion; the message names the function (and the row)."""
+from .errors import RewardError
 
 
 @dataclass

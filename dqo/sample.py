@@ -22,9 +22,7 @@ reference policy the paper reweights against.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -32,10 +30,12 @@ import torch
 
 from dqo_kernels import token_logprobs
 
-from .cli import UsageError, check_data, check_model, check_range
+from .cli import check_data, check_model, parse_config
 from .cli import run as run_cli
+from .configs import SAMPLE_SECTIONS, SampleConfig
 from .data import read_prompt_rows, split_steps, write_jsonl
 from .decoding import DecodingConfig, encode_prompt, own_generation_config, sidecar, split_at_stop
+from .errors import UsageError
 from .rewards import Reward, RewardError, as_reward, load_reward, task_reward
 from .threads import adapt as adapt_threads
 
@@ -216,33 +216,6 @@ def with_step_rewards(row: Dict, k: int, total: float = PROCESS_REWARD_TOTAL) ->
                 step_rewards=[per_step if i in rewarded else 0.0 for i in range(len(lines))])
 
 
-def add_reward_args(p: argparse.ArgumentParser, *, task_default: Optional[str] = None) -> None:
-    """--task / --reward-fn / --correct-threshold, shared by dqo.sample, evaluate and train."""
-    from .tasks import TASKS
-    p.add_argument("--task", choices=TASKS, default=task_default,
-                   help="a built-in verifier (reward 1 right, 0 wrong)")
-    p.add_argument("--reward-fn", metavar="SPEC",
-                   help="your reward function instead: path/to/file.py:function or "
-                        "package.module:function, called as f(prompts, completions, **columns) "
-                        "-> list[float] (TRL's signature; columns: the prompt rows' other fields)")
-    p.add_argument("--correct-threshold", type=float, default=1.0,
-                   help="a response is correct when its reward is at least this (default 1.0)")
-
-
-def add_column_args(p: argparse.ArgumentParser) -> None:
-    """Which columns of a prompts file hold the prompt and the answer."""
-    p.add_argument("--prompt-column", help="default: the first of prompt, question (GSM8K), "
-                                           "problem (MATH)")
-    p.add_argument("--answer-column", help="default: answer, else solution (MATH); a worked "
-                                           "answer (#### N, or a last \\boxed{N}) gives N")
-
-
-def add_engine_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
-                   help="hf: transformers' generate; vllm: vLLM (an optional install; "
-                        "temperature 1 only, see dqo/vllm_engine.py)")
-
-
 def load_sampler(args):
     """(tokenizer, what generate() samples with): the HF model, or a vLLM engine."""
     from .modeling import load_policy
@@ -259,8 +232,6 @@ def load_sampler(args):
 
 def reward_from_args(args) -> Reward:
     """The reward the flags name; exactly one of --task and --reward-fn."""
-    check_range("--correct-threshold", args.correct_threshold, low=-math.inf, low_open=True,
-                high_open=True)
     if args.reward_fn and args.task:
         raise UsageError("--reward-fn and --task: give one of them")
     if args.reward_fn:
@@ -273,71 +244,17 @@ def reward_from_args(args) -> Reward:
     return task_reward(args.task, args.correct_threshold)
 
 
-def add_decoding_args(p: argparse.ArgumentParser, *, defaults: Optional[DecodingConfig] = None,
-                      help_suffix: str = "") -> None:
-    """The decoding flags shared by dqo.sample and dqo.evaluate (defaults: the paper's)."""
-    d = defaults or DecodingConfig()
-    p.add_argument("--temperature", type=float, default=None,
-                   help=f"sampling temperature (default: {d.temperature}{help_suffix})")
-    p.add_argument("--top-p", type=float, default=None,
-                   help=f"nucleus sampling (default: {d.top_p}{help_suffix})")
-    p.add_argument("--top-k", type=int, default=None,
-                   help=f"top-k sampling, 0: off (default: {d.top_k}{help_suffix})")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"length limit of a response (default: {d.max_new_tokens}{help_suffix})")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def decoding_from_args(args, base: Optional[DecodingConfig] = None) -> DecodingConfig:
-    """``base`` (default: the paper's settings) with the flags given on the command line;
-    a value out of range is a UsageError naming its flag."""
-    base = base or DecodingConfig()
-    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")
-             if getattr(args, k) is not None}
-    try:
-        return DecodingConfig(**{**base.__dict__, **given})
-    except ValueError as exc:
-        name, _, rest = str(exc).partition(":")
-        raise UsageError(f"--{name.replace('_', '-')}:{rest}") from None
-
-
 def main(argv=None) -> None:
     run_cli(_main, argv, prog="python -m dqo.sample")
 
 
 def _main(argv=None) -> None:
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompts", required=True,
-                   help="prompts with answers (and solutions, copied into the data): jsonl, "
-                        "json, parquet, csv or a saved datasets directory")
-    add_reward_args(p)
-    add_column_args(p)
-    add_engine_arg(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=20, help="responses per prompt (paper: 20)")
-    p.add_argument("--grade-truncated", action="store_true",
-                   help="grade responses cut at --max-new-tokens as they stand, as if they had "
-                        "ended (finished: true); default: wrong, unfinished")
-    p.add_argument("--process-scores", choices=("none", "mc"), default="none")
-    p.add_argument("--process-n", type=int, default=20,
-                   help="completions per prefix (default: 20, the paper's)")
-    p.add_argument("--process-reward-total", type=float, default=PROCESS_REWARD_TOTAL,
-                   help="the most a failed response earns from its steps, as a share of a "
-                        "correct answer's reward (each of its K steps judged correct earns "
-                        f"total/K; default: {PROCESS_REWARD_TOTAL})")
-    add_decoding_args(p)
-    args = p.parse_args(argv)
-    decoding = decoding_from_args(args)
+    args = parse_config(SampleConfig, SAMPLE_SECTIONS, argv, prog="python -m dqo.sample",
+                        description=__doc__)
+    decoding = args.decoding_config()
     reward = reward_from_args(args)
     check_model("--model", args.model)
     check_data("--prompts", args.prompts)
-    check_range("--n", args.n, 1, integer=True)
-    check_range("--process-n", args.process_n, 1, integer=True)
-    check_range("--process-reward-total", args.process_reward_total, 0, 1, high_open=True)
-    check_range("--batch-size", args.batch_size, 1, integer=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_sampler(args)
@@ -347,7 +264,7 @@ def _main(argv=None) -> None:
                                    answer_column=args.answer_column)
     prompts, answers = [r["prompt"] for r in prompt_rows], [r.get("answer") for r in prompt_rows]
     samples = generate(model, tok, prompts, n=args.n, progress=True, decoding=decoding,
-                       batch_size=args.batch_size)
+                       batch_size=args.generation_batch_size)
     rows = label_samples(prompts, answers, samples, reward,
                          grade_truncated=args.grade_truncated,
                          solutions=[r.get("solution") for r in prompt_rows],
@@ -356,7 +273,7 @@ def _main(argv=None) -> None:
     if args.process_scores == "mc":
         rows = mc_process_scores(model, tok, rows, reward, n=args.process_n,
                                  total=args.process_reward_total, decoding=decoding,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.generation_batch_size)
     write_jsonl(args.out, rows)
     decoding.save(sidecar(args.out))
     acc = sum(r["correct"] for r in rows) / max(1, len(rows))

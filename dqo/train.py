@@ -18,7 +18,6 @@ The recipe, one optimizer step:
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -27,7 +26,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,8 +35,9 @@ import torch
 from . import algos
 from .atomic import atomic_write, replace_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .cli import UsageError, check_data, check_model, check_range
+from .cli import check_data, check_model, parse_config, write_config
 from .cli import run as run_cli
+from .configs import EMBEDDED_DEFAULT, TRAIN_SECTIONS, TrainConfig
 from .data import (
     Example,
     apply_truncated_policy,
@@ -57,76 +57,22 @@ from .engine import (
     resolve_engine_kind,
     world_size,
 )
+from .errors import RewardError, TrainingError, UsageError
 from .losses import kto_weights
 from .modeling import PolicyLogprobs, ValueModel
+from .options import flag, to_dict
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .reference_logps import compute_ref_logps
-from .rewards import RewardError, load_reward, task_reward
+from .rewards import load_reward, task_reward
 from .rng import seed_stage, stage_rng
 from .threads import adapt as adapt_threads
 from .threads import fit_threads
-from .tracking import REPORT_TO, Tracker, make_tracker
+from .tracking import Tracker, make_tracker
 
 log = logging.getLogger("dqo.train")
 
 
-@dataclass
-class TrainArgs:
-    # data and models
-    model: Optional[str] = None  # HF path of the base policy; None: the embedded default
-    data: Optional[str] = None  # offline jsonl (dqo.data format); None: sample it (default)
-    task: str = "arithmetic"  # verifier for evaluation: arithmetic | gsm8k | math
-    reward_fn: Optional[str] = None  # evaluation with your reward function instead (SPEC)
-    prompt_column: Optional[str] = None  # of --eval-data; default: prompt, question, problem
-    answer_column: Optional[str] = None  # of --eval-data; default: answer, solution
-    correct_threshold: float = 1.0  # a response is correct when its reward is at least this
-    eval_data: Optional[str] = None  # jsonl with prompt, answer
-    out: str = "runs/dqo"
-    value_model: Optional[str] = None  # HF path of the value backbone; None: a copy of the policy
-    sft_data: Optional[str] = None  # --algo sft: jsonl of prompt + solution (default: --data's)
-    strict_data: bool = False
-    max_bad_rows: float = 0.1  # the share of bad rows a run goes on with
-    max_length: Optional[int] = None
-    truncated: str = "bootstrap"  # responses cut at a length limit: bootstrap | drop | penalize
-    truncated_reward: float = 0.0  # --truncated penalize: reward on their last token
-    padding: str = "right"
-    # the algorithm (dqo, or a baseline on the same samples: dro, sft, rs, dpo, kto)
-    algo: str = "dqo"
-    # KTO: the weights of desirable / undesirable samples; None: the KTO paper's ratio rule
-    kto_desirable_weight: Optional[float] = None
-    kto_undesirable_weight: Optional[float] = None
-    # DQO
-    beta: float = 0.1
-    lam: float = 1.0
-    gamma: float = 1.0
-    is_clip: float = 1.0
-    is_policy: bool = True
-    is_value: bool = True
-    target_grad: bool = False
-    loss_agg: str = "token-mean"
-    # optimisation
-    epochs: int = 1
-    max_steps: Optional[int] = None
-    batch_size: int = 64
-    micro_batch: int = 16
-    lr: float = 5e-7
-    value_lr: Optional[float] = None  # default: lr
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    engine: str = "auto"  # auto | deepspeed | torch
-    zero_stage: int = 2
-    seed: int = 0
-    # bookkeeping
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    report_to: str = "none"  # none | tensorboard | wandb: every metrics row, from rank 0
-    eval_samples: int = 4
-    max_skipped_steps: int = 3  # consecutive non-finite steps before training stops
-    threads: int = 0  # CPU threads; 0: the cores other processes leave free (dqo.threads)
-    max_new_tokens: Optional[int] = None  # evaluation; default: the data's decoding config
-    progress: bool = True
+# the options of a run: dqo.configs.TrainConfig (declared once, checked when built)
 
 
 @functools.lru_cache(maxsize=1)  # every step of an epoch reads the same order
@@ -160,10 +106,6 @@ def merge_stats(parts: List[Dict]) -> Dict:
             finite = [(v, p["num_tokens"]) for v, p in zip(vals, parts) if math.isfinite(v)]
             out[k] = sum(v * w for v, w in finite) / n if finite else float("nan")
     return out
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite gradients step after step); the message says why."""
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -224,7 +166,7 @@ def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingCon
     barrier()
 
 
-def kto_setup(args: TrainArgs, pairs, policy, pad_id: int, out_dir: Path) -> TrainArgs:
+def kto_setup(args: TrainConfig, pairs, policy, pad_id: int, out_dir: Path) -> TrainConfig:
     """KTO's extras, before any update: reference log-probs of the mismatched pairs (``policy``
     is still the reference), and the sample weights (the KTO paper's rule unless given)."""
     compute_ref_logps(policy, [kl for _, kl in pairs], pad_id, cache_dir=str(out_dir / "cache"))
@@ -237,12 +179,12 @@ def kto_setup(args: TrainArgs, pairs, policy, pad_id: int, out_dir: Path) -> Tra
     return replace(args, kto_desirable_weight=d, kto_undesirable_weight=u)
 
 
-def open_tracker(args: TrainArgs, out_dir: Path) -> Optional[Tracker]:
+def open_tracker(args: TrainConfig, out_dir: Path) -> Optional[Tracker]:
     """``--report-to``'s tracker on rank 0 (None elsewhere, and for ``none``)."""
-    return make_tracker(args.report_to, out_dir, asdict(args)) if rank() == 0 else None
+    return make_tracker(args.report_to, out_dir, to_dict(args)) if rank() == 0 else None
 
 
-def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
+def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
           eval_fn: Optional[Callable[[], Dict]] = None,
           decoding: Optional[DecodingConfig] = None,
           tracker: Optional[Tracker] = None) -> Dict:
@@ -258,9 +200,6 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.algo == "kto":
         args = kto_setup(args, data, policy, tokenizer.pad_token_id, out_dir)
-    if args.batch_size % args.micro_batch:
-        raise ValueError(f"batch_size ({args.batch_size}) must be a multiple of micro_batch "
-                         f"({args.micro_batch})")
     grad_accum = args.batch_size // args.micro_batch
     # batch_size is per rank; one optimizer step consumes batch_size x world examples.
     kind = resolve_engine_kind(args.engine)
@@ -344,7 +283,7 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
                     f"{last if last is not None else 'none (--save-every 0)'}. Lower --lr, or "
                     f"check the data; --max-skipped-steps allows more")
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total):
-            save_checkpoint(out_dir, step + 1, engines, {"args": asdict(args)},
+            save_checkpoint(out_dir, step + 1, engines, {"args": to_dict(args)},
                             keep=args.keep_checkpoints)
     save_final(out_dir, engines, tokenizer, decoding)
     if rank() == 0:
@@ -358,14 +297,7 @@ def train(args: TrainArgs, tokenizer, policy, value, examples: List[Example],
 # The embedded default: tiny model, synthetic task, SFT warm-up, sampling, DQO.
 
 
-def default_overrides() -> Dict:
-    """Hyper-parameters of the embedded default (a 0.8M-parameter model, not a 7B one)."""
-    return dict(lr=2e-5, value_lr=1e-3, beta=0.1, lam=1.0, epochs=2, batch_size=64,
-                micro_batch=64, eval_every=0, save_every=16,
-                out="runs/default")
-
-
-def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict:
+def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Dict:
     pipe = pipe or DefaultPipeline()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -403,7 +335,7 @@ def run_default(args: TrainArgs, pipe: Optional[DefaultPipeline] = None) -> Dict
     return res
 
 
-def check_bad_rows(args: TrainArgs, errors: List[str], total: int) -> None:
+def check_bad_rows(args: TrainConfig, errors: List[str], total: int) -> None:
     """Stop if more than ``--max-bad-rows`` of the data was skipped: a run that trains on what
     is left of a mostly broken file should not look like a success."""
     if errors and len(errors) > args.max_bad_rows * total:
@@ -415,7 +347,7 @@ def check_bad_rows(args: TrainArgs, errors: List[str], total: int) -> None:
                     total, total - len(errors))
 
 
-def truncated_examples(args: TrainArgs, examples: List[Example]) -> List[Example]:
+def truncated_examples(args: TrainConfig, examples: List[Example]) -> List[Example]:
     """``--truncated`` applied to the unfinished responses, with one summary line."""
     kept, counts = apply_truncated_policy(examples, args.truncated, args.truncated_reward)
     if counts["unfinished"]:
@@ -427,7 +359,7 @@ def truncated_examples(args: TrainArgs, examples: List[Example]) -> List[Example
     return kept
 
 
-def run_custom(args: TrainArgs) -> Dict:
+def run_custom(args: TrainConfig) -> Dict:
     """``--model PATH --data FILE``: train a real model on an offline dataset."""
     from .evaluate import accuracy
     from .modeling import load_policy
@@ -444,9 +376,7 @@ def run_custom(args: TrainArgs) -> Dict:
         log.info("no %s beside the data: stop tokens from the tokenizer and model, the paper's "
                  "sampling settings for evaluation", sidecar(args.data))
         decoding = DecodingConfig()
-    if args.max_new_tokens is not None:
-        decoding = replace(decoding, max_new_tokens=args.max_new_tokens)
-    decoding = decoding.with_stop_ids(tok, policy)
+    decoding = args.decoding_config(decoding).with_stop_ids(tok, policy)
     rows, bad = read_jsonl(args.data, strict=args.strict_data)
     if args.algo == "sft":  # canonical solutions, never the sampled responses
         if args.sft_data:
@@ -475,7 +405,7 @@ def run_custom(args: TrainArgs) -> Dict:
                                 prompt_column=args.prompt_column,
                                 answer_column=args.answer_column)
         reward = (load_reward(args.reward_fn, args.correct_threshold) if args.reward_fn
-                  else task_reward(args.task, args.correct_threshold))
+                  else task_reward(args.task or "arithmetic", args.correct_threshold))
         eval_fn = lambda: accuracy(  # noqa: E731
             policy, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows], reward,
             samples=args.eval_samples, decoding=decoding,
@@ -492,77 +422,27 @@ def run_custom(args: TrainArgs) -> Dict:
     return res
 
 
-HELP = {
-    "model": "HF path of the base policy (also the reference); omit for the embedded default",
-    "data": "offline jsonl (see README: dataset format); omit for the embedded default",
-    "task": "verifier used for evaluation", "eval_data": "jsonl with prompt and answer",
-    "reward_fn": "evaluation with your reward function instead of --task: path/to/file.py:fn "
-                 "or package.module:fn, f(prompts, completions, **columns) -> list[float]",
-    "correct_threshold": "a response is correct when its reward is at least this",
-    "out": "run directory: metrics.jsonl, checkpoints/, final/",
-    "value_model": "HF path of the value backbone (default: a copy of the policy)",
-    "sft_data": "--algo sft: jsonl rows of prompt and solution (default: the solution field "
-                "of --data's rows)",
-    "strict_data": "fail on the first bad row instead of skipping it",
-    "max_bad_rows": "the share of rows that may be bad (skipped) before the run stops",
-    "max_skipped_steps": "consecutive steps with non-finite gradients before training stops",
-    "threads": "CPU threads; 0 fits them to the cores other processes leave free, checked "
-               "every few seconds",
-    "report_to": "every metrics row (and the final evaluations) to TensorBoard "
-                 "(<out>/tensorboard) or W&B, from rank 0",
-    "algo": "dqo, or a baseline on the same samples", "beta": "KL coefficient",
-    "kto_desirable_weight": "KTO: weight of correct samples (default: the KTO paper's rule)",
-    "kto_undesirable_weight": "KTO: weight of incorrect samples (default: 1)",
-    "lam": "lambda of the lambda-return", "gamma": "discount",
-    "is_clip": "cap C of the cumulative importance ratio (inf: none)",
-    "is_policy": "importance weights on the policy loss", "is_value": "... on the value loss",
-    "target_grad": "policy gradient also through the lambda-return target",
-    "batch_size": "examples per optimizer step and GPU", "micro_batch": "examples per forward",
-    "max_steps": "optimizer steps (default: epochs x steps per epoch)",
-    "engine": "auto: DeepSpeed on GPU, plain PyTorch on a CPU-only machine",
-    "zero_stage": "DeepSpeed ZeRO stage 0-3", "eval_every": "steps between evaluations (0: none)",
-    "save_every": "steps between checkpoints (0: none)",
-    "resume": "continue from the last complete checkpoint in --out",
-    "max_length": "tokens of prompt + response; longer responses are cut to fit (unfinished)",
-    "truncated": "responses cut at a length limit: bootstrap their return from V, drop them, "
-                 "or penalize (terminal, --truncated-reward on the last token)",
-    "truncated_reward": "--truncated penalize: the reward added to a cut response's last token",
-    "max_new_tokens": "length limit of evaluation (default: the data's decoding config)",
-}
-CHOICES = {"algo": algos.ALGOS, "engine": ("auto", "deepspeed", "torch"),
-           "task": ("arithmetic", "gsm8k", "math"), "padding": ("right", "left"),
-           "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-           "zero_stage": (0, 1, 2, 3), "truncated": ("bootstrap", "drop", "penalize"),
-           "report_to": REPORT_TO}
+def embedded_default_preset(given: Dict) -> Dict:
+    """The embedded default's values, when no ``--data`` was given."""
+    return {} if given.get("data") else dict(EMBEDDED_DEFAULT)
 
 
-def parse_args(argv=None) -> TrainArgs:
-    p = argparse.ArgumentParser(prog="python -m dqo.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = TrainArgs()
-    for f in fields(TrainArgs):
-        flag = "--" + f.name.replace("_", "-")
-        d = getattr(defaults, f.name)
-        help_ = HELP.get(f.name, "") + (f" (default: {d})" if d is not None else "")
-        if isinstance(d, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            typ = {"is_clip": float, "max_steps": int, "value_lr": float, "max_length": int,
-                   "max_new_tokens": int, "kto_desirable_weight": float,
-                   "kto_undesirable_weight": float}.get(
-                f.name, type(d) if d is not None else str)
-            p.add_argument(flag, type=typ, default=None, choices=CHOICES.get(f.name), help=help_)
-    ns = vars(p.parse_args(argv))
-    given = {k: v for k, v in ns.items() if v is not None}
-    base = {} if given.get("data") else default_overrides()
-    args = TrainArgs(**{**asdict(defaults), **base, **given})
-    check_train_args(args)  # before any work: main() makes a UsageError one line, exit 2
+def parse_args(argv=None) -> TrainConfig:
+    """The run's config from the command line (and ``--config FILE.yaml``), checked before any
+    work; ``main()`` makes a UsageError one line and exit code 2."""
+    preset = ", ".join(f"{flag(k)} {v}" for k, v in EMBEDDED_DEFAULT.items())
+    args = parse_config(TrainConfig, TRAIN_SECTIONS, argv, prog="python -m dqo.train",
+                        description=__doc__, preset=embedded_default_preset,
+                        epilog=f"Without --data, the embedded default's preset replaces these "
+                               f"defaults: {preset}. Every run writes its resolved options to "
+                               f"<out>/config.yaml, which --config reads back.")
+    check_command_line(args)
     return args
 
 
-def check_train_args(a: TrainArgs) -> None:
-    """Every argument in range and every path there, as the API would find out later: after
-    minutes of warm-up or sampling, or with an error message about something else."""
+def check_command_line(a: TrainConfig) -> None:
+    """Every path there and the reward function loadable, as the API would find out later:
+    after minutes of warm-up or sampling, or with an error message about something else."""
     if a.data is not None and a.model is None:
         raise UsageError("--data needs --model (the base policy the data was sampled from)")
     if a.model is not None and a.data is None:
@@ -573,45 +453,11 @@ def check_train_args(a: TrainArgs) -> None:
     check_data("--data", a.data)
     check_data("--eval-data", a.eval_data)
     check_data("--sft-data", a.sft_data)
-    check_range("--correct-threshold", a.correct_threshold, low_open=True, high_open=True)
     if a.reward_fn:
         try:
             load_reward(a.reward_fn, a.correct_threshold)
         except RewardError as exc:
             raise UsageError(str(exc)) from None
-    if a.sft_data and a.algo != "sft":
-        raise UsageError(f"--sft-data: only --algo sft trains on it, got --algo {a.algo}")
-    inf = math.inf
-    for flag, value, low, high, low_open, high_open, integer in (
-            ("--beta", a.beta, 0, inf, True, True, False),
-            ("--lam", a.lam, 0, 1, False, False, False),
-            ("--gamma", a.gamma, 0, 1, True, False, False),
-            ("--is-clip", a.is_clip, 1, inf, False, False, False),
-            ("--lr", a.lr, 0, inf, True, True, False),
-            ("--value-lr", a.value_lr, 0, inf, True, True, False),
-            ("--grad-clip", a.grad_clip, 0, inf, False, True, False),
-            ("--truncated-reward", a.truncated_reward, -inf, inf, True, True, False),
-            ("--max-bad-rows", a.max_bad_rows, 0, 1, False, False, False),
-            ("--kto-desirable-weight", a.kto_desirable_weight, 0, inf, True, True, False),
-            ("--kto-undesirable-weight", a.kto_undesirable_weight, 0, inf, True, True, False),
-            ("--epochs", a.epochs, 1, inf, False, True, True),
-            ("--max-steps", a.max_steps, 1, inf, False, True, True),
-            ("--batch-size", a.batch_size, 1, inf, False, True, True),
-            ("--micro-batch", a.micro_batch, 1, inf, False, True, True),
-            ("--warmup-steps", a.warmup_steps, 0, inf, False, True, True),
-            ("--eval-every", a.eval_every, 0, inf, False, True, True),
-            ("--save-every", a.save_every, 0, inf, False, True, True),
-            ("--keep-checkpoints", a.keep_checkpoints, 1, inf, False, True, True),
-            ("--eval-samples", a.eval_samples, 0, inf, False, True, True),
-            ("--max-skipped-steps", a.max_skipped_steps, 1, inf, False, True, True),
-            ("--threads", a.threads, 0, inf, False, True, True),
-            ("--max-length", a.max_length, 2, inf, False, True, True),
-            ("--max-new-tokens", a.max_new_tokens, 1, inf, False, True, True)):
-        check_range(flag, value, low, high, low_open=low_open, high_open=high_open,
-                    integer=integer)
-    if a.batch_size % a.micro_batch:
-        raise UsageError(f"--batch-size: expected a multiple of --micro-batch "
-                         f"({a.micro_batch}), got {a.batch_size}")
 
 
 def main(argv=None) -> None:
@@ -626,6 +472,12 @@ def _main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Writing model shards" at every save
     args = parse_args(argv)
+    if rank() == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_config(args, Path(args.out) / "config.yaml")
+    if args.data is None:
+        log.info("the embedded default: %s", ", ".join(f"{k}={getattr(args, k)}"
+                                                        for k in EMBEDDED_DEFAULT))
     fit_threads(args.threads)
     t0 = time.time()
     res = run_default(args) if args.data is None else run_custom(args)

@@ -11,7 +11,7 @@ from dqo.losses import dpo_loss, kto_loss, kto_reference_point, kto_weights, seq
 from dqo.modeling import ValueModel, build_policy, tiny_config
 from dqo.reference_logps import compute_ref_logps
 from dqo.tokenizer import char_tokenizer
-from dqo.train import TrainArgs, train
+from dqo.train import TrainConfig, train
 from dqo_kernels import dro_loss
 
 
@@ -133,7 +133,7 @@ def test_every_algorithm_trains(setup, algo, tmp_path):
     policy = build_policy(policy0.config)
     policy.load_state_dict(policy0.state_dict())
     value = ValueModel.from_policy(policy) if algo in algos.NEEDS_VALUE else None
-    args = TrainArgs(algo=algo, out=str(tmp_path), lr=3e-3, value_lr=1e-2, batch_size=8,
+    args = TrainConfig(algo=algo, out=str(tmp_path), lr=3e-3, value_lr=1e-2, batch_size=8,
                      micro_batch=4, max_steps=10, engine="torch", progress=False, seed=1)
     train(args, tok, policy, value, exs)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]

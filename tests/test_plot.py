@@ -38,7 +38,7 @@ def test_tensorboard_gets_every_metric(tmp_path):
     from dqo.modeling import ValueModel, build_policy, tiny_config
     from dqo.reference_logps import compute_ref_logps
     from dqo.tokenizer import char_tokenizer
-    from dqo.train import TrainArgs, train
+    from dqo.train import TrainConfig, train
 
     tok = char_tokenizer()
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def test_tensorboard_gets_every_metric(tmp_path):
     exs = [tokenize_row(check_row(dict(prompt="Q: 1+1=?\n", response=r, reward=float(i % 2)),
                                   "x"), tok) for i, r in enumerate(["#### 2", "#### 3"] * 4)]
     compute_ref_logps(policy, exs, tok.pad_token_id)
-    args = TrainArgs(out=str(tmp_path), lr=1e-3, batch_size=4, micro_batch=4, max_steps=2,
+    args = TrainConfig(out=str(tmp_path), lr=1e-3, batch_size=4, micro_batch=4, max_steps=2,
                      engine="torch", progress=False, report_to="tensorboard")
     train(args, tok, policy, ValueModel.from_policy(policy), exs)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))

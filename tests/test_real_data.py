@@ -21,7 +21,7 @@ from dqo.reference_logps import compute_ref_logps
 from dqo.sample import generate, label_samples
 from dqo.tasks import arithmetic
 from dqo.tokenizer import char_tokenizer
-from dqo.train import TrainArgs, train
+from dqo.train import TrainConfig, train
 
 
 def dec(n, **kw):
@@ -316,7 +316,7 @@ def test_sampled_cut_responses_train_with_bootstrap(tok, policy, tmp_path, monke
     monkeypatch.setattr(algos, "_values_and_bootstrap", spy)
     monkeypatch.setattr(algos, "fused_dqo_loss", spy_dqo)
     monkeypatch.setattr(algos, "dro_loss", spy_dro)
-    args = TrainArgs(out=str(tmp_path / "run"), algo=algo, lr=1e-3, value_lr=1e-2, batch_size=8,
+    args = TrainConfig(out=str(tmp_path / "run"), algo=algo, lr=1e-3, value_lr=1e-2, batch_size=8,
                      micro_batch=4, max_steps=2, engine="torch", progress=False)
     train(args, tok, policy, value, exs)
     assert len(seen) == len(losses) == 4

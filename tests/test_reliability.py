@@ -18,7 +18,7 @@ from dqo.engine import OptimConfig, TorchEngine
 from dqo.modeling import PolicyLogprobs, ValueModel
 from dqo.reference_logps import compute_ref_logps
 from dqo.tasks import arithmetic
-from dqo.train import TrainArgs, TrainingError, check_bad_rows, parse_args, train, trim_metrics
+from dqo.train import TrainConfig, TrainingError, check_bad_rows, parse_args, train, trim_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def examples(tok, policy, n=16):
 def args_for(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), lr=1e-3, value_lr=1e-2, batch_size=8, micro_batch=4,
                 epochs=1, engine="torch", progress=False, save_every=1, max_steps=2)
-    return TrainArgs(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def weights(model):
@@ -212,12 +212,12 @@ def test_bad_rows_are_reported_and_skipped(tok, tmp_path, caplog):
 
 
 def test_a_mostly_bad_dataset_stops_the_run(tmp_path):
-    args = TrainArgs(data=str(tmp_path / "d.jsonl"))
+    args = TrainConfig(data=str(tmp_path / "d.jsonl"))
     check_bad_rows(args, ["x:1: bad"], 10)  # 10%: allowed, with a warning
     with pytest.raises(UsageError, match=r"2 of 10 rows of .*d.jsonl are bad and were skipped, "
                                          r"more than --max-bad-rows 0.1 allows \(the first: x:1"):
         check_bad_rows(args, ["x:1: bad", "x:2: bad"], 10)
-    check_bad_rows(TrainArgs(data="d", max_bad_rows=0.5), ["a", "b"], 10)
+    check_bad_rows(TrainConfig(data="d", max_bad_rows=0.5), ["a", "b"], 10)
 
 
 # ---- command lines -----------------------------------------------------------------------------

@@ -26,13 +26,13 @@ DEADLINE_S = float(os.environ.get("DQO_TEST_BUILD_TIMEOUT_S", "600"))
 RUNNER = textwrap.dedent("""
     import json, logging, sys
     from dqo.pipeline import DefaultPipeline
-    from dqo.train import TrainArgs, parse_args, run_default
+    from dqo.train import TrainConfig, parse_args, run_default
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     # attention dropout: training draws random numbers, so a resume must restore the RNG
     pipe = DefaultPipeline(n_sft=64, n_offline=8, n_test=8, n_dev=8, samples_per_prompt=2,
                            sft_max_steps=6, max_new_tokens=10, hidden_size=32, layers=2,
                            attention_dropout=0.1)
-    args = TrainArgs(**{**parse_args([]).__dict__, "out": sys.argv[1], "progress": False,
+    args = TrainConfig(**{**parse_args([]).__dict__, "out": sys.argv[1], "progress": False,
                         "batch_size": 4, "micro_batch": 2, "epochs": 1, "save_every": 1,
                         "eval_samples": 1, "resume": sys.argv[2] == "1"})
     print("RESULT " + json.dumps(run_default(args, pipe)), flush=True)

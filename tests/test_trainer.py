@@ -21,7 +21,7 @@ from dqo.sample import (
 from dqo.tasks import arithmetic, get_verifier
 from dqo.tasks.verify import MathVerifier, extract_hash_answer, last_boxed, verify_gsm8k
 from dqo.tokenizer import char_tokenizer
-from dqo.train import DefaultPipeline, TrainArgs, parse_args, run_default, train
+from dqo.train import DefaultPipeline, TrainConfig, parse_args, run_default, train
 
 
 def dec(max_new_tokens: int) -> DecodingConfig:
@@ -266,7 +266,7 @@ def small_setup(tok, policy, n=32):
 def train_args(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), lr=1e-3, value_lr=1e-2, batch_size=8, micro_batch=4,
                 epochs=1, engine="torch", progress=False, save_every=0)
-    return TrainArgs(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def test_trainer_steps_lower_the_loss(tok, policy, tmp_path):
@@ -371,7 +371,7 @@ def test_default_pipeline_smoke(tmp_path):
     """Every stage of `python -m dqo.train` with no arguments, at toy sizes."""
     pipe = DefaultPipeline(n_sft=64, n_offline=8, n_test=8, samples_per_prompt=2,
                            sft_max_steps=3, max_new_tokens=12)
-    args = TrainArgs(**{**parse_args([]).__dict__, "out": str(tmp_path / "d"), "progress": False,
+    args = TrainConfig(**{**parse_args([]).__dict__, "out": str(tmp_path / "d"), "progress": False,
                         "batch_size": 8, "micro_batch": 8, "epochs": 1, "eval_samples": 1})
     args.save_every = 1
     res = run_default(args, pipe)

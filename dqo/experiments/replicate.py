@@ -48,7 +48,7 @@ from ..pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_
 from ..reference_logps import compute_ref_logps
 from ..sample import PROCESS_REWARD_TOTAL, exact_process_scores, generate, mc_process_scores
 from ..tasks import arithmetic, get_verifier
-from ..train import TrainArgs, train
+from ..train import TrainConfig, train
 
 log = logging.getLogger("dqo.replicate")
 
@@ -360,7 +360,7 @@ def run_method(m: Method, b: int, seed: int, config: Dict, tok, base, datasets,
     policy = copy.deepcopy(base)
     value = ValueModel.from_policy(policy) if m.algo in algos.NEEDS_VALUE else None
     settings = dict(dict(max_steps=budget.max_steps), **config, **m.overrides)
-    targs = TrainArgs(algo=m.algo, out=str(work / "runs" / f"{m.algo}-{seed}"),
+    targs = TrainConfig(algo=m.algo, out=str(work / "runs" / f"{m.algo}-{seed}"),
                       value_lr=budget.value_lr, batch_size=budget.batch_size,
                       micro_batch=budget.batch_size, engine="torch", progress=False,
                       seed=seed, **settings)

@@ -1,0 +1,267 @@
+"""Every option of the library and its command lines, declared once (:mod:`dqo.options`).
+
+Sections are small dataclasses; a command's config is composed of the sections it uses, by
+inheritance, so that its fields stay flat (``cfg.lr``, as in TRL's configs) and each section
+can still be taken out whole (``cfg.section(DQOLossConfig)``), and each section is one group
+of ``--help``:
+
+- :class:`TrainConfig` (``python -m dqo.train``): data and models, reward, algorithm, the DQO
+  loss, optimization, evaluation decoding, run bookkeeping;
+- :class:`SampleConfig` (``python -m dqo.sample``) and :class:`EvalConfig`
+  (``python -m dqo.evaluate``) share the reward, column, generation and decoding sections.
+
+``dqo.hf.DQOTrainer`` takes :class:`DQOLossConfig`'s fields, so the loss has the same options,
+bounds and defaults wherever it is used.
+"""
+import math
+from dataclasses import dataclass, fields
+from typing import Dict, Optional
+
+from dqo_kernels import LOSS_AGGS
+
+from .decoding import DecodingConfig
+from .errors import UsageError
+from .options import Options, flag, opt
+from .tasks import TASKS
+from .tracking import REPORT_TO
+
+inf = math.inf
+# The algorithms on the same offline samples (dqo.algos registers one class each).
+ALGOS = ("dqo", "dro", "sft", "rs", "dpo", "kto")
+
+
+@dataclass
+class DQOLossConfig(Options):
+    """The switches of ``fused_dqo_loss`` (docs/math.md §3-4)."""
+
+    _argument_group_name = "DQO loss"
+    beta: float = opt(0.1, "KL coefficient", gt=0, lt=inf)
+    lam: float = opt(1.0, "lambda of the lambda-return", ge=0, le=1)
+    gamma: float = opt(1.0, "discount", gt=0, le=1)
+    is_clip: float = opt(1.0, "cap C of the cumulative importance ratio (inf: none)", ge=1)
+    is_policy: bool = opt(True, "importance weights on the policy loss")
+    is_value: bool = opt(True, "importance weights on the value loss")
+    target_grad: bool = opt(False, "policy gradient also through the lambda-return target")
+    loss_agg: str = opt("token-mean", "how token losses become the loss: the mean over the "
+                        "step's action tokens, or over responses of their tokens' mean or sum",
+                        choices=LOSS_AGGS)
+
+    def loss_kwargs(self) -> Dict:
+        """``fused_dqo_loss``'s keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(DQOLossConfig)}
+
+
+@dataclass
+class RewardConfig(Options):
+    """What grades a response."""
+
+    _argument_group_name = "reward"
+    task: Optional[str] = opt(None, "a built-in verifier (reward 1 right, 0 wrong); dqo.train "
+                              "evaluates with arithmetic when neither this nor --reward-fn is "
+                              "given", choices=TASKS)
+    reward_fn: Optional[str] = opt(None, "your reward function instead: path/to/file.py:function"
+                                   " or package.module:function, called as f(prompts, "
+                                   "completions, **columns) -> list[float] (TRL's signature; "
+                                   "columns: the prompt rows' other fields)", metavar="SPEC")
+    correct_threshold: float = opt(1.0, "a response is correct when its reward is at least this",
+                                   gt=-inf, lt=inf)
+
+
+@dataclass
+class ColumnsConfig(Options):
+    """Which columns of a prompts file hold the prompt and the answer."""
+
+    _argument_group_name = "prompt columns"
+    prompt_column: Optional[str] = opt(None, "the prompt column; default: the first of prompt, "
+                                       "question (GSM8K), problem (MATH)")
+    answer_column: Optional[str] = opt(None, "the answer column; default: answer, else solution "
+                                       "(MATH); a worked answer (#### N, or a last \\boxed{N}) "
+                                       "gives N")
+
+
+@dataclass
+class DecodingArgs(Options):
+    """Overrides of single fields of the decoding config (None: the config's value). The
+    bounds are the :class:`~dqo.decoding.DecodingConfig`'s own, checked by building one."""
+
+    _argument_group_name = "decoding (default: the data's or model's decoding config, else "\
+                           "the paper's settings)"
+    temperature: Optional[float] = opt(None, "sampling temperature (paper: 1.0)")
+    top_p: Optional[float] = opt(None, "nucleus sampling (paper: 0.9)")
+    top_k: Optional[int] = opt(None, "top-k sampling, 0: off (paper: 16)")
+    max_new_tokens: Optional[int] = opt(None, "length limit of a response (default: 512)")
+
+    def check(self) -> None:
+        super().check()
+        self.decoding_config()
+
+    def decoding_overrides(self) -> Dict:
+        return {f.name: getattr(self, f.name) for f in fields(DecodingArgs)
+                if getattr(self, f.name) is not None}
+
+    def decoding_config(self, base: Optional[DecodingConfig] = None) -> DecodingConfig:
+        """``base`` (default: the paper's settings) with the fields given here."""
+        base = base or DecodingConfig()
+        try:
+            return DecodingConfig(**{**base.__dict__, **self.decoding_overrides()})
+        except ValueError as exc:
+            name, _, rest = str(exc).partition(":")
+            raise UsageError(f"{flag(name)}:{rest}") from None
+
+
+@dataclass
+class TrainDataConfig(Options):
+    _argument_group_name = "data and models"
+    model: Optional[str] = opt(None, "HF path or Hub id of the base policy (also the reference);"
+                               " omit for the embedded default")
+    data: Optional[str] = opt(None, "offline data (docs/data-format.md): jsonl, json, parquet, "
+                              "csv or a saved datasets directory; omit for the embedded default")
+    eval_data: Optional[str] = opt(None, "prompts with answers to evaluate on, before and after")
+    value_model: Optional[str] = opt(None, "HF path of the value backbone (default: a copy of "
+                                     "the policy)")
+    sft_data: Optional[str] = opt(None, "--algo sft: rows of prompt and solution (default: the "
+                                  "solution field of --data's rows)")
+    strict_data: bool = opt(False, "fail on the first bad row instead of skipping it")
+    max_bad_rows: float = opt(0.1, "the share of rows that may be bad (skipped) before the run "
+                              "stops", ge=0, le=1)
+    max_length: Optional[int] = opt(None, "tokens of prompt + response; longer responses are cut"
+                                    " to fit (unfinished); default: the model's context", ge=2)
+    truncated: str = opt("bootstrap", "responses cut at a length limit: bootstrap their return "
+                         "from V, drop them, or penalize (terminal, --truncated-reward on the "
+                         "last token)", choices=("bootstrap", "drop", "penalize"))
+    truncated_reward: float = opt(0.0, "--truncated penalize: the reward added to a cut "
+                                  "response's last token", gt=-inf, lt=inf)
+    padding: str = opt("right", "side the micro-batches are padded on", choices=("right", "left"))
+
+
+@dataclass
+class AlgoConfig(Options):
+    _argument_group_name = "algorithm"
+    algo: str = opt("dqo", "dqo, or a baseline on the same samples", choices=ALGOS)
+    kto_desirable_weight: Optional[float] = opt(None, "KTO: weight of correct samples (default: "
+                                                "the KTO paper's rule)", gt=0, lt=inf)
+    kto_undesirable_weight: Optional[float] = opt(None, "KTO: weight of incorrect samples "
+                                                  "(default: 1)", gt=0, lt=inf)
+
+
+@dataclass
+class OptimizationConfig(Options):
+    _argument_group_name = "optimization"
+    epochs: int = opt(1, "passes over the training items", ge=1)
+    max_steps: Optional[int] = opt(None, "optimizer steps (default: epochs x steps per epoch)",
+                                   ge=1)
+    batch_size: int = opt(64, "examples per optimizer step and rank", ge=1)
+    micro_batch: int = opt(16, "examples per forward", ge=1)
+    lr: float = opt(5e-7, "learning rate of the policy", gt=0, lt=inf)
+    value_lr: Optional[float] = opt(None, "learning rate of the value model (default: --lr)",
+                                    gt=0, lt=inf)
+    warmup_steps: int = opt(0, "linear warm-up steps of the learning rates", ge=0)
+    grad_clip: float = opt(1.0, "gradient norm clip (0: none)", ge=0, lt=inf)
+    engine: str = opt("auto", "auto: DeepSpeed on GPU, plain PyTorch on a CPU-only machine",
+                      choices=("auto", "deepspeed", "torch"))
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    seed: int = opt(0, "seed of the data order, sampling and initialisation")
+
+    def check(self) -> None:
+        super().check()
+        if self.batch_size % self.micro_batch:
+            raise UsageError(f"--batch-size: expected a multiple of --micro-batch "
+                             f"({self.micro_batch}), got {self.batch_size}")
+
+
+@dataclass
+class RunConfig(Options):
+    _argument_group_name = "run"
+    out: str = opt("runs/dqo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    eval_every: int = opt(0, "steps between evaluations (0: none)", ge=0)
+    eval_samples: int = opt(4, "sampled responses a problem in evaluation (0: greedy only)",
+                            ge=0)
+    save_every: int = opt(0, "steps between checkpoints (0: none)", ge=0)
+    keep_checkpoints: int = opt(2, "checkpoints kept (the most recent)", ge=1)
+    resume: bool = opt(False, "continue from the last complete checkpoint in --out")
+    report_to: str = opt("none", "every metrics row (and the final evaluations) to TensorBoard "
+                         "(<out>/tensorboard) or W&B, from rank 0", choices=REPORT_TO)
+    max_skipped_steps: int = opt(3, "consecutive steps with non-finite gradients before "
+                                 "training stops", ge=1)
+    threads: int = opt(0, "CPU threads; 0 fits them to the cores other processes leave free, "
+                       "checked every few seconds", ge=0)
+    progress: bool = opt(True, "progress bars")
+
+
+@dataclass
+class TrainConfig(RunConfig, DecodingArgs, OptimizationConfig, DQOLossConfig, AlgoConfig,
+                  ColumnsConfig, RewardConfig, TrainDataConfig):
+    """Everything ``python -m dqo.train`` (and :func:`dqo.train.train`) takes. With no
+    ``data`` the command line applies :data:`EMBEDDED_DEFAULT` on top of these defaults."""
+
+    def check(self) -> None:
+        super().check()
+        if self.sft_data and self.algo != "sft":
+            raise UsageError(f"--sft-data: only --algo sft trains on it, got --algo {self.algo}")
+
+    @property
+    def loss(self) -> DQOLossConfig:
+        return self.section(DQOLossConfig)
+
+
+TRAIN_SECTIONS = (TrainDataConfig, RewardConfig, ColumnsConfig, AlgoConfig, DQOLossConfig,
+                  OptimizationConfig, DecodingArgs, RunConfig)
+
+# The embedded default (python -m dqo.train with no --data): a 0.8M-parameter model, not a 7B
+# one, so learning rates and batches of its own.
+EMBEDDED_DEFAULT = dict(lr=2e-5, value_lr=1e-3, beta=0.1, lam=1.0, epochs=2, batch_size=64,
+                        micro_batch=64, eval_every=0, save_every=16, out="runs/default")
+
+
+@dataclass
+class GenerationArgs(Options):
+    _argument_group_name = "generation"
+    engine: str = opt("hf", "hf: transformers' generate; vllm: vLLM (an optional install; "
+                      "temperature 1 only, see dqo/vllm_engine.py)", choices=("hf", "vllm"))
+    generation_batch_size: int = opt(32, "sequences a generate call", ge=1)
+    seed: int = opt(0, "seed of the sampling")
+
+
+@dataclass
+class SampleSection(Options):
+    _argument_group_name = "sampling"
+    model: Optional[str] = opt(None, "HF path or Hub id of the policy to sample", required=True)
+    prompts: Optional[str] = opt(None, "prompts with answers (and solutions, copied into the "
+                                 "data): jsonl, json, parquet, csv or a saved datasets "
+                                 "directory", required=True)
+    out: Optional[str] = opt(None, "the data file to write (jsonl)", required=True)
+    n: int = opt(20, "responses per prompt (paper: 20)", ge=1)
+    grade_truncated: bool = opt(False, "grade responses cut at --max-new-tokens as they stand, as"
+                                " if they had ended (finished: true); default: wrong, unfinished")
+    process_scores: str = opt("none", "mc: Monte-Carlo process rewards on failed responses "
+                              "(paper 4.4)", choices=("none", "mc"))
+    process_n: int = opt(20, "completions per prefix (paper: 20)", ge=1)
+    process_reward_total: float = opt(0.5, "the most a failed response earns from its steps, as "
+                                      "a share of a correct answer's reward (each of its K steps"
+                                      " judged correct earns total/K)", ge=0, lt=1)
+
+
+@dataclass
+class SampleConfig(DecodingArgs, GenerationArgs, ColumnsConfig, RewardConfig, SampleSection):
+    """Everything ``python -m dqo.sample`` takes."""
+
+
+SAMPLE_SECTIONS = (SampleSection, RewardConfig, ColumnsConfig, GenerationArgs, DecodingArgs)
+
+
+@dataclass
+class EvalSection(Options):
+    _argument_group_name = "evaluation"
+    model: Optional[str] = opt(None, "HF path or Hub id of the policy", required=True)
+    data: Optional[str] = opt(None, "prompts with answers: jsonl, json, parquet, csv or a saved "
+                              "datasets directory", required=True)
+    samples: int = opt(4, "sampled responses a problem (0: greedy only)", ge=0)
+    decoding: Optional[str] = opt(None, "decoding.json to evaluate with (default: the model's)")
+
+
+@dataclass
+class EvalConfig(DecodingArgs, GenerationArgs, ColumnsConfig, RewardConfig, EvalSection):
+    """Everything ``python -m dqo.evaluate`` takes."""
+
+
+EVAL_SECTIONS = (EvalSection, RewardConfig, ColumnsConfig, GenerationArgs, DecodingArgs)
