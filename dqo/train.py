@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -58,7 +57,6 @@ from .engine import (
     world_size,
 )
 from .errors import RewardError, TrainingError, UsageError
-from .losses import kto_weights
 from .modeling import PolicyLogprobs, ValueModel
 from .options import flag, to_dict
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
@@ -166,19 +164,6 @@ def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingCon
     barrier()
 
 
-def kto_setup(args: TrainConfig, pairs, policy, pad_id: int, out_dir: Path) -> TrainConfig:
-    """KTO's extras, before any update: reference log-probs of the mismatched pairs (``policy``
-    is still the reference), and the sample weights (the KTO paper's rule unless given)."""
-    compute_ref_logps(policy, [kl for _, kl in pairs], pad_id, cache_dir=str(out_dir / "cache"))
-    n_d = sum(e.correct for e, _ in pairs)
-    rule_d, rule_u = kto_weights(n_d, len(pairs) - n_d)
-    d = args.kto_desirable_weight if args.kto_desirable_weight is not None else rule_d
-    u = args.kto_undesirable_weight if args.kto_undesirable_weight is not None else rule_u
-    log.info("KTO: %d desirable, %d undesirable samples; weights %.3f / %.3f", n_d,
-             len(pairs) - n_d, d, u)
-    return replace(args, kto_desirable_weight=d, kto_undesirable_weight=u)
-
-
 def open_tracker(args: TrainConfig, out_dir: Path) -> Optional[Tracker]:
     """``--report-to``'s tracker on rank 0 (None elsewhere, and for ``none``)."""
     return make_tracker(args.report_to, out_dir, to_dict(args)) if rank() == 0 else None
@@ -195,11 +180,11 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
     own_tracker = tracker is None
     if own_tracker:
         tracker = open_tracker(args, Path(args.out))
-    data = algos.items(args.algo, examples, seed=args.seed)
+    algo = algos.make(args.algo, args)
+    data = algo.items(examples, seed=args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.algo == "kto":
-        args = kto_setup(args, data, policy, tokenizer.pad_token_id, out_dir)
+    algo.setup(data, policy, tokenizer.pad_token_id, cache_dir=str(out_dir / "cache"))
     grad_accum = args.batch_size // args.micro_batch
     # batch_size is per rank; one optimizer step consumes batch_size x world examples.
     kind = resolve_engine_kind(args.engine)
@@ -214,7 +199,7 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
                   total_steps=total, grad_accum=grad_accum, micro_batch=args.micro_batch)
     engines = {"policy": make_engine(PolicyLogprobs(policy, deepspeed=kind == "deepspeed"),
                                      OptimConfig(lr=args.lr, **common), kind, args.zero_stage)}
-    if args.algo in algos.NEEDS_VALUE:
+    if algo.needs_value:
         engines["value"] = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
                                        kind, args.zero_stage)
     policy_engine = engines["policy"]
@@ -247,13 +232,12 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
         epoch, k = divmod(step, steps_per_epoch)
         lo = k * global_batch + rank() * args.batch_size  # this rank's share of the step
         idx = epoch_order(len(data), args.seed, epoch)[lo:lo + args.batch_size]
-        batches = [algos.collate_items(args.algo, [data[j] for j in idx[i:i + args.micro_batch]],
-                                       tokenizer.pad_token_id, args.padding).to(device)
+        batches = [algo.collate([data[j] for j in idx[i:i + args.micro_batch]],
+                                tokenizer.pad_token_id, args.padding).to(device)
                    for i in range(0, len(idx), args.micro_batch)]
         num_tokens = step_token_count(batches, grad_accum)
         t0 = time.perf_counter()
-        stats = merge_stats([algos.micro_step(args.algo, engines, b, args, num_tokens)
-                             for b in batches])
+        stats = merge_stats([algo.step(engines, b, num_tokens) for b in batches])
         skipped = any(e.last_step_skipped for e in engines.values())
         row = dict(step=step + 1, epoch=epoch, lr=policy_engine.get_lr()[0],
                    step_time=time.perf_counter() - t0, **stats, skipped=skipped)
@@ -323,7 +307,7 @@ def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Di
     examples, _ = tokenize_rows(rows, tok, strict=True, stop_ids=decoding.stop_ids)
     examples = truncated_examples(args, examples)
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
-    value = ValueModel.from_policy(policy) if args.algo in algos.NEEDS_VALUE else None
+    value = ValueModel.from_policy(policy) if algos.REGISTRY[args.algo].needs_value else None
     tracker = open_tracker(args, out_dir)
     train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0),
           decoding=decoding, tracker=tracker)
@@ -389,11 +373,11 @@ def run_custom(args: TrainConfig) -> Dict:
                                          strict=args.strict_data, stop_ids=decoding.stop_ids)
     check_bad_rows(args, bad + bad_tokens, len(rows) + len(bad))
     examples = truncated_examples(args, examples)
-    if args.algo in algos.NEEDS_REF:
+    if algos.REGISTRY[args.algo].needs_ref:
         compute_ref_logps(policy, examples, tok.pad_token_id,
                           cache_dir=str(Path(args.out) / "cache"))
     value = None
-    if args.algo in algos.NEEDS_VALUE:
+    if algos.REGISTRY[args.algo].needs_value:
         value = (ValueModel.from_pretrained(args.value_model, dtype=dtype) if args.value_model
                  else ValueModel.from_policy(policy))
         value.to(next(policy.parameters()).device)

@@ -70,7 +70,7 @@ def test_kto_weights_follow_the_ratio_rule():
 
 def test_kto_reference_pairs_mismatch_every_prompt(setup):
     _, _, exs = setup
-    pairs = algos.items("kto", exs)
+    pairs = algos.make("kto").items(exs)
     assert [e for e, _ in pairs] == exs
     for e, kl in pairs:
         assert kl.prompt_ids == e.prompt_ids and kl.response_ids != e.response_ids
@@ -118,13 +118,13 @@ def setup():
 
 def test_dpo_pairs_at_most_12_a_prompt(setup):
     _, _, exs = setup
-    pairs = algos.items("dpo", exs)
+    pairs = algos.make("dpo").items(exs)
     assert len(pairs) == 8 * 4  # 2 good x 2 bad a prompt, under the cap
     assert all(c.rewards[-1] > 0 >= r.rewards[-1] and c.prompt == r.prompt for c, r in pairs)
     many = exs + [e for e in exs if e.rewards[-1] > 0] * 3  # 8 good x 2 bad = 16 > 12
-    assert max(sum(1 for c, _ in algos.items("dpo", many) if c.prompt == p)
+    assert max(sum(1 for c, _ in algos.make("dpo").items(many) if c.prompt == p)
                for p in {e.prompt for e in exs}) == 12
-    assert all(e.rewards[-1] > 0 for e in algos.items("rs", exs))
+    assert all(e.rewards[-1] > 0 for e in algos.make("rs").items(exs))
 
 
 @pytest.mark.parametrize("algo", algos.ALGOS)
@@ -132,7 +132,7 @@ def test_every_algorithm_trains(setup, algo, tmp_path):
     tok, policy0, exs = setup
     policy = build_policy(policy0.config)
     policy.load_state_dict(policy0.state_dict())
-    value = ValueModel.from_policy(policy) if algo in algos.NEEDS_VALUE else None
+    value = ValueModel.from_policy(policy) if algos.make(algo).needs_value else None
     args = TrainConfig(algo=algo, out=str(tmp_path), lr=3e-3, value_lr=1e-2, batch_size=8,
                      micro_batch=4, max_steps=10, engine="torch", progress=False, seed=1)
     train(args, tok, policy, value, exs)

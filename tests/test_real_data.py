@@ -201,10 +201,10 @@ def test_a_cut_response_is_never_a_correct_sample(tok):
     assert [e.correct for e in exs] == [True, False, False]
     penalized, _ = D.apply_truncated_policy(exs, "penalize")
     assert [e.correct for e in penalized] == [True, False, False]  # terminal, still not right
-    assert algos.items("rs", exs) == [exs[0]]
+    assert algos.make("rs").items(exs) == [exs[0]]
     wrong = D.tokenize_row(D.check_row({"prompt": "Q", "response": "#### 4", "reward": 0.0},
                                        "x"), tok)
-    pairs = algos.items("dpo", exs + [wrong])
+    pairs = algos.make("dpo").items(exs + [wrong])
     assert {id(c) for c, _ in pairs} == {id(exs[0])}  # the cut ones are rejected samples
     assert {id(r) for _, r in pairs} == {id(exs[1]), id(exs[2]), id(wrong)}
 
@@ -213,7 +213,7 @@ def test_kto_pairs_warn_when_one_prompt_dominates(tok, caplog):
     rows = [{"prompt": p, "response": str(i), "reward": 0.0}
             for i, p in enumerate(["Q1", "Q1", "Q1", "Q2"])]
     exs = [D.tokenize_row(D.check_row(r, "x"), tok) for r in rows]
-    pairs = algos.mismatched(exs)
+    pairs = algos.kto.mismatched(exs)
     same = sum(a.prompt == b.prompt for a, b in zip(exs, pairs))
     assert same > 0 and f"KTO: {same} of 4 reference-point pairs share their prompt" in caplog.text
 
@@ -227,7 +227,7 @@ def test_non_finite_outputs_on_an_engine_that_cannot_skip_is_an_error(tok, polic
 
     x = torch.full((2, 3), float("nan"), requires_grad=True)
     with pytest.raises(RuntimeError, match="the policy engine cannot skip a step"):
-        algos._skip_with_nan_gradients({"policy": Blind()}, policy=x)
+        algos.base.skip_with_nan_gradients({"policy": Blind()}, policy=x)
 
 
 def test_truncated_policies(tok):
@@ -252,8 +252,8 @@ def test_baselines_label_by_outcome_not_by_summed_reward(tok):
     exs = [D.tokenize_row(r, tok) for r in (failed_with_steps, right)]
     b = D.collate(exs, tok.pad_token_id)
     assert b.correct.tolist() == [False, True]  # KTO's desirable
-    assert algos.items("rs", exs) == [exs[1]]
-    assert algos.items("dpo", exs) == [(exs[1], exs[0])]
+    assert algos.make("rs").items(exs) == [exs[1]]
+    assert algos.make("dpo").items(exs) == [(exs[1], exs[0])]
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_bootstrap_is_the_value_of_the_state_after_the_last_token(tok, policy, p
     exs = [D.tokenize_row(D.check_row(r, "x"), tok) for r in rows]
     b = D.collate(exs, tok.pad_token_id, padding=padding)
     with torch.no_grad():
-        values, boot = algos._values_and_bootstrap({"value": value}, b)
+        values, boot = algos.base.values_and_bootstrap({"value": value}, b)
         assert torch.equal(values, value(b.input_ids, b.attention_mask))
         for i, e in enumerate(exs):
             if e.finished:
@@ -298,7 +298,8 @@ def test_sampled_cut_responses_train_with_bootstrap(tok, policy, tmp_path, monke
     value = ValueModel.from_policy(policy)
     torch.nn.init.normal_(value.head.weight)
     seen, losses = [], []
-    real, real_dqo, real_dro = algos._values_and_bootstrap, algos.fused_dqo_loss, algos.dro_loss
+    real = algos.base.values_and_bootstrap
+    real_dqo, real_dro = algos.dqo.fused_dqo_loss, algos.dro.dro_loss
 
     def spy(engines, b):
         out = real(engines, b)
@@ -313,9 +314,10 @@ def test_sampled_cut_responses_train_with_bootstrap(tok, policy, tmp_path, monke
         losses.append(("dro", None, a[3]))
         return real_dro(*a, **k)
 
-    monkeypatch.setattr(algos, "_values_and_bootstrap", spy)
-    monkeypatch.setattr(algos, "fused_dqo_loss", spy_dqo)
-    monkeypatch.setattr(algos, "dro_loss", spy_dro)
+    monkeypatch.setattr(algos.dqo, "values_and_bootstrap", spy)
+    monkeypatch.setattr(algos.dro, "values_and_bootstrap", spy)
+    monkeypatch.setattr(algos.dqo, "fused_dqo_loss", spy_dqo)
+    monkeypatch.setattr(algos.dro, "dro_loss", spy_dro)
     args = TrainConfig(out=str(tmp_path / "run"), algo=algo, lr=1e-3, value_lr=1e-2, batch_size=8,
                      micro_batch=4, max_steps=2, engine="torch", progress=False)
     train(args, tok, policy, value, exs)

@@ -295,8 +295,8 @@ def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch)
     straight = {k: t.clone() for k, t in p.state_dict().items()}
     straight_v = {k: t.clone() for k, t in v.state_dict().items()}
 
-    import dqo.train as T
-    real_step, calls = T.algos.micro_step, []
+    from dqo.algos.dqo import DQO
+    real_step, calls = DQO.step, []
 
     def dies_in_step_5(*a, **k):  # 2 micro-batches a step: the 9th call is inside step 5
         calls.append(1)
@@ -305,10 +305,10 @@ def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch)
         return real_step(*a, **k)
 
     p, v = fresh()
-    monkeypatch.setattr(T.algos, "micro_step", dies_in_step_5)
+    monkeypatch.setattr(DQO, "step", dies_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         train(train_args(tmp_path / "b", max_steps=6, save_every=2), tok, p, v, exs)
-    monkeypatch.setattr(T.algos, "micro_step", real_step)
+    monkeypatch.setattr(DQO, "step", real_step)
     assert latest_checkpoint(tmp_path / "b" / "run").name == "step-0000004"
     with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:  # a row the kill left behind
         f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")

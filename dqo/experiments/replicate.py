@@ -358,14 +358,14 @@ def run_method(m: Method, b: int, seed: int, config: Dict, tok, base, datasets,
     without one) for the Figure-2 analysis."""
     torch.manual_seed(seed)
     policy = copy.deepcopy(base)
-    value = ValueModel.from_policy(policy) if m.algo in algos.NEEDS_VALUE else None
+    value = ValueModel.from_policy(policy) if algos.REGISTRY[m.algo].needs_value else None
     settings = dict(dict(max_steps=budget.max_steps), **config, **m.overrides)
     targs = TrainConfig(algo=m.algo, out=str(work / "runs" / f"{m.algo}-{seed}"),
                       value_lr=budget.value_lr, batch_size=budget.batch_size,
                       micro_batch=budget.batch_size, engine="torch", progress=False,
                       seed=seed, **settings)
     row = dict(method=m.name, base=b, seed=seed, config=config)
-    n_items = len(algos.items(m.algo, datasets[m.data]))
+    n_items = len(algos.make(m.algo).items(datasets[m.data]))
     if n_items < budget.batch_size:  # e.g. RS/DPO when no sample is correct
         log.warning("base %d seed %d %s: skipped, %d training items < one batch", b, seed,
                     m.name, n_items)

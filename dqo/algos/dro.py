@@ -1,0 +1,54 @@
+"""DRO: the sequence-level special case of DQO (one action per response), policy + value
+(docs/math.md §7)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+from dqo_kernels import dro_loss
+
+from ..data import Batch
+from ..losses import sequence_sum
+from .base import (
+    Algorithm,
+    backward_and_step,
+    non_finite,
+    policy_logp,
+    register,
+    skip_with_nan_gradients,
+    values_and_bootstrap,
+)
+
+
+@register("dro")
+@dataclass
+class DRO(Algorithm):
+    beta: float = 0.1
+    is_clip: float = 1.0
+    needs_value = True
+    needs_ref = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "DRO":
+        return cls(beta=cfg.beta, is_clip=cfg.is_clip)
+
+    def step(self, engines, b: Batch, num_tokens) -> Dict[str, float]:
+        logp = policy_logp(engines, b)
+        values, bootstrap = values_and_bootstrap(engines, b)
+        if non_finite(logp, values, mask=b.action_mask) or non_finite(bootstrap):
+            return skip_with_nan_gradients(engines, policy=logp, value=values)
+        first = b.action_mask.float().argmax(-1)  # V(prompt) = V at the first action
+        rows = torch.arange(len(first), device=first.device)
+        beh = None if b.behavior_logp is None else sequence_sum(b.behavior_logp, b.action_mask)
+        ret = sequence_sum(b.rewards, b.action_mask)  # the one action's reward ...
+        if bootstrap is not None:  # ... and, for a cut response, the value it stopped at
+            ret = ret + bootstrap
+        out = dro_loss(sequence_sum(logp, b.action_mask), sequence_sum(b.ref_logp, b.action_mask),
+                       values[rows, first], ret,
+                       behavior_logp=beh, beta=self.beta, is_clip=self.is_clip)
+        backward_and_step(engines, {"policy": out.policy_loss, "value": out.value_loss})
+        return dict(loss=out.loss.item(), policy_loss=out.policy_loss.item(),
+                    value_loss=out.value_loss.item(), kl=out.metrics["kl"].item(),
+                    num_tokens=float(len(first)))
