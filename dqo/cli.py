@@ -97,7 +97,7 @@ class _DashedOnly:
         return self.parser.add_argument(*(dashed or names), **kwargs)
 
 
-def _option_parser(sections: Sequence[type], **kwargs) -> argparse.ArgumentParser:
+def option_parser(sections: Sequence[type], **kwargs) -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
     class OptionParser(HfArgumentParser):
@@ -162,7 +162,7 @@ def parse_config(cls, sections: Sequence[type], argv=None, *, prog: str,
     ``preset(given)`` (the values a named preset sets, for the options given so far), then the
     ``--config`` file's, then the flags given. Checked before any work: an out-of-range value,
     wherever it came from, is a UsageError naming its option."""
-    p = _option_parser(sections, prog=prog, description=description, epilog=epilog)
+    p = option_parser(sections, prog=prog, description=description, epilog=epilog)
     p.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                    help="options from a YAML file (keys: the options' names, e.g. is_clip: inf);"
                         " flags given beside it override it")

@@ -38,7 +38,8 @@ class DQOLossConfig(Options):
     beta: float = opt(0.1, "KL coefficient", gt=0, lt=inf)
     lam: float = opt(1.0, "lambda of the lambda-return", ge=0, le=1)
     gamma: float = opt(1.0, "discount", gt=0, le=1)
-    is_clip: float = opt(1.0, "cap C of the cumulative importance ratio (inf: none)", ge=1)
+    is_clip: float = opt(1.0, "cap C of the cumulative importance ratio (inf: none)", ge=1,
+                         le=inf)
     is_policy: bool = opt(True, "importance weights on the policy loss")
     is_value: bool = opt(True, "importance weights on the value loss")
     target_grad: bool = opt(False, "policy gradient also through the lambda-return target")

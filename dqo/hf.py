@@ -22,14 +22,21 @@ accumulation steps (``model_accepts_loss_kwargs``) nor lets data parallelism ave
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Sequence
+import math
+from dataclasses import fields
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from dqo_kernels import fused_dqo_loss
 
+from .algos import last_action
+from .configs import DQOLossConfig
 from .modeling import ValueModel, policy_logprobs
+from .options import check_range
+
+LOSS_OPTIONS = tuple(f.name for f in fields(DQOLossConfig))
 
 
 class DQOCollator:
@@ -90,7 +97,7 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids, attention_mask, action_mask, **_):
         logp = policy_logprobs(self.policy, input_ids, attention_mask, action_mask)
         values, after = self.value(input_ids, attention_mask, with_after=True)
-        last = input_ids.shape[1] - 1 - action_mask.flip(-1).float().argmax(-1)
+        last = last_action(action_mask)
         end_value = after[torch.arange(len(last), device=last.device), last]
         return logp, values, end_value
 
@@ -101,17 +108,50 @@ def _trainer_class():
 
     class DQOTrainer(Trainer):
         """A ``transformers.Trainer`` that trains :class:`PolicyWithValue` with the fused DQO
-        loss; the DQO hyper-parameters are keyword arguments (see ``fused_dqo_loss``)."""
+        loss. Its options are :class:`dqo.configs.DQOLossConfig`'s, as keyword arguments
+        (``beta=``, ``lam=``, ``gamma=``, ``is_clip=``, ``is_policy=``, ``is_value=``,
+        ``target_grad=``, ``loss_agg=``) or as ``loss=DQOLossConfig(...)``, checked as the
+        command line checks them; ``value_lr`` is the value model's learning rate (default:
+        the Trainer's)."""
 
-        def __init__(self, *args, beta: float = 0.1, lam: float = 1.0, gamma: float = 1.0,
-                     is_clip: float = 1.0, **kwargs):
+        def __init__(self, *args, loss: Optional[DQOLossConfig] = None,
+                     value_lr: Optional[float] = None, **kwargs):
+            options = {k: kwargs.pop(k) for k in LOSS_OPTIONS if k in kwargs}
+            if loss is not None and options:
+                raise TypeError(f"DQOTrainer: give loss= or the loss options "
+                                f"({', '.join(options)}), not both")
+            self.loss_config = loss if loss is not None else DQOLossConfig(**options)
+            check_range("value_lr", value_lr, 0, math.inf, low_open=True, high_open=True)
+            self.value_lr = value_lr
             training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
             if training_args is not None:
                 training_args.remove_unused_columns = False  # the DQO columns are not inputs
             super().__init__(*args, **kwargs)
-            self.dqo_params = dict(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip)
             # the loss is normalised by num_items_in_batch here: no 1 / accumulation steps
             self.model_accepts_loss_kwargs = True
+
+        def create_optimizer(self, *args, **kwargs):
+            """The Trainer's optimizer, with the value model's parameters in groups of their
+            own at ``value_lr`` (a critic learns at a larger rate than the policy)."""
+            opt = super().create_optimizer(*args, **kwargs)
+            if self.value_lr is None:
+                return opt
+            value = getattr(self.model, "value", None)
+            if value is None:
+                raise ValueError("value_lr: the model has no value model (expected a "
+                                 "PolicyWithValue)")
+            ids = {id(p) for p in value.parameters()}
+            moved = []
+            for g in opt.param_groups:
+                mine = [p for p in g["params"] if id(p) in ids]
+                if mine:
+                    g["params"] = [p for p in g["params"] if id(p) not in ids]
+                    moved.append({**{k: v for k, v in g.items() if k != "params"},
+                                  "params": mine, "lr": self.value_lr})
+            opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
+            for g in moved:
+                opt.add_param_group(g)
+            return opt
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logp, values, end_value = model(inputs["input_ids"], inputs["attention_mask"],
@@ -123,7 +163,7 @@ def _trainer_class():
                 logp, inputs["ref_logp"], values, inputs["rewards"], inputs["action_mask"],
                 behavior_logp=inputs.get("behavior_logp"), bootstrap=bootstrap,
                 num_tokens=None if num_items_in_batch is None else float(num_items_in_batch),
-                **self.dqo_params)
+                **self.loss_config.loss_kwargs())
             loss = out.loss
             if (num_items_in_batch is not None and self.args.average_tokens_across_devices
                     and self.accelerator.num_processes > 1):

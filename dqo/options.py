@@ -26,8 +26,9 @@ def opt(default: Any, help: str, *, choices: Optional[Sequence] = None,
         le: Optional[float] = None, lt: Optional[float] = None,
         required: bool = False, metavar: Optional[str] = None):
     """A dataclass field declared with everything a user sees of it: its default, help,
-    choices, bounds (``ge``/``gt`` below, ``le``/``lt`` above; an ``int`` field must also be
-    an integer) and whether a command line requires it (``required``: None is refused there)."""
+    choices, bounds (``ge``/``gt`` below, ``le``/``lt`` above; an end not given is infinity,
+    excluded; an ``int`` field must also be an integer) and whether a command line requires
+    it (``required``: None is refused there)."""
     if ge is not None and gt is not None or le is not None and lt is not None:
         raise TypeError("opt: give at most one lower (ge, gt) and one upper (le, lt) bound")
     meta: Dict[str, Any] = {"help": help}
@@ -90,11 +91,12 @@ def check_field(obj, f: dataclasses.Field) -> None:
     if choices is not None and value not in choices:
         raise UsageError(f"{name}: expected one of {', '.join(map(str, choices))}, got "
                          f"{value!r}")
-    low, high, low_open, high_open = f.metadata.get("bounds", (None, None, False, False))
+    low, high, low_open, high_open = f.metadata.get("bounds", (None, None, True, True))
     if typ in (int, float) and (low is not None or high is not None or typ is int):
+        # an end not given is infinity, excluded: an upper bound of inf allowed is ``le=inf``
         check_range(name, value, -math.inf if low is None else low,
-                    math.inf if high is None else high, low_open=low_open,
-                    high_open=high_open, integer=typ is int)
+                    math.inf if high is None else high, low_open=low_open or low is None,
+                    high_open=high_open or high is None, integer=typ is int)
 
 
 @dataclass
