@@ -186,3 +186,22 @@ def test_trainer_value_lr(tmp_path):
     assert lrs == {True: 1e-2, False: 1e-4}
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(
         1 for p in trainer.model.parameters() if p.requires_grad)
+
+
+def test_a_run_records_its_resolved_config_at_start(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").touch()
+    out = tmp_path / "run"
+    seen = {}
+
+    def stub(args):  # the work itself is tested elsewhere; the file must exist before it
+        seen["config_there"] = (out / "config.yaml").is_file()
+        return {"before": {}, "after": {}}
+
+    monkeypatch.setattr(train_cli, "run_custom", stub)
+    monkeypatch.setattr(train_cli, "fit_threads", lambda n: None)
+    argv = ["--model", "org/m", "--data", str(tmp_path / "d.jsonl"), "--out", str(out),
+            "--lam", "0.8", "--no-progress"]
+    train_cli.main(argv)
+    assert seen == {"config_there": True}
+    again = train_cli.parse_args(["--config", str(out / "config.yaml")])
+    assert again == train_cli.parse_args(argv) and again.lam == 0.8 and not again.progress
