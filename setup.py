@@ -2,9 +2,9 @@
 
 The native CPU ops (csrc/: plain C++ behind a C interface, no torch headers) are compiled here,
 at install, into ``dqo_kernels/_native_<isa>_<digest>...so``, with the same compiler command as
-the build on first use (dqo_kernels/native.py). That needs a C++ compiler, not torch, so it works
-under pip's build isolation too. Without a compiler the install goes on and the ops are built on
-first use (or PyTorch runs them, with a warning).
+the build on first use (dqo_kernels/_native/build.py). That needs a C++ compiler, not torch, so
+it works under pip's build isolation too. Without a compiler the install goes on and the ops are
+built on first use (or PyTorch runs them, with a warning).
 """
 import importlib.util
 import sys
@@ -19,8 +19,9 @@ for line in (here / "dqo_kernels" / "__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
 
-# native.py by path, not `import dqo_kernels`, whose __init__ imports torch
-_spec = importlib.util.spec_from_file_location("_dqo_native", here / "dqo_kernels" / "native.py")
+# _native/build.py by path, not `import dqo_kernels`, whose __init__ imports torch
+_spec = importlib.util.spec_from_file_location("_dqo_native_build",
+                                               here / "dqo_kernels" / "_native" / "build.py")
 native = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(native)
 
@@ -54,7 +55,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["dqo_kernels", "dqo_kernels.csrc", "dqo", "dqo.tasks", "dqo.experiments"],
+    packages=["dqo_kernels", "dqo_kernels._native", "dqo_kernels.dqo_loss",
+              "dqo_kernels.logprobs", "dqo_kernels.csrc", "dqo", "dqo.tasks", "dqo.experiments"],
     package_dir={"dqo_kernels.csrc": "csrc"},
     package_data={"dqo_kernels.csrc": ["*.cpp", "*.h"]},  # for the JIT build
     ext_modules=ext_modules,

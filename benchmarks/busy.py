@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (benchmarks/run.py: the same inputs and steps)
+import harness  # noqa: E402  (this checkout's dqo_kernels; the timing of run.py)
 import torch  # noqa: E402
+from cases import build  # noqa: E402  (the same inputs and steps as run.py)
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 JOBS = [("dqo_loss", [16, 4096]), ("dqo_loss", [2, 1024]), ("token_logprobs", [1024, 32000]),
         ("linear_logprobs", [1024, 512, 32000])]
@@ -44,19 +47,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--default", action="store_true", help="also time python -m dqo.train")
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--out", type=Path, default=run.RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f}; {torch.get_num_threads()} threads")
     cpu = torch.device("cpu")
     rows = []
     for op, shape in JOBS:
-        step = run.build(op, "ours", shape, cpu, torch.float32)
-        quiet = run.time_ms(step, cpu, args.reps)
+        step = build(op, "ours", shape, cpu, torch.float32)
+        quiet = harness.time_ms(step, cpu, args.reps)
         hog = busy()
         try:
             time.sleep(0.5)  # the hog is running
-            loaded = run.time_ms(step, cpu, args.reps)
+            loaded = harness.time_ms(step, cpu, args.reps)
         finally:
             hog.kill()
             hog.wait()

@@ -30,8 +30,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dqo_kernels.dqo_scan_triton import dqo_scan_fwd_kernel  # noqa: E402
-from dqo_kernels.logprobs_triton import logprobs_bwd_kernel, logprobs_fwd_kernel  # noqa: E402
+from dqo_kernels.dqo_loss.triton import dqo_loss_fwd_kernel  # noqa: E402
+from dqo_kernels.logprobs.triton import logprobs_bwd_kernel, logprobs_fwd_kernel  # noqa: E402
 
 INPUTS = {"logp", "ref_logp", "behavior_logp", "values", "rewards", "bootstrap", "logits",
           "dlogits"}
@@ -64,7 +64,7 @@ def variants():
         acc = tl.float64 if dt == "fp64" else tl.float32
         for on in ((True, False) if dt == "fp32" else (True,)):
             c = dict({f: on for f in flags}, ACC=acc, BT=1024)
-            yield "dqo_scan_fwd", dqo_scan_fwd_kernel, dt, c, 4
+            yield "dqo_scan_fwd", dqo_loss_fwd_kernel, dt, c, 4
     for dt in ("fp32", "bf16", "fp16"):
         for on in (True, False):
             yield "logprobs_fwd", logprobs_fwd_kernel, dt, dict(HAS_EZ=on, BV=1024), 4

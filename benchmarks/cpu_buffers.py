@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from dqo_kernels import logprobs_cpp, native  # noqa: E402
+from dqo_kernels._native import load as native  # noqa: E402
+from dqo_kernels.logprobs import cpp as logprobs_cpp  # noqa: E402
 
 
 def times_ms(fn, n):

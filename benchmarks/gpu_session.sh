@@ -43,8 +43,9 @@ case "${1:-check}" in
     # The kernel tests: CUDA tensors and compiled Triton (tests/conftest.py sets no
     # interpreter when CUDA is there). The trainer tests need deepspeed/math-verify, absent
     # on the image.
-    "$PY" -m pytest -x -q -p no:cacheprovider tests/test_dqo_loss.py tests/test_logprobs.py \
-      tests/test_validation.py tests/test_properties.py 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
+    "$PY" -m pytest -x -q -p no:cacheprovider tests/kernels/test_dqo_loss.py \
+      tests/kernels/test_logprobs.py tests/kernels/test_validation.py \
+      tests/kernels/test_properties.py 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
     ;;
   bench)
     versions

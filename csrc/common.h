@@ -1,9 +1,9 @@
 // Shared pieces of the native CPU kernels: element types, a vectorisable exp, row threading.
 //
-// No torch headers: the kernels see raw pointers and sizes, and dqo_kernels/native.py calls
-// them through ctypes. Parsing ATen's headers was nearly all of the old build's time (tens of
-// seconds on a quiet machine, over 15 CPU-minutes on a throttled one); this file and the two
-// kernels compile in about a second.
+// No torch headers: the kernels see raw pointers and sizes, and dqo_kernels/_native/load.py
+// calls them through ctypes. Parsing ATen's headers was nearly all of the old build's time
+// (tens of seconds on a quiet machine, over 15 CPU-minutes on a throttled one); this file and
+// the two kernels compile in about a second.
 #pragma once
 
 #include <algorithm>
@@ -23,7 +23,7 @@ namespace dqo {
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };
 
-// Dtype codes of the C interface (native.py's DTYPE_CODES).
+// Dtype codes of the C interface (_native/load.py's DTYPE_CODES).
 enum Dtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 inline float to_float(float x) { return x; }

@@ -1,5 +1,5 @@
-// Native CPU kernels of the two log-prob launchers (the math: dqo_kernels/logprobs.py; the
-// definitions they are tested against: dqo_kernels/logprobs_reference.py).
+// Native CPU kernels of the two log-prob launchers (the math: dqo_kernels/logprobs/; the
+// definitions they are tested against: dqo_kernels/logprobs/naive.py).
 //
 //   lse_forward:  lse_n = logsumexp_j z_nj,  zt_n = z_{n,y_n - v0} (0 if y_n is outside this
 //                 column slice),  ez_n = sum_j softmax(z_n)_j z_nj,  with z = logits / T.

@@ -1,13 +1,15 @@
-// The C interface of dqo_kernels' native CPU ops, loaded by dqo_kernels/native.py with ctypes:
-// the only file the build compiles (the kernels are included, one translation unit).
+// The C interface of dqo_kernels' native CPU ops, built by dqo_kernels/_native/build.py and
+// loaded by dqo_kernels/_native/load.py with ctypes: the only file the build compiles (the
+// kernels are included, one translation unit).
 //
-// Callers pass contiguous CPU buffers (row-strided logits aside) that native.py has checked;
-// every function returns 0, or a nonzero status that native.py turns into an exception (no C++
-// exception crosses this boundary).
+// Callers pass contiguous CPU buffers (row-strided logits aside) that their launchers have
+// checked; every function returns 0, or a nonzero status that load.py turns into an exception
+// (no C++ exception crosses this boundary). Structs passed by pointer (dqo_loss.cpp's DqoHyper
+// and DqoLossTensors) are mirrored by ctypes Structures in load.py, which checks their sizes.
 #include <cstdint>
 
 #include "common.h"
-#include "dqo_scan.cpp"
+#include "dqo_loss.cpp"
 #include "logprobs.cpp"
 
 namespace {
@@ -27,22 +29,33 @@ int guarded(F fn) {
 
 extern "C" {
 
-// Bumped whenever a signature below changes; native.py refuses a library of another version.
-int dqo_abi_version() { return 3; }
+// Bumped whenever a signature or a struct below changes; load.py refuses a library of another
+// version.
+int dqo_abi_version() { return 4; }
 
-// in: logp, ref_logp, behavior_logp, values, rewards, mask (uint8), bootstrap (or null);
-// out: returns, weights, td, dlogp, dvalues ([B, T]), policy_loss, value_loss (scalars); hyper:
-// beta, gamma, lambda, log_clip, tol, log_limit, num_tokens (<= 0: the mask's count); flags:
-// is_policy, is_value, target_grad, check, loss aggregation (dqo_scan.cpp's LossAgg).
-// kDataCheck: done, and a row may fail the data checks (dqo_scan.cpp).
-int dqo_scan_forward(int dtype, const void* const* in, void* const* out, int64_t B, int64_t T,
-                     const double* hyper, const int* flags, int threads, int64_t min_work) {
+// The size of the struct load.py mirrors as _STRUCTS[which] (-1: no such struct).
+int dqo_struct_size(int which) {
+  switch (which) {
+    case 0:
+      return static_cast<int>(sizeof(dqo::DqoHyper));
+    case 1:
+      return static_cast<int>(sizeof(dqo::DqoLossTensors));
+    default:
+      return -1;
+  }
+}
+
+// The fused DQO loss of [B, T] buffers of the compute dtype `dtype` (fp32 or fp64): forward
+// values, per-row and summed losses, closed-form gradients (dqo_loss.cpp).
+// kDataCheck: done, and a row may fail the data checks (dqo_loss.cpp).
+int dqo_loss_forward(int dtype, const dqo::DqoLossTensors* tensors, const dqo::DqoHyper* hyper,
+                     int64_t B, int64_t T, int threads, int64_t min_work) {
   return guarded([&] {
     bool flagged;
     if (dtype == dqo::kFloat32) {
-      flagged = dqo::dqo_scan<float>(in, out, B, T, hyper, flags, threads, min_work);
+      flagged = dqo::dqo_loss<float>(*tensors, *hyper, B, T, threads, min_work);
     } else if (dtype == dqo::kFloat64) {
-      flagged = dqo::dqo_scan<double>(in, out, B, T, hyper, flags, threads, min_work);
+      flagged = dqo::dqo_loss<double>(*tensors, *hyper, B, T, threads, min_work);
     } else {
       return kBadDtype;
     }

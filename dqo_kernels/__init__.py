@@ -1,8 +1,13 @@
 """dqo-kernels: fused kernels for Direct Q-function Optimization (DQO) and its relatives.
 
 >>> from dqo_kernels import fused_dqo_loss
+
+One package per op, ``dqo_loss/`` and ``logprobs/``, whose modules mean the same in both:
+``naive`` (the materialising definition: the tests' oracle, and the DQO loss's backend
+``"torch"``), ``chunked`` (memory-bounded PyTorch: the log-probs' backend ``"torch"``),
+``triton``, and ``cpp`` (launchers of the native CPU kernels of ``csrc/``, which ``_native/``
+builds and loads); :func:`resolve_backend` picks one for every op.
 """
-from .aggregation import LOSS_AGGS, row_scale
 from .alignment import (
     action_logprobs,
     action_logprobs_from_logits,
@@ -12,10 +17,11 @@ from .alignment import (
 )
 from .backends import BACKENDS, resolve_backend
 from .dqo_loss import DQOLossOutput, dro_loss, fused_dqo_loss
-from .dqo_scan_reference import dqo_scan_reference
+from .dqo_loss.aggregation import LOSS_AGGS, row_scale
+from .dqo_loss.naive import dqo_scan_reference
 from .logprobs import linear_logprobs, token_logprobs
-from .logprobs_cpp import empty_cache
-from .logprobs_reference import linear_logprobs_reference, token_logprobs_reference
+from .logprobs.cpu_pool import empty_cache
+from .logprobs.naive import linear_logprobs_reference, token_logprobs_reference
 from .validation import set_data_checks
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from . import native
+from ._native import load as native
 from .validation import check_triton_backend, triton_available
 
 BACKENDS = ("triton", "cpp", "torch")

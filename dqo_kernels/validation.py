@@ -17,8 +17,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .dqo_scan_reference import cumulative_log_ratio, log_clip
-
 _data_checks = os.environ.get("DQO_KERNELS_DATA_CHECKS", "1") != "0"
 
 
@@ -179,30 +177,3 @@ def value_checks(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor,
 def log_weight_limit(dtype: torch.dtype) -> float:
     """The largest log-weight whose ``exp`` fits in ``dtype``: ``log(finfo.max)``."""
     return math.log(torch.finfo(dtype).max)
-
-
-def importance_weight_checks(logp: torch.Tensor, behavior: torch.Tensor, behavior_name: str,
-                             mask: torch.Tensor, is_clip: float,
-                             dtype: torch.dtype) -> List[Check]:
-    """The truncated importance weights ``exp(min(c_t, log C))`` fit in ``dtype``.
-
-    Only a cap beyond ``dtype``'s range (``is_clip=inf``, or e.g. 1e300 in fp32) needs the
-    cumulative log-ratios ``c_t``; otherwise this costs nothing. Empty when the data checks are
-    off: an overflowing weight then makes the loss inf or NaN.
-    """
-    limit = log_weight_limit(dtype)
-    if not _data_checks or log_clip(is_clip) <= limit:
-        return []
-    c = cumulative_log_ratio(logp, behavior, mask, dtype)
-    over = mask & (c > limit)
-
-    def overflow():
-        c_max = torch.where(mask, c, -math.inf)
-        idx = tuple(int(i) for i in torch.unravel_index(torch.argmax(c_max), c.shape))
-        raise ValueError(
-            f"is_clip: expected a cap that keeps the importance weights finite in {dtype} "
-            f"(log C <= {limit:.2f}) for this batch, got is_clip={is_clip}: the largest "
-            f"log-weight c_t = sum over actions j <= t of (logp_j - {behavior_name}_j) is "
-            f"{c_max[idx].item():g} at index {idx}, and exp(c_t) overflows {dtype}. Truncate "
-            f"the weights with a finite is_clip, or check {behavior_name}")
-    return [(over.any(), overflow)]

@@ -1,12 +1,13 @@
-"""Chunked PyTorch versions of the two log-prob launchers in :mod:`.logprobs_triton`, with the
-same signatures: the CPU path and the fallback. Rows are processed in chunks so that no
-temporary larger than ~``CHUNK_BYTES`` is alive at a time. Computes in fp32 (fp64 for fp64).
+"""Chunked PyTorch versions of the two log-prob launchers in :mod:`.triton`, with the same
+signatures: the backend ``"torch"``, the fallback where neither kernel can run. Rows are
+processed in chunks so that no temporary larger than ~``CHUNK_BYTES`` is alive at a time.
+Computes in fp32 (fp64 for fp64).
 """
 from __future__ import annotations
 
 import torch
 
-from .dtypes import acc_dtype
+from ..dtypes import acc_dtype
 
 CHUNK_BYTES = 64 * 2**20
 

@@ -69,8 +69,8 @@ FP32 = dict(rtol=2e-5, atol=2e-5)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_backend_matches_float64_reference(backend, layout, cfg, device, monkeypatch):
     if backend == "triton-bt16":  # 16-token tiles: every row crosses block boundaries
-        from dqo_kernels import dqo_scan_triton
-        monkeypatch.setattr(dqo_scan_triton, "MAX_BLOCK_T", 16)
+        from dqo_kernels.dqo_loss import triton as dqo_loss_triton
+        monkeypatch.setattr(dqo_loss_triton, "MAX_BLOCK_T", 16)
         backend = "triton"
     seed = stable_seed(layout, cfg)
     batch = to(make_batch(layout, B=5, T=23, seed=seed), torch.float32, device)
@@ -113,8 +113,10 @@ def test_all_rows_empty(backend, device):
                          ids=lambda c: "-".join(map(str, c)))
 def test_triton_multiple_blocks(cfg, device):
     """Rows much longer than the tile: the carries of both passes cross block boundaries."""
-    from dqo_kernels.dqo_scan_function import run_closed_form
-    from dqo_kernels.dqo_scan_triton import dqo_scan_triton
+    from dqo_kernels.dqo_loss.aggregation import RowScale
+    from dqo_kernels.dqo_loss.autograd import run_launcher
+    from dqo_kernels.dqo_loss.launch import DQOHyper
+    from dqo_kernels.dqo_loss.triton import dqo_loss_forward
 
     kw = kwargs_of(cfg)
     loss_agg = kw.pop("loss_agg")
@@ -122,8 +124,8 @@ def test_triton_multiple_blocks(cfg, device):
     ref = to(batch, torch.float64, "cpu")
     scale = row_scale(batch["mask"], loss_agg)
 
-    def launch16(*args, **params):
-        return dqo_scan_triton(*args, block_size=16, **params)
+    def launch16(*args):
+        return dqo_loss_forward(*args, block_size=16)
 
     outs = []
     for b, fn in ((batch, launch16), (ref, None)):
@@ -133,8 +135,9 @@ def test_triton_multiple_blocks(cfg, device):
             res = dqo_scan_reference(*args, s, behavior_logp=b["behavior_logp"],
                                      bootstrap=b["bootstrap"], **kw)
         else:
-            res = run_closed_form(fn, b["logp"], b["values"], b["ref_logp"], b["rewards"],
-                                  b["mask"], b["behavior_logp"], b["bootstrap"], s, kw)
+            res = run_launcher(fn, b["logp"], b["ref_logp"], b["values"], b["rewards"],
+                               b["mask"], b["behavior_logp"], b["bootstrap"], RowScale.given(s),
+                               DQOHyper(**kw))[1]
         grads = torch.autograd.grad(res.policy_loss + res.value_loss, [b["logp"], b["values"]])
         outs.append([x.detach().double().cpu() for x in (*res, *grads)])
     for got, exp in zip(*outs):
@@ -505,7 +508,7 @@ def test_combines_are_associative():
     combine; compiled Triton scans as a tree. Check the algebra directly."""
     import numpy as np
     pytest.importorskip("triton")
-    from dqo_kernels.dqo_scan_triton import _compose_affine, _compose_lambda
+    from dqo_kernels.dqo_loss.triton import _compose_affine, _compose_lambda
 
     rng = np.random.default_rng(0)
     for fn, k in ((_compose_lambda.fn, 5), (_compose_affine.fn, 2)):

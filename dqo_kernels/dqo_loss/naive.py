@@ -1,44 +1,34 @@
 """Plain PyTorch definition of the DQO loss (SPEC section 3): the reference every backend is
-tested against, and the fallback where neither Triton nor the native CPU kernel can run.
+tested against, and the backend ``"torch"``, the fallback where neither Triton nor the native
+CPU kernel can run.
 
 It is written for clarity, not speed: the lambda-return is a Python loop over T that carries
 ``[B]`` vectors, and every gradient comes from autograd through explicit stop-gradients
 (``detach``), so it checks the closed-form gradients of the kernels rather than repeating them.
 It works in float32 and float64 (pass float64 inputs for a high-precision reference).
+
+:func:`dqo_scan_reference` is the definition (public); :func:`dqo_loss_forward` is the same
+math behind the launcher signature of every backend (:mod:`.launch`), its gradients taken by
+autograd.
 """
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .dtypes import acc_dtype
+from ..dtypes import acc_dtype
+from .aggregation import RowScale
+from .importance import cumulative_log_ratio, log_clip
+from .launch import DQOHyper, DQOScanResult, LaunchOutput
 
 
-class DQOScanResult(NamedTuple):
-    """What every backend of the fused loss returns (losses are already aggregated)."""
-
-    policy_loss: torch.Tensor  # scalar, gradient to logp
-    value_loss: torch.Tensor  # scalar, gradient to values
-    returns: torch.Tensor  # [B, T] G_t, 0 off the mask
-    weights: torch.Tensor  # [B, T] truncated importance weights w_t, 0 off the mask
-    td_error: torch.Tensor  # [B, T] delta_t = V_t - G_t, 0 off the mask
-
-
-def log_clip(is_clip: float) -> float:
-    """``log C`` for the importance-ratio cap; ``inf`` means no truncation."""
-    return math.inf if math.isinf(is_clip) else math.log(is_clip)
-
-
-def cumulative_log_ratio(logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """``c_t = sum over action positions j <= t of (logp_j - behavior_logp_j)`` ([B, T],
-    detached, in ``dtype``): the untruncated log importance weight. Off the mask it carries the
-    sum of the actions before it, and whatever the inputs hold there is never read."""
-    zero = torch.zeros((), dtype=dtype, device=logp.device)
-    d = torch.where(mask, logp.detach().to(dtype) - behavior_logp.detach().to(dtype), zero)
-    return torch.cumsum(d, dim=1)
+class _Terms(NamedTuple):
+    policy: torch.Tensor  # [B, T] a_t w_pi_t 0.5 delta_t^2, 0 off the mask
+    value: torch.Tensor  # [B, T] a_t w_V_t 0.5 (V_t - G_t)^2, 0 off the mask
+    returns: torch.Tensor
+    weights: torch.Tensor
+    td_error: torch.Tensor
 
 
 def dqo_scan_reference(
@@ -72,9 +62,17 @@ def dqo_scan_reference(
         L_V     = sum_t a_t * w_V_t * 0.5 * (V_t - sg(G_t))^2  (gradient through V_t)
 
     ``G_next`` in ``L_pi`` is a stop-gradient unless ``target_grad``. ``a_t = row_scale[b]``
-    (see :mod:`dqo_kernels.aggregation`). Masked-out positions are pass-through: they are
-    skipped by the recurrences and contribute neither loss nor gradient, whatever they hold.
+    (see :mod:`dqo_kernels.dqo_loss.aggregation`). Masked-out positions are pass-through: they
+    are skipped by the recurrences and contribute neither loss nor gradient, whatever they hold.
     """
+    t = _loss_terms(logp, ref_logp, values, rewards, mask, row_scale, behavior_logp, bootstrap,
+                    beta, lam, gamma, is_clip, is_policy, is_value, target_grad)
+    return DQOScanResult(t.policy.sum(), t.value.sum(), t.returns, t.weights, t.td_error)
+
+
+def _loss_terms(logp, ref_logp, values, rewards, mask, row_scale, behavior_logp, bootstrap,
+                beta, lam, gamma, is_clip, is_policy, is_value, target_grad) -> _Terms:
+    """The per-position losses of :func:`dqo_scan_reference`, differentiable."""
     mask = mask.bool()
     dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
 
@@ -125,7 +123,34 @@ def dqo_scan_reference(
     w_pi = w if is_policy else mask.to(dtype)
     w_v = w if is_value else mask.to(dtype)
     a = row_scale.detach().to(dtype)[:, None]
-    policy_loss = torch.where(mask, a * w_pi * 0.5 * delta_pi.square(), zero).sum()
-    value_loss = torch.where(mask, a * w_v * 0.5 * (values_ - returns).square(), zero).sum()
+    policy = torch.where(mask, a * w_pi * 0.5 * delta_pi.square(), zero)
+    value = torch.where(mask, a * w_v * 0.5 * (values_ - returns).square(), zero)
     td_error = torch.where(mask, values_.detach() - returns, zero)
-    return DQOScanResult(policy_loss, value_loss, returns, w, td_error)
+    return _Terms(policy, value, returns, w, td_error)
+
+
+def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
+                     row_scale: RowScale, hyper: DQOHyper,
+                     data_checks: Optional[Callable[[], None]] = None) -> LaunchOutput:
+    """The launcher of the backend ``"torch"`` (:mod:`.launch`): the per-row sums of
+    :func:`dqo_scan_reference`'s losses, and their gradients by autograd."""
+    if data_checks is not None:
+        data_checks()
+    dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
+    scale = row_scale.tensor(dtype)
+    if torch.is_inference_mode_enabled():  # no autograd here, and no backward can follow
+        t = _loss_terms(logp, ref_logp, values, rewards, mask, scale, behavior_logp, bootstrap,
+                        **hyper._asdict())
+        return LaunchOutput(t.policy.sum(dim=1), t.value.sum(dim=1), t.returns, t.weights,
+                            t.td_error, None, None, t.policy.sum(), t.value.sum())
+    with torch.enable_grad():
+        logp, values = logp.detach().requires_grad_(), values.detach().requires_grad_()
+        t = _loss_terms(logp, ref_logp, values, rewards, mask, scale, behavior_logp, bootstrap,
+                        **hyper._asdict())
+        policy, value = t.policy.sum(), t.value.sum()  # as dqo_scan_reference sums them
+        grads = torch.autograd.grad(policy + value, [logp, values], allow_unused=True)
+    dlogp, dvalues = (torch.zeros_like(x) if g is None else g
+                      for g, x in zip(grads, (logp, values)))
+    policy_rows, value_rows = t.policy.detach().sum(dim=1), t.value.detach().sum(dim=1)
+    return LaunchOutput(policy_rows, value_rows, t.returns, t.weights, t.td_error, dlogp,
+                        dvalues, policy.detach(), value.detach())

@@ -1,7 +1,8 @@
-"""Autograd wiring of the kernel backends of the fused DQO loss.
+"""Autograd wiring of the backends of the fused DQO loss: one for all of them.
 
-The kernels produce the closed-form gradients of SPEC 3.7/3.8 in the same pass as the forward
-(``dL_pi/dlogp`` and ``dL_V/dvalues``), so each loss becomes its own autograd node whose
+Every launcher (:mod:`.launch`) produces the closed-form gradients of SPEC 3.7/3.8 in the same
+pass as the forward (``dL_pi/dlogp`` and ``dL_V/dvalues``; the definition, :mod:`.naive`, by
+autograd), so each loss becomes its own autograd node whose
 backward is a scale of a gradient already computed: no second pass over the data. The two nodes
 are independent, so ``policy_loss.backward()`` and ``value_loss.backward()`` can be called
 separately (one DeepSpeed engine per model) without ``retain_graph``. (One node with both
@@ -15,15 +16,13 @@ checking that none was changed in place.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from .dqo_scan_reference import DQOScanResult
+from .aggregation import RowScale
+from .launch import DQOHyper, DQOScanResult, Launcher
 
-# A row launcher maps the prepared inputs and the row scale to
-# (policy_rows [B], value_rows [B], returns, weights, td_error, dlogp, dvalues).
-Launcher = Callable[..., Tuple[torch.Tensor, ...]]
 # A loss launcher takes no argument and returns
 # (policy_loss [], value_loss [], returns, weights, td_error, dlogp, dvalues).
 LossLauncher = Callable[[], Tuple[torch.Tensor, ...]]
@@ -77,11 +76,13 @@ class PrecomputedGradLoss(torch.autograd.Function):
 
 
 def closed_form(launch: LossLauncher, logp: torch.Tensor, values: torch.Tensor,
-                inputs: Tuple = ()) -> Tuple[torch.Tensor, DQOScanResult]:
+                inputs: Tuple = (), first: Optional[LossLauncher] = None
+                ) -> Tuple[torch.Tensor, DQOScanResult]:
     """``(loss, result)`` of a loss launcher, differentiable in ``logp`` and ``values``;
-    ``inputs``: the other tensors it reads."""
+    ``inputs``: the other tensors it reads; ``first``: the first launch, if not ``launch``
+    (which then only recomputes the gradients)."""
     with torch.no_grad():
-        policy, value, returns, weights, td, dlogp, dvalues = launch()
+        policy, value, returns, weights, td, dlogp, dvalues = (first or launch)()
     if torch.is_grad_enabled() and (logp.requires_grad or values.requires_grad):
         grads = _Gradients(launch, (logp, values, *inputs), (dlogp, dvalues))
         if logp.requires_grad:
@@ -91,13 +92,21 @@ def closed_form(launch: LossLauncher, logp: torch.Tensor, values: torch.Tensor,
     return policy + value, DQOScanResult(policy, value, returns, weights, td)
 
 
-def run_closed_form(launch: Launcher, logp, values, ref_logp, rewards, mask, behavior_logp,
-                    bootstrap, row_scale, params: Dict) -> DQOScanResult:
-    """The losses of a row launcher (the Triton kernel's convention)."""
-    def losses():
-        policy_rows, value_rows, *rest = launch(
-            logp.detach(), ref_logp, values.detach(), rewards, mask, behavior_logp, bootstrap,
-            row_scale, **params)
-        return (policy_rows.sum(), value_rows.sum(), *rest)
-    return closed_form(losses, logp, values,
-                       (ref_logp, rewards, mask, behavior_logp, bootstrap, row_scale))[1]
+def run_launcher(launcher: Launcher, logp: torch.Tensor, ref_logp: torch.Tensor,
+                 values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,
+                 behavior_logp: Optional[torch.Tensor], bootstrap: Optional[torch.Tensor],
+                 row_scale: RowScale, hyper: DQOHyper,
+                 data_checks: Optional[Callable[[], None]] = None
+                 ) -> Tuple[torch.Tensor, DQOScanResult]:
+    """``(loss, result)`` of a backend's launcher, differentiable in ``logp`` and ``values``.
+    The arguments are the launcher's own; ``data_checks`` go to the first launch only (a
+    recompute for a second backward checks instead that no input changed)."""
+    def launch(checks=None):
+        out = launcher(logp.detach(), ref_logp, values.detach(), rewards, mask, behavior_logp,
+                       bootstrap, row_scale, hyper, checks)
+        policy = out.policy_rows.sum() if out.policy_loss is None else out.policy_loss
+        value = out.value_rows.sum() if out.value_loss is None else out.value_loss
+        return policy, value, out.returns, out.weights, out.td_error, out.dlogp, out.dvalues
+
+    inputs = (ref_logp, rewards, mask, behavior_logp, bootstrap, *row_scale.inputs)
+    return closed_form(launch, logp, values, inputs, first=lambda: launch(data_checks))

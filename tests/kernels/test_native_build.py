@@ -2,7 +2,7 @@
 stale (issue 15: a build killed mid-way used to wedge every later process).
 
 The builds here compile small stand-ins for csrc/ (no torch headers either way: a blink), and
-the builder processes load native.py by path, as setup.py does, so that they do not import
+the builder processes load _native/build.py by path, as setup.py does, so that they do not import
 torch. The real library is built and tested by every other kernel test.
 """
 import logging
@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dqo_kernels import native, token_logprobs
+from dqo_kernels import token_logprobs
+from dqo_kernels._native import build as native
+from dqo_kernels._native import load
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 DEADLINE_S = float(os.environ.get("DQO_TEST_BUILD_TIMEOUT_S", "600"))  # a wedge fails, not hangs
 
 STAND_IN = 'extern "C" int dqo_stand_in() { return 7; }\n'
@@ -183,7 +185,7 @@ def test_prebuilt_library_is_found_for_this_cpu_and_never_for_a_wider_isa(tmp_pa
     assert native._find_prebuilt() is None
 
 
-@pytest.mark.skipif(not native.is_available(), reason="no C++ compiler")
+@pytest.mark.skipif(not load.is_available(), reason="no C++ compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_split_across_threads_equal_one_thread(dtype, monkeypatch):
     """The threaded path (rows in chunks on several threads) gives the same bits as one."""
@@ -208,8 +210,8 @@ def test_rows_split_across_threads_equal_one_thread(dtype, monkeypatch):
         torch.set_num_threads(1)
         one = run()
         torch.set_num_threads(4)
-        monkeypatch.setattr(native, "MIN_WORK_PER_THREAD", 1)  # split even these small inputs
-        monkeypatch.setattr(native, "LOGPROB_MIN_WORK_PER_THREAD", 1)
+        monkeypatch.setattr(load, "MIN_WORK_PER_THREAD", 1)  # split even these small inputs
+        monkeypatch.setattr(load, "LOGPROB_MIN_WORK_PER_THREAD", 1)
         four = run()
     finally:
         torch.set_num_threads(threads)

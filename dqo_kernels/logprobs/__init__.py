@@ -1,12 +1,11 @@
 """Per-token log-probs of the taken tokens: :func:`token_logprobs` from logits and
 :func:`linear_logprobs` straight from the lm_head input, never holding ``[N, V]`` logits.
 
-Both use one pair of launchers, Triton (:mod:`.logprobs_triton`) on CUDA, native kernels
-(:mod:`.logprobs_cpp`) on CPU, or chunked PyTorch (:mod:`.logprobs_torch`) anywhere:
-``lse_forward`` (online logsumexp and target logit over a
-slice of vocabulary columns) and ``logits_grad`` (``g (onehot - softmax) / temperature`` of a
-slice, optionally in place). The definitions they are tested against are in
-:mod:`.logprobs_reference`.
+Both use one pair of launchers, Triton (:mod:`.triton`) on CUDA, native kernels (:mod:`.cpp`)
+on CPU, or chunked PyTorch (:mod:`.chunked`, the backend ``"torch"``) anywhere: ``lse_forward``
+(online logsumexp and target logit over a slice of vocabulary columns) and ``logits_grad``
+(``g (onehot - softmax) / temperature`` of a slice, optionally in place). The definitions they
+are tested against are in :mod:`.naive`.
 
 ``linear_logprobs`` walks the vocabulary in column chunks of the lm_head. Forward: logits of a
 chunk ``h W_c^T`` -> chunk logsumexp, merged with ``logaddexp``; only ``lse`` ([N]) is saved.
@@ -18,33 +17,39 @@ accumulator for ``dh``.
 """
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Optional
 
 import torch
 
-from . import logprobs_torch
-from .backends import resolve_backend
-from .dtypes import acc_dtype
-from .validation import check_scalar, check_tensor, data_checks_enabled
+from ..backends import resolve_backend
+from ..dtypes import acc_dtype
+from ..validation import check_scalar, check_tensor, data_checks_enabled
+from . import chunked
+
+__all__ = ["LinearLogprobsFunction", "TokenLogprobsFunction", "linear_logprobs",
+           "token_logprobs"]
 
 # Bytes of one [N, chunk] logits buffer in linear_logprobs (the chunk width is derived from it).
 LINEAR_CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 
 
-def _impl(backend: Optional[str], device: torch.device):
+def _impl(backend: Optional[str], device: torch.device) -> ModuleType:
+    """The module of the backend that runs on ``device``; each has ``lse_forward`` and
+    ``logits_grad`` (and, for large CPU buffers, ``empty``)."""
     name = resolve_backend(backend, device)
     if name == "triton":
-        from . import logprobs_triton
-        return logprobs_triton
+        from . import triton
+        return triton
     if name == "cpp":
-        from . import logprobs_cpp
-        return logprobs_cpp
-    return logprobs_torch
+        from . import cpp
+        return cpp
+    return chunked
 
 
 def _backend_for(backend: Optional[str], x: torch.Tensor, name: str):
     impl = _impl(backend, x.device)
-    if impl.__name__.endswith("_triton") and x.dtype == torch.float64:
+    if impl.__name__ == f"{__name__}.triton" and x.dtype == torch.float64:
         raise ValueError(f"{name}: the triton backend takes fp32/fp16/bf16, got float64; "
                          "use backend='cpp' or 'torch' for float64")
     return impl

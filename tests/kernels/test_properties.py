@@ -10,19 +10,20 @@ from batches import LAYOUTS, make_batch, to  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from dqo_kernels import dqo_scan_cpp, fused_dqo_loss  # noqa: E402
+from dqo_kernels import fused_dqo_loss  # noqa: E402
+from dqo_kernels.dqo_loss import cpp as dqo_loss_cpp  # noqa: E402
 from dqo_kernels.validation import triton_available as _triton_available  # noqa: E402
 
-needs_cpp = pytest.mark.skipif(not dqo_scan_cpp.is_available(), reason="no C++ compiler")
+needs_cpp = pytest.mark.skipif(not dqo_loss_cpp.is_available(), reason="no C++ compiler")
 
 
 @pytest.fixture(scope="module")
 def monkeypatch_blocks():
     # module-scoped (hypothesis forbids function-scoped fixtures in @given tests)
-    from dqo_kernels import dqo_scan_triton
-    old, dqo_scan_triton.MAX_BLOCK_T = dqo_scan_triton.MAX_BLOCK_T, 16
+    from dqo_kernels.dqo_loss import triton as dqo_loss_triton
+    old, dqo_loss_triton.MAX_BLOCK_T = dqo_loss_triton.MAX_BLOCK_T, 16
     yield
-    dqo_scan_triton.MAX_BLOCK_T = old
+    dqo_loss_triton.MAX_BLOCK_T = old
 
 
 CONFIG = dict(
@@ -85,7 +86,7 @@ def test_cpp_token_logprobs_equal_reference(N, V, seed, temperature, dtype, entr
     """The native log-prob kernels for any vocabulary size (vector body + scalar tail),
     temperature, dtype, ignored rows and banned (-inf) vocabulary, values and gradients."""
     from dqo_kernels import token_logprobs
-    from dqo_kernels.logprobs_reference import token_logprobs_reference
+    from dqo_kernels.logprobs.naive import token_logprobs_reference
     g = torch.Generator().manual_seed(seed)
     x64 = 4 * torch.randn(N, V, generator=g, dtype=torch.float64)
     y = torch.randint(0, V, (N,), generator=g)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .dtypes import acc_dtype
+from ..dtypes import acc_dtype
 
 
 def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor, *,

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-from .dqo_scan_reference import cumulative_log_ratio, log_clip
+from .importance import cumulative_log_ratio, log_clip
 
 
 class LazyMetrics(Mapping):

@@ -1,36 +1,40 @@
-"""Public API of the fused DQO loss: :func:`fused_dqo_loss` and :func:`dro_loss`.
+"""The fused DQO loss, one module per backend: :func:`fused_dqo_loss` and :func:`dro_loss`.
 
-This module validates inputs, turns the aggregation into per-row factors, picks a backend and
-computes the diagnostics; the math lives in the backends:
+This module validates inputs, describes the aggregation as per-row factors, picks a backend and
+computes the diagnostics; the math lives in the backends, each a module with the one launcher
+signature of :mod:`.launch` (``dqo_loss_forward``), wired into autograd by :mod:`.autograd`:
 
-- ``"triton"``: :mod:`dqo_kernels.dqo_scan_triton` (CUDA tensors; on CPU only under
-  ``TRITON_INTERPRET=1``, which is how the tests run it),
-- ``"cpp"``: :mod:`dqo_kernels.dqo_scan_cpp` (CPU tensors, native C++ kernel),
-- ``"torch"``: :mod:`dqo_kernels.dqo_scan_reference` (anywhere; the definition).
+- ``"triton"``: :mod:`.triton` (CUDA tensors; on CPU only under ``TRITON_INTERPRET=1``, which
+  is how the tests run it),
+- ``"cpp"``: :mod:`.cpp` (CPU tensors, native C++ kernel),
+- ``"torch"``: :mod:`.naive` (anywhere; the definition).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Mapping, Optional, Union
 
 import torch
 
-from . import dqo_scan_cpp
-from .aggregation import LOSS_AGGS, row_scale
-from .backends import resolve_backend
-from .dqo_scan_function import closed_form, run_closed_form
-from .dqo_scan_reference import dqo_scan_reference
-from .dtypes import acc_dtype
-from .metrics import LazyMetrics, clipped_weights, dqo_metrics
-from .validation import (
+from ..backends import resolve_backend
+from ..dtypes import acc_dtype
+from ..validation import (
     check_mask,
     check_scalar,
     check_tensor,
     data_checks_enabled,
-    importance_weight_checks,
     run_checks,
     value_checks,
 )
+from . import naive
+from .aggregation import LOSS_AGGS, RowScale
+from .autograd import run_launcher
+from .importance import importance_weight_checks
+from .launch import DQOHyper
+from .metrics import LazyMetrics, clipped_weights, dqo_metrics
+
+__all__ = ["DQOLossOutput", "dro_loss", "fused_dqo_loss"]
 
 
 @dataclass
@@ -47,26 +51,15 @@ class DQOLossOutput:
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _run_backend(name: str, logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
-                 loss_agg, num_tokens, compute_dtype, params, data_checks=None):
-    """``(loss, DQOScanResult)`` of one backend."""
-    if name == "cpp":  # the kernel computes the row scale and sums the losses itself
-        def launch():
-            return dqo_scan_cpp.dqo_scan_cpp(
-                logp.detach(), ref_logp, values.detach(), rewards, mask, behavior_logp,
-                bootstrap, loss_agg=loss_agg, num_tokens=num_tokens, data_checks=data_checks,
-                **params)
-        return closed_form(launch, logp, values,
-                           (ref_logp, rewards, mask, behavior_logp, bootstrap))
-    scale = row_scale(mask, loss_agg, num_tokens, dtype=compute_dtype)
-    if name == "torch":
-        res = dqo_scan_reference(logp, ref_logp, values, rewards, mask, scale,
-                                 behavior_logp=behavior_logp, bootstrap=bootstrap, **params)
-    else:
-        from .dqo_scan_triton import dqo_scan_triton
-        res = run_closed_form(dqo_scan_triton, logp, values, ref_logp, rewards, mask,
-                              behavior_logp, bootstrap, scale, params)
-    return res.policy_loss + res.value_loss, res
+def _impl(name: str) -> ModuleType:
+    """The module of backend ``name`` (resolved); each has ``dqo_loss_forward``."""
+    if name == "triton":
+        from . import triton
+        return triton
+    if name == "cpp":
+        from . import cpp
+        return cpp
+    return naive
 
 
 def fused_dqo_loss(
@@ -160,16 +153,14 @@ def fused_dqo_loss(
                                                compute_dtype)
         run_checks(checks)
 
-    # The native kernel looks for bad inputs in its own passes and runs these checks only if
-    # it found some (the exact errors are theirs); the other backends run them first.
-    deferred = data_checks if backend == "cpp" and data_checks_enabled() else None
-    if backend != "cpp":
-        data_checks()
-
-    params = dict(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
-                  is_value=bool(is_value), target_grad=bool(target_grad))
-    loss, res = _run_backend(backend, logp, ref_logp, values, rewards, mask, behavior_logp,
-                             bootstrap, loss_agg, num_tokens, compute_dtype, params, deferred)
+    # Each backend runs the checks before it reads the data, or (the native kernel) looks for
+    # bad inputs in its own passes and runs them only if it found some (the exact errors are
+    # theirs).
+    hyper = DQOHyper(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
+                     is_value=bool(is_value), target_grad=bool(target_grad))
+    loss, res = run_launcher(_impl(backend).dqo_loss_forward, logp, ref_logp, values, rewards,
+                             mask, behavior_logp, bootstrap, RowScale(mask, loss_agg, num_tokens),
+                             hyper, data_checks if data_checks_enabled() else None)
 
     def metrics():
         log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)

@@ -1,5 +1,5 @@
 // Native CPU kernel of the fused DQO loss: forward values and closed-form gradients (the math:
-// SPEC.md section 3; the definition it is tested against: dqo_kernels/dqo_scan_reference.py).
+// SPEC.md section 3; the definition it is tested against: dqo_kernels/dqo_loss/naive.py).
 //
 // Per row, with l_t = logp_t - ref_t, the soft reward rt_t = r_t - beta l_t and rho = gamma lam:
 //
@@ -20,8 +20,9 @@
 // more than all the element-wise math of the token). fp64 runs the same math one token at a
 // time.
 //
-// The row scale a_b of the loss aggregation (aggregation.py) is computed here from the mask,
-// and the rows' losses are summed here, so that a call needs no tensor op around the kernel.
+// The row scale a_b of the loss aggregation is an input ([B], as for every backend), or, where
+// the caller passes none, computed here from the mask (aggregation.py's row_scale; the fast
+// path); the rows' losses are also summed here, so that a call needs no tensor op around it.
 //
 // With `check`, the same passes also look for what the Python data checks refuse (a non-finite
 // input, a log-prob above `tol`, a reward off the mask, a cumulative log-weight above
@@ -31,11 +32,35 @@
 
 namespace dqo {
 
-// Aggregation codes of the C interface (dqo_scan_cpp.py's AGG_CODES).
+// Aggregation codes of the C interface (_native/load.py's LOSS_AGG_CODES).
 enum LossAgg : int { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
 
+// The scalars of one call; dqo_kernels/_native/load.py's DqoHyper mirrors it field by field.
+struct DqoHyper {
+  double beta, lam, gamma;
+  double log_clip;     // log C; inf: no cap
+  double logprob_tol;  // the data checks' log-prob tolerance
+  double log_limit;    // the data checks' largest log-weight; inf: not checked
+  double num_tokens;   // token-mean's global count; <= 0: the mask's count
+  int32_t is_policy, is_value, target_grad;
+  int32_t check;     // look for inputs that the data checks may refuse
+  int32_t loss_agg;  // LossAgg; used only without a row_scale
+};
+
+// The buffers of one call, of the compute dtype and contiguous [B, T] unless noted;
+// dqo_kernels/_native/load.py's DqoLossTensors mirrors it field by field.
+struct DqoLossTensors {
+  const void *logp, *ref_logp, *behavior_logp, *values, *rewards;
+  const uint8_t* mask;
+  const void* bootstrap;  // [B], or null: 0 after the last action
+  const void* row_scale;  // [B], or null: computed from the mask and loss_agg
+  void *returns, *weights, *td_error, *dlogp, *dvalues;
+  void *policy_rows, *value_rows;  // [B]
+  void *policy_loss, *value_loss;  // scalars: the rows' sums, in row order
+};
+
 template <typename T>
-struct ScanArgs {
+struct LossArgs {
   const T *logp, *ref, *beh, *values, *rewards;
   const uint8_t* mask;
   const T* boot;  // may be null (0 after the last action)
@@ -177,7 +202,7 @@ inline D8 next8(D8 x, double fill) {
 
 // Backward pass, one token.
 template <typename T>
-inline void backward1(const ScanArgs<T>& a, Row<T>& r, int64_t t) {
+inline void backward1(const LossArgs<T>& a, Row<T>& r, int64_t t) {
   const double x = r.lp[t], y = r.rf[t], rw = r.rw[t], vv = r.v[t];
   if (!r.mk[t]) {
     r.ret[t] = r.td[t] = 0;
@@ -207,7 +232,7 @@ inline uint64_t mask_word(const uint8_t* m) {
 // Backward pass, the 8 tokens t..t+7 of an fp32 row. Groups wholly on the mask (most of a
 // response) compose with the constant multipliers rho^k, precomputed; groups wholly off it
 // only pass the carry through.
-inline void backward8(const ScanArgs<float>& a, Row<float>& r, int64_t t, i32x8& bad8,
+inline void backward8(const LossArgs<float>& a, Row<float>& r, int64_t t, i32x8& bad8,
                       const D8& rho_down) {
   const f32x8 rw = load8(r.rw + t);
   const uint64_t word = mask_word(r.mk + t);
@@ -247,7 +272,7 @@ inline void backward8(const ScanArgs<float>& a, Row<float>& r, int64_t t, i32x8&
 
 // Forward pass, one token.
 template <typename T>
-inline void forward1(const ScanArgs<T>& a, Row<T>& r, int64_t t) {
+inline void forward1(const LossArgs<T>& a, Row<T>& r, int64_t t) {
   if (!r.mk[t]) {
     r.wt[t] = r.dl[t] = r.dv[t] = 0;
     return;
@@ -267,7 +292,7 @@ inline void forward1(const ScanArgs<T>& a, Row<T>& r, int64_t t) {
 }
 
 // Forward pass, the 8 tokens t..t+7 of an fp32 row; the losses are summed in acc_pi, acc_v.
-inline void forward8(const ScanArgs<float>& a, Row<float>& r, int64_t t, D8& acc_pi,
+inline void forward8(const LossArgs<float>& a, Row<float>& r, int64_t t, D8& acc_pi,
                      D8& acc_v, M8& over, const D8& rho_up) {
   const uint64_t word = mask_word(r.mk + t);
   if (word == 0) {
@@ -317,10 +342,10 @@ inline void forward8(const ScanArgs<float>& a, Row<float>& r, int64_t t, D8& acc
 }
 
 template <typename T>
-void dqo_scan_row(const ScanArgs<T>& args, int64_t b) {
+void dqo_loss_row(const LossArgs<T>& args, int64_t b) {
   // A copy the compiler can keep in registers: through the reference, every store to an
   // output could alias the parameters, which would then be reloaded after each store.
-  const ScanArgs<T> a = args;
+  const LossArgs<T> a = args;
   const int64_t n = a.T_len, o = b * n;
   Row<T> r{a.logp + o, a.ref + o, a.beh + o, a.values + o, a.rewards + o, a.mask + o,
            a.returns + o, a.weights + o, a.td + o, a.dlogp + o, a.dvalues + o,
@@ -381,33 +406,39 @@ inline std::vector<double> row_scales(const uint8_t* mask, int64_t B, int64_t T,
 
 // Fills the outputs; true if a row was flagged by the data checks.
 template <typename T>
-bool dqo_scan(const void* const* in, void* const* out, int64_t B, int64_t T_len,
-              const double* hyper, const int* flags, int threads, int64_t min_work) {
-  ScanArgs<T> a;
-  a.logp = static_cast<const T*>(in[0]);
-  a.ref = static_cast<const T*>(in[1]);
-  a.beh = static_cast<const T*>(in[2]);
-  a.values = static_cast<const T*>(in[3]);
-  a.rewards = static_cast<const T*>(in[4]);
-  a.mask = static_cast<const uint8_t*>(in[5]);
-  a.boot = static_cast<const T*>(in[6]);
-  a.returns = static_cast<T*>(out[0]);
-  a.weights = static_cast<T*>(out[1]);
-  a.td = static_cast<T*>(out[2]);
-  a.dlogp = static_cast<T*>(out[3]);
-  a.dvalues = static_cast<T*>(out[4]);
+bool dqo_loss(const DqoLossTensors& t, const DqoHyper& h, int64_t B, int64_t T_len, int threads,
+              int64_t min_work) {
+  LossArgs<T> a;
+  a.logp = static_cast<const T*>(t.logp);
+  a.ref = static_cast<const T*>(t.ref_logp);
+  a.beh = static_cast<const T*>(t.behavior_logp);
+  a.values = static_cast<const T*>(t.values);
+  a.rewards = static_cast<const T*>(t.rewards);
+  a.mask = t.mask;
+  a.boot = static_cast<const T*>(t.bootstrap);
+  a.returns = static_cast<T*>(t.returns);
+  a.weights = static_cast<T*>(t.weights);
+  a.td = static_cast<T*>(t.td_error);
+  a.dlogp = static_cast<T*>(t.dlogp);
+  a.dvalues = static_cast<T*>(t.dvalues);
   a.T_len = T_len;
-  a.beta = hyper[0];
-  a.gamma = hyper[1];
-  a.lam = hyper[2];
-  a.log_clip = hyper[3];
-  a.tol = hyper[4];
-  a.log_limit = hyper[5];
-  a.is_policy = flags[0] != 0;
-  a.is_value = flags[1] != 0;
-  a.target_grad = flags[2] != 0;
-  a.check = flags[3] != 0;
-  const std::vector<double> scale = row_scales(a.mask, B, T_len, flags[4], hyper[6]);
+  a.beta = h.beta;
+  a.gamma = h.gamma;
+  a.lam = h.lam;
+  a.log_clip = h.log_clip;
+  a.tol = h.logprob_tol;
+  a.log_limit = h.log_limit;
+  a.is_policy = h.is_policy != 0;
+  a.is_value = h.is_value != 0;
+  a.target_grad = h.target_grad != 0;
+  a.check = h.check != 0;
+  std::vector<double> scale;
+  if (t.row_scale != nullptr) {
+    const T* given = static_cast<const T*>(t.row_scale);
+    scale.assign(given, given + B);
+  } else {
+    scale = row_scales(a.mask, B, T_len, h.loss_agg, h.num_tokens);
+  }
   a.row_scale = scale.data();
   std::vector<double> rows(static_cast<size_t>(2 * B));
   a.policy_rows = rows.data();
@@ -415,15 +446,19 @@ bool dqo_scan(const void* const* in, void* const* out, int64_t B, int64_t T_len,
   std::vector<uint8_t> row_flagged(static_cast<size_t>(B), 0);
   a.row_flagged = row_flagged.data();
   parallel_rows(B, T_len, threads, min_work, [&a](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) dqo_scan_row<T>(a, b);
+    for (int64_t b = begin; b < end; ++b) dqo_loss_row<T>(a, b);
   });
+  T* policy_rows = static_cast<T*>(t.policy_rows);
+  T* value_rows = static_cast<T*>(t.value_rows);
   double loss_pi = 0, loss_v = 0;  // in row order: the same sum for any thread count
   for (int64_t b = 0; b < B; ++b) {
     loss_pi += a.policy_rows[b];
     loss_v += a.value_rows[b];
+    policy_rows[b] = static_cast<T>(a.policy_rows[b]);
+    value_rows[b] = static_cast<T>(a.value_rows[b]);
   }
-  *static_cast<T*>(out[5]) = static_cast<T>(loss_pi);
-  *static_cast<T*>(out[6]) = static_cast<T>(loss_v);
+  *static_cast<T*>(t.policy_loss) = static_cast<T>(loss_pi);
+  *static_cast<T*>(t.value_loss) = static_cast<T>(loss_v);
   return std::any_of(row_flagged.begin(), row_flagged.end(), [](uint8_t f) { return f != 0; });
 }
 

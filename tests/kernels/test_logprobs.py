@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from dqo_kernels import empty_cache, fused_dqo_loss, linear_logprobs, native, token_logprobs
-from dqo_kernels.logprobs_reference import linear_logprobs_reference, token_logprobs_reference
+from dqo_kernels import empty_cache, fused_dqo_loss, linear_logprobs, token_logprobs
+from dqo_kernels._native import load as native
+from dqo_kernels.logprobs.naive import linear_logprobs_reference, token_logprobs_reference
 from dqo_kernels.validation import triton_available as _triton_available
 
 BACKENDS = (["torch"] + (["cpp"] if native.is_available() else [])
@@ -17,7 +18,7 @@ ON_GPU = torch.cuda.is_available()
 def small_blocks(monkeypatch):
     """128-column blocks so that small vocabularies still span several blocks."""
     if _triton_available():
-        from dqo_kernels import logprobs_triton
+        from dqo_kernels.logprobs import triton as logprobs_triton
         monkeypatch.setattr(logprobs_triton, "FWD_BV", 128)
         monkeypatch.setattr(logprobs_triton, "BWD_BV", 128)
 
@@ -316,9 +317,9 @@ def test_logprobs_bad_input(call, message):
 @pytest.mark.parametrize("hugepages", ["1", "0"])
 def test_cpp_large_buffers_on_huge_pages(hugepages, monkeypatch):
     """Gradient and chunk buffers of 4 MiB and more come from the huge-page allocator."""
-    from dqo_kernels import logprobs_cpp
+    from dqo_kernels.logprobs import cpu_pool
     monkeypatch.setenv("DQO_KERNELS_HUGEPAGES", hugepages)
-    buf = logprobs_cpp.empty((3, 2**20), torch.float16)
+    buf = cpu_pool.empty((3, 2**20), torch.float16)
     assert buf.shape == (3, 2**20) and buf.dtype == torch.float16 and buf.is_contiguous()
     buf.fill_(1.5)
     assert float(buf.float().sum()) == 1.5 * 3 * 2**20
@@ -338,35 +339,35 @@ def test_cpp_large_buffers_on_huge_pages(hugepages, monkeypatch):
 def test_cpp_buffer_pool_reuses_only_what_no_tensor_uses(monkeypatch):
     """The gradient buffers' pool hands a buffer out again only when no tensor (a view, a
     .grad) refers to it any more: reuse never aliases live data."""
-    from dqo_kernels import logprobs_cpp
-    monkeypatch.setattr(logprobs_cpp, "_pool", logprobs_cpp._RegionPool())
+    from dqo_kernels.logprobs import cpu_pool
+    monkeypatch.setattr(cpu_pool, "_pool", cpu_pool._RegionPool())
     monkeypatch.setenv("DQO_KERNELS_POOL", "1")  # this tests the pool, whatever the caller set
     shape = (3, 2**20)
-    a = logprobs_cpp.empty(shape, torch.float32)
+    a = cpu_pool.empty(shape, torch.float32)
     a.fill_(7.0)
-    b = logprobs_cpp.empty(shape, torch.float32)  # a is alive
+    b = cpu_pool.empty(shape, torch.float32)  # a is alive
     assert b.data_ptr() != a.data_ptr()
     pa, view = a.data_ptr(), a[1:]
     del a
-    c = logprobs_cpp.empty(shape, torch.float32)  # a's memory lives on in the view
+    c = cpu_pool.empty(shape, torch.float32)  # a's memory lives on in the view
     assert c.data_ptr() != pa and bool((view == 7.0).all())
     x = torch.zeros(4, requires_grad=True)
     x.grad = view[0, :4]  # as autograd keeps a gradient
     del view
-    assert logprobs_cpp.empty(shape, torch.float32).data_ptr() != pa
+    assert cpu_pool.empty(shape, torch.float32).data_ptr() != pa
     x.grad = None
     del b, c
-    d = logprobs_cpp.empty(shape, torch.float32)
+    d = cpu_pool.empty(shape, torch.float32)
     assert d.data_ptr() == pa  # free again: reused
     del d
-    smaller = logprobs_cpp.empty((3, 2**20 - 4096), torch.float32)  # a shorter batch: fits
+    smaller = cpu_pool.empty((3, 2**20 - 4096), torch.float32)  # a shorter batch: fits
     assert smaller.data_ptr() == pa
     del smaller
-    assert len(logprobs_cpp._pool.regions) <= logprobs_cpp.POOL_REGIONS
-    monkeypatch.setattr(logprobs_cpp, "POOL_BYTES", 5 * 2**22)  # room for one 20 MiB region
-    pool = logprobs_cpp._pool
-    big = logprobs_cpp.empty((2**22,), torch.float32)  # 16 MiB: the free ones make room
-    assert sum(len(r) for r in pool.regions) <= logprobs_cpp.POOL_BYTES
+    assert len(cpu_pool._pool.regions) <= cpu_pool.POOL_REGIONS
+    monkeypatch.setattr(cpu_pool, "POOL_BYTES", 5 * 2**22)  # room for one 20 MiB region
+    pool = cpu_pool._pool
+    big = cpu_pool.empty((2**22,), torch.float32)  # 16 MiB: the free ones make room
+    assert sum(len(r) for r in pool.regions) <= cpu_pool.POOL_BYTES
     empty_cache()  # the free regions go; big's, in use, stays
     assert len(pool.regions) == 1 and len(pool.regions[0]) >= big.numel() * 4
     del big

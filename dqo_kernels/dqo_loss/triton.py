@@ -28,13 +28,16 @@ inputs are read as they are, with no copies.
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .dqo_scan_reference import log_clip
-from .dtypes import acc_dtype
+from ..dtypes import acc_dtype
+from .aggregation import RowScale
+from .importance import log_clip
+from .launch import DQOHyper, LaunchOutput
 
 
 @triton.jit
@@ -50,7 +53,7 @@ def _compose_affine(p1, q1, p2, q2):
 
 
 @triton.jit
-def dqo_scan_fwd_kernel(
+def dqo_loss_fwd_kernel(
     logp, ref_logp, behavior_logp, values, rewards, mask, bootstrap, row_scale,
     returns, weights, td_error, dlogp, dvalues, policy_rows, value_rows,
     s_lp_b, s_lp_t, s_ref_b, s_ref_t, s_beh_b, s_beh_t, s_v_b, s_v_t, s_r_b, s_r_t,
@@ -159,15 +162,19 @@ def _block_size(T: int) -> int:
     return max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 1))))
 
 
-def dqo_scan_triton(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap, row_scale,
-                    *, beta, lam, gamma, is_clip, is_policy, is_value, target_grad,
-                    block_size=None):
-    """Launch :func:`dqo_scan_fwd_kernel`, one program per row.
+def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
+                     row_scale: RowScale, hyper: DQOHyper,
+                     data_checks: Optional[Callable[[], None]] = None, *,
+                     block_size: Optional[int] = None) -> LaunchOutput:
+    """Launch :func:`dqo_loss_fwd_kernel`, one program per row (the launcher signature of
+    :mod:`.launch`; the data checks run first).
 
     Inputs may be fp32/fp16/bf16 (fp64 computes in fp64) and arbitrarily strided; outputs are
     contiguous fp32 (fp64). ``block_size`` overrides the tile length (tests use it to cross
     block boundaries on short rows).
     """
+    if data_checks is not None:
+        data_checks()
     B, T = logp.shape
     out_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
@@ -178,22 +185,22 @@ def dqo_scan_triton(logp, ref_logp, values, rewards, mask, behavior_logp, bootst
     value_rows = torch.empty(B, dtype=out_dtype, device=logp.device)
     beh = behavior_logp if behavior_logp is not None else ref_logp
     boot = bootstrap.contiguous() if bootstrap is not None else logp
-    cap = log_clip(is_clip)
+    cap = log_clip(hyper.is_clip)
     BT = block_size or _block_size(T)
     if B > 0 and T > 0:
-        dqo_scan_fwd_kernel[(B,)](
-            logp, ref_logp, beh, values, rewards, mask_u8, boot,
-            row_scale.to(out_dtype).contiguous(),
+        dqo_loss_fwd_kernel[(B,)](
+            logp, ref_logp, beh, values, rewards, mask_u8, boot, row_scale.tensor(out_dtype),
             returns, weights, td_error, dlogp, dvalues, policy_rows, value_rows,
             *logp.stride(), *ref_logp.stride(), *beh.stride(), *values.stride(),
             *rewards.stride(), *mask_u8.stride(),
-            T, float(beta), float(gamma), float(lam), cap if math.isfinite(cap) else 0.0,
+            T, float(hyper.beta), float(hyper.gamma), float(hyper.lam),
+            cap if math.isfinite(cap) else 0.0,
             HAS_BEHAVIOR=behavior_logp is not None, HAS_BOOTSTRAP=bootstrap is not None,
-            HAS_CLIP=math.isfinite(cap), IS_POLICY=bool(is_policy), IS_VALUE=bool(is_value),
-            TARGET_GRAD=bool(target_grad), ACC=acc, BT=BT,
+            HAS_CLIP=math.isfinite(cap), IS_POLICY=bool(hyper.is_policy),
+            IS_VALUE=bool(hyper.is_value), TARGET_GRAD=bool(hyper.target_grad), ACC=acc, BT=BT,
             num_warps=4 if BT >= 512 else 2,
         )
     else:
         policy_rows.zero_()
         value_rows.zero_()
-    return policy_rows, value_rows, returns, weights, td_error, dlogp, dvalues
+    return LaunchOutput(policy_rows, value_rows, returns, weights, td_error, dlogp, dvalues)

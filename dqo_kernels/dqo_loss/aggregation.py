@@ -3,11 +3,12 @@
 Every aggregation the library supports is linear in the per-token losses, so it reduces to
 one factor ``a_b`` per row: ``agg(x) = sum_b a_b * sum_{t in actions(b)} x_{b,t}``. Kernels take
 ``row_scale`` ([B]) and never need to know which aggregation produced it, and the closed-form
-gradients of SPEC 3.7 pick up ``a_t = a_b`` for free.
+gradients of SPEC 3.7 pick up ``a_t = a_b`` for free. The launchers receive it as a
+:class:`RowScale`, built when first asked for: the native kernel derives it from the mask itself.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -48,3 +49,38 @@ def row_scale(
     if loss_agg == "seq-mean-token-sum":
         return (1.0 / n_seq).expand(mask.shape[0]).contiguous()
     raise ValueError(f"loss_agg: expected one of {LOSS_AGGS}, got {loss_agg!r}")
+
+
+class RowScale:
+    """The factors ``a_b`` of one call, as the launchers take them: either ``factors`` ([B],
+    given), or the aggregation ``loss_agg`` of ``mask`` (with ``num_tokens``), computed by
+    :func:`row_scale` when first asked for in a dtype (:meth:`tensor`). A backend that computes
+    them from the mask itself (the native kernel) reads ``loss_agg`` and ``num_tokens`` when
+    ``factors`` is None, and never builds the tensor."""
+
+    def __init__(self, mask: torch.Tensor, loss_agg: str = "token-mean",
+                 num_tokens: Optional[float] = None, factors: Optional[torch.Tensor] = None):
+        self.mask, self.loss_agg, self.num_tokens, self.factors = (mask, loss_agg, num_tokens,
+                                                                   factors)
+        self._tensors: Dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def given(cls, factors: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "RowScale":
+        """Explicit factors ``a_b`` ([B])."""
+        return cls(mask, factors=factors)
+
+    def tensor(self, dtype: torch.dtype) -> torch.Tensor:
+        """``a_b`` as a contiguous ``[B]`` tensor of ``dtype`` (built once per dtype)."""
+        out = self._tensors.get(dtype)
+        if out is None:
+            if self.factors is not None:
+                out = self.factors.detach().to(dtype).contiguous()
+            else:
+                out = row_scale(self.mask, self.loss_agg, self.num_tokens, dtype=dtype)
+            self._tensors[dtype] = out
+        return out
+
+    @property
+    def inputs(self) -> Tuple[torch.Tensor, ...]:
+        """The tensors the factors are read from (a recompute checks them unchanged)."""
+        return (self.factors,) if self.factors is not None else ()

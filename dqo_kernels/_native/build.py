@@ -1,4 +1,5 @@
-"""Build and load the native CPU ops (``csrc/``): the fused DQO loss and the log-prob launchers.
+"""Build the native CPU ops (``csrc/``): the fused DQO loss and the log-prob launchers, and find
+the library to load (:mod:`.load` loads it).
 
 The kernels are plain C++ behind a C interface (``csrc/module.cpp``), with no torch headers:
 one compiler call of about a second builds them, and ctypes loads them (the launchers pass
@@ -19,14 +20,13 @@ A build writes to a temporary file of its own and renames it into place (atomic)
 needed and none can be left behind: a build killed at any moment leaves only its temporary file
 (removed by a later build), concurrent builders each finish and the last rename wins with the
 same bytes, and nobody waits on anybody. A compile that takes long says so every
-``WAIT_REPORT_S``. Where no compiler works, :func:`is_available` is False, one warning says why,
-and the callers fall back to PyTorch. ``DQO_KERNELS_DISABLE_CPP=1`` turns the native ops off.
+``WAIT_REPORT_S``. Where no compiler works, :func:`.load.is_available` is False, one warning says
+why, and the callers fall back to PyTorch. ``DQO_KERNELS_DISABLE_CPP=1`` turns the native ops off.
 
 This file imports only the standard library at module level: ``setup.py`` loads it by path.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -36,49 +36,26 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
 _log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_library_path: Optional[str] = None
-_error: Optional[BaseException] = None
-_functions: dict = {}  # name -> the loaded library's function
 
 SOURCES = ("module.cpp",)  # the one translation unit; it includes the others
-INCLUDED = ("common.h", "dqo_scan.cpp", "logprobs.cpp")
+INCLUDED = ("common.h", "dqo_loss.cpp", "logprobs.cpp")
 # -ffp-contract=fast: FMAs (ISO C++ modes leave them off); -fno-trapping-math: selects become
 # blends (nothing here reads floating-point exception flags); -Wno-psabi: the 32-byte vectors of
 # common.h never cross a function boundary of the library, so GCC's ABI note does not apply.
 CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp-simd",
           "-shared", "-fPIC", "-pthread", "-Wno-psabi")
 ISA_FLAGS = {"avx2": ("-mavx2", "-mfma", "-mf16c"), "base": ()}
-ABI_VERSION = 3  # csrc/module.cpp's dqo_abi_version()
+ABI_VERSION = 4  # csrc/module.cpp's dqo_abi_version()
 PREFIX = "_native_"
-PREBUILT_DIR = Path(__file__).resolve().parent  # where setup.py puts the library
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # dqo_kernels/
+PREBUILT_DIR = PACKAGE_DIR  # where setup.py puts the library
 WAIT_REPORT_S = 30.0  # how often a long compile says that it is still compiling
-# Elements of work a thread must get, else the call runs on fewer threads: a thread start
-# costs ~20-50 us, about 16k elements of the scan (~5 ns each) or 64k of a log-prob pass
-# (~1 ns each), so no thread is started for less work than that.
-MIN_WORK_PER_THREAD = 16384
-LOGPROB_MIN_WORK_PER_THREAD = 65536
-
-_i64, _dbl, _int, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
-_SIGNATURES = {
-    "dqo_abi_version": [],
-    "dqo_scan_forward": [_int, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _i64],
-    "dqo_lse_forward": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _dbl, _ptr, _ptr, _ptr, _int,
-                        _i64],
-    "dqo_logits_grad": [_int, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _dbl,
-                        _int, _ptr, _i64, _int, _i64],
-}
-_STATUS = {1: "unsupported dtype", 2: "the kernel failed (out of memory?)"}
-DATA_CHECK = 3  # a status that is not an error: the kernel flagged a possible bad input
 
 
 class NativeBuildError(RuntimeError):
@@ -86,7 +63,7 @@ class NativeBuildError(RuntimeError):
 
 
 def source_dir() -> Path:
-    here = Path(__file__).resolve().parent
+    here = PACKAGE_DIR
     for candidate in (here / "csrc", here.parent / "csrc"):  # installed wheel, source tree
         if all((candidate / s).is_file() for s in (*SOURCES, *INCLUDED)):
             return candidate
@@ -246,78 +223,3 @@ def _cached_or_built(verbose: bool) -> Path:
         path = Path(tempfile.gettempdir()) / f"dqo_kernels-{os.getuid()}" / name
         _log.warning("dqo_kernels: cannot write %s (%s); using %s", cache_dir(), exc, path)
         return path if path.is_file() else build(path, verbose=verbose)
-
-
-def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    if lib.dqo_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"{path}: C interface version {lib.dqo_abi_version()}, expected "
-                           f"{ABI_VERSION}")
-    return lib
-
-
-def load_library(verbose: bool = False) -> ctypes.CDLL:
-    """The native library: the one built at install if it fits, else the cached build, else
-    built now (about a second, once); raises if none of them is possible."""
-    global _lib, _error, _library_path
-    with _lock:
-        if _lib is not None:
-            return _lib
-        if _error is not None:
-            raise _error
-        try:
-            path = _find_prebuilt()
-            if path is None:
-                path = _cached_or_built(verbose)
-            _lib, _library_path = _open(path), str(path)
-        except Exception as exc:  # no compiler, a read-only cache, ...
-            _error = exc
-            raise
-        return _lib
-
-
-def library_path() -> Optional[str]:
-    """The file the native ops were loaded from, once :func:`load_library` succeeded."""
-    return _library_path
-
-
-def call(name: str, *args) -> int:
-    """Call a native op; its status (0, or DATA_CHECK); another is a RuntimeError naming it."""
-    fn = _functions.get(name)
-    if fn is None:
-        fn = _functions[name] = getattr(load_library(), name)
-    status = fn(*args)
-    if status not in (0, DATA_CHECK):
-        raise RuntimeError(f"dqo_kernels native op {name}: {_STATUS.get(status, status)}")
-    return status
-
-
-def is_available() -> bool:
-    """True if the native ops can be used; warns once with the reason if not."""
-    if os.environ.get("DQO_KERNELS_DISABLE_CPP", "0") == "1":
-        return False
-    try:
-        load_library()
-        return True
-    except Exception as exc:
-        if not getattr(is_available, "_warned", False):
-            is_available._warned = True
-            warnings.warn(
-                f"dqo_kernels: the native CPU kernels could not be built ({type(exc).__name__}: "
-                f"{exc}); falling back to PyTorch, which is slower.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return False
-
-
-# dtype -> csrc/common.h's Dtype code, by name so that this file needs no torch at import
-DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
-
-
-def dtype_code(dtype) -> int:
-    """The C interface's code of a torch dtype."""
-    return DTYPE_CODES[str(dtype).replace("torch.", "")]
