@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a partial one."""
+"""Atomic file writes (a reader sees the old file or the new one, never a partial one), and
+safe reads of saved tensors."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,10 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable
+
+import torch
+
+from .errors import CheckpointError
 
 
 def atomic_write(path, write: Callable[[IO], None], *, binary: bool = False) -> None:
@@ -48,3 +53,15 @@ def replace_dir(src, dst) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def safe_load(path):
+    """``torch.load`` of tensors and plain containers only (``weights_only``): a checkpoint
+    file is data, and a pickle in it must never run code. A file that is not is an error that
+    names it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for a pickle; anything else for a damaged file
+        raise CheckpointError(f"{path}: not loadable as plain tensors and containers "
+                              f"(weights_only=True): {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, safe_load
 from .engine import barrier, rank
 from .errors import CheckpointError
 from .rng import rng_state, set_rng_state
@@ -83,5 +83,5 @@ def load_checkpoint(path, engines: Dict[str, object]) -> Dict:
     if "torch_rng" in state:  # written before RNG_FILE existed
         torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     else:
-        set_rng_state(torch.load(path / RNG_FILE, weights_only=False))
+        set_rng_state(safe_load(path / RNG_FILE))
     return state

@@ -19,6 +19,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .atomic import safe_load
+
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +102,7 @@ class TorchEngine:
                    Path(path) / "engine.pt")
 
     def load_checkpoint(self, path) -> None:
-        state = torch.load(Path(path) / "engine.pt", map_location="cpu", weights_only=False)
+        state = safe_load(Path(path) / "engine.pt")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

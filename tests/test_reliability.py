@@ -264,3 +264,25 @@ def test_command_line_errors_are_one_line_exit_2_no_traceback(tok, policy, tmp_p
         assert res.returncode == 2, (argv, res.stderr[-2000:])
         assert message in res.stderr, (argv, res.stderr[-2000:])
         assert "Traceback" not in res.stderr, (argv, res.stderr[-2000:])
+
+
+class _Boom:
+    def __reduce__(self):  # what a planted pickle does: call anything on load
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_in_a_checkpoint_never_runs(tmp_path, monkeypatch):
+    """Every checkpoint file is loaded with weights_only=True: a planted pickle is refused with
+    an error that names the file, and never called."""
+    from dqo.atomic import safe_load
+    from dqo.errors import CheckpointError
+    path = tmp_path / "rng_state.pt"
+    torch.save({"torch": torch.get_rng_state(), "python": _Boom()}, path)
+    calls = []
+    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd))
+    with pytest.raises(CheckpointError, match=r"rng_state.pt: not loadable as plain tensors"):
+        safe_load(path)
+    assert calls == []
+    good = tmp_path / "ok.pt"
+    torch.save({"torch": torch.get_rng_state(), "python": __import__("random").getstate()}, good)
+    assert safe_load(good)["python"] == __import__("random").getstate()
