@@ -69,3 +69,23 @@ def test_real_math_verify():
         assert got == [True, False]
     finally:
         v.close()
+
+
+def test_answer_extraction_edge_cases():
+    """The last marker, fractions and LaTeX's brace-less argument are read as written."""
+    from dqo.tasks.verify import extract_hash_answer, last_boxed, verify_gsm8k
+    assert extract_hash_answer("#### 18 #### 19") == "19"  # the last marker, on its line
+    assert extract_hash_answer("work\n#### 3/4\n") == "3/4"
+    assert verify_gsm8k("#### 3/4", "0.75") and not verify_gsm8k("#### 3/4", "3")
+    assert extract_hash_answer("#### $1,000 dollars\nP.S. 7") == "1000"
+    assert last_boxed(r"so \boxed 5$ done") == "5"
+    assert last_boxed(r"\boxed  {\frac{1}{2}}") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{1} then \fbox{2}") == "2"
+    assert last_boxed(r"\boxed") is None and last_boxed(r"\boxed{open") is None
+
+
+def test_gsm8k_flexible_mode_reads_the_last_number():
+    from dqo.tasks import get_verifier
+    responses = ["So she has 18 eggs. The answer is 18.", "#### 17\nbut 18", "no number"]
+    assert get_verifier("gsm8k")(responses, ["18"] * 3) == [False, False, False]
+    assert get_verifier("gsm8k-flexible")(responses, ["18"] * 3) == [True, False, False]

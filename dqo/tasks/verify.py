@@ -17,40 +17,62 @@ from fractions import Fraction
 from multiprocessing.connection import wait
 from typing import Callable, List, Optional, Sequence
 
-_HASH = re.compile(r"####\s*([^\n]*)")
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# a decimal number (commas, a decimal part) or a fraction of integers
+_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
-def extract_hash_answer(text: str) -> Optional[str]:
-    """The number after the last ``####`` (GSM8K's answer marker), commas and $ removed."""
-    hits = _HASH.findall(text)
-    if not hits:
-        return None
-    m = _NUM.search(hits[-1].replace("$", ""))
+def _first_number(text: str) -> Optional[str]:
+    m = _NUM.search(text.replace("$", ""))
     return m.group(0).replace(",", "") if m else None
 
 
+def extract_hash_answer(text: str) -> Optional[str]:
+    """The number after the last ``####`` (GSM8K's answer marker) on its line, commas and $
+    removed: ``#### 18 #### 19`` reads 19, ``#### 3/4`` reads 3/4."""
+    if "####" not in text:
+        return None
+    return _first_number(text.rsplit("####", 1)[1].split("\n", 1)[0])
+
+
+def extract_last_number(text: str) -> Optional[str]:
+    """The last number of the text (GSM8K's flexible mode: "The answer is 18.")."""
+    hits = _NUM.findall(text.replace("$", ""))
+    return hits[-1].replace(",", "") if hits else None
+
+
 def numbers_equal(a: str, b: str) -> bool:
-    """Exact numeric equality of decimal strings (``"3.50" == "3.5"``, ``"1,000" == "1000"``)."""
+    """Exact numeric equality of decimal strings and fractions (``"3.50" == "3.5"``,
+    ``"1,000" == "1000"``, ``"3/4" == "0.75"``)."""
     try:
         return Fraction(a.replace(",", "")) == Fraction(b.replace(",", ""))
     except (ValueError, ZeroDivisionError):
         return a.strip() == b.strip()
 
 
-def verify_gsm8k(response: str, answer: str) -> bool:
+def verify_gsm8k(response: str, answer: str, *, flexible: bool = False) -> bool:
+    """Strict (the default, the paper's): the response's answer is the number after its last
+    ``####``. Flexible: that number if the response has a ``####``, else its last number, for
+    models that were not asked for the marker (verl's ``flexible`` mode)."""
     got = extract_hash_answer(response)
+    if got is None and flexible:
+        got = extract_last_number(response)
     ref = extract_hash_answer(answer) if "####" in answer else answer
     return got is not None and ref is not None and numbers_equal(got, ref)
 
 
 def last_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces balanced."""
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces balanced;
+    ``\\boxed 5`` (LaTeX's one-token argument, no braces) gives ``5``."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    i = text.find("{", start)
-    if i < 0:
+    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i < len(text) and text[i] != "{":
+        m = re.match(r"[^\s${}\\]+", text[i:])
+        return m.group(0) if m else None
+    if i >= len(text):
         return None
     depth = 0
     for j in range(i, len(text)):
