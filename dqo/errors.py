@@ -23,5 +23,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite gradients step after step); the message says why."""
 
 
+class CheckerError(RuntimeError):
+    """The answer checker itself cannot run (math-verify missing, workers that cannot start):
+    never read as wrong answers."""
+
+
 # what a command line reports as one line (exit code 2) instead of a traceback
-USER_ERRORS = (UsageError, DataError, CheckpointError)
+USER_ERRORS = (UsageError, DataError, CheckpointError, CheckerError)

@@ -89,3 +89,24 @@ def test_gsm8k_flexible_mode_reads_the_last_number():
     responses = ["So she has 18 eggs. The answer is 18.", "#### 17\nbut 18", "no number"]
     assert get_verifier("gsm8k")(responses, ["18"] * 3) == [False, False, False]
     assert get_verifier("gsm8k-flexible")(responses, ["18"] * 3) == [True, False, False]
+
+
+def _missing_checker():
+    import math_verify_that_is_not_installed  # noqa: F401
+
+
+def _dies_at_start():
+    os._exit(1)
+
+
+def test_a_checker_that_cannot_run_is_an_error_not_wrong_answers():
+    """math-verify missing in the worker, or workers that cannot start (a script without a
+    __main__ guard): an error that says why, never every answer graded 0."""
+    from dqo.tasks.verify import CheckerError
+    v = MathVerifier(worker=_fake_check, init=_missing_checker)
+    with pytest.raises(CheckerError, match="cannot run in its worker.*ModuleNotFoundError"):
+        v(_boxed(["1"]), ["1"])
+    v = MathVerifier(worker=_fake_check, init=_dies_at_start)
+    v.max_failed_starts = 1
+    with pytest.raises(CheckerError, match=r"if __name__ == '__main__'"):
+        v(_boxed(["1", "2"]), ["1", "2"])

@@ -11,11 +11,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import re
 import time
-import warnings
 from collections import deque
 from fractions import Fraction
 from multiprocessing.connection import wait
 from typing import Callable, List, Optional, Sequence
+
+from ..errors import CheckerError
 
 # a decimal number (commas, a decimal part) or a fraction of integers
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
@@ -98,6 +99,7 @@ def _import_math_verify() -> None:
 
 
 _READY = "ready"
+_BROKEN = "broken"
 
 
 def _serve(conn, worker: Callable[[str, str], bool], init: Optional[Callable[[], None]]) -> None:
@@ -105,8 +107,9 @@ def _serve(conn, worker: Callable[[str, str], bool], init: Optional[Callable[[],
     if init is not None:
         try:
             init()
-        except Exception:
-            pass  # the worker itself will fail the same way, and each answer counts wrong
+        except Exception as exc:  # a checker that cannot run must never grade answers wrong
+            conn.send((_BROKEN, f"{type(exc).__name__}: {exc}"))
+            return
     conn.send(_READY)
     while True:
         try:
@@ -116,7 +119,10 @@ def _serve(conn, worker: Callable[[str, str], bool], init: Optional[Callable[[],
         i, pred, gold = task
         try:
             ok = bool(worker(pred, gold))
-        except Exception:
+        except ImportError as exc:  # the checker is missing, not the answer wrong
+            conn.send((_BROKEN, f"{type(exc).__name__}: {exc}"))
+            return
+        except Exception:  # an answer the checker cannot parse is not a right one
             ok = False
         conn.send((i, ok))
 
@@ -194,6 +200,11 @@ class MathVerifier:
                     continue
                 if msg == _READY:
                     w.ready, failed_starts = True, 0
+                elif msg[0] == _BROKEN:
+                    self.close()
+                    raise CheckerError(f"MathVerifier: the checker cannot run in its worker "
+                                       f"process ({msg[1]}); install math-verify "
+                                       f"(pip install 'math-verify>=0.7')")
                 else:
                     out[msg[0]], w.task = msg[1], None
             now = time.monotonic()
@@ -207,10 +218,13 @@ class MathVerifier:
                 w.kill()
                 self._procs.remove(w)
                 if failed_starts > self.max_failed_starts:
-                    warnings.warn(f"MathVerifier: {failed_starts} worker processes in a row died "
-                                  f"or hung before they were ready; {len(todo)} answers are "
-                                  "counted wrong unchecked", RuntimeWarning, stacklevel=2)
-                    todo.clear()  # workers cannot start here: stop trying
+                    self.close()
+                    raise CheckerError(
+                        f"MathVerifier: {failed_starts} worker processes in a row died or hung "
+                        f"before they were ready, so {len(todo)} answers cannot be checked. "
+                        f"Workers are started with 'spawn', which re-imports the main module: a "
+                        f"script that grades MATH answers needs its top-level code under "
+                        f"if __name__ == '__main__':")
                 elif todo:
                     self._procs.append(self._spawn())
         return out
