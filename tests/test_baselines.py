@@ -166,3 +166,17 @@ def test_sampling_carries_a_prompts_solution_into_its_rows():
     rows = label_samples(["Q1", "Q2"], ["2", "3"], [[s], [s]], lambda t, a: [True] * len(t),
                          solutions=["1+1=2\n#### 2", None])
     assert rows[0]["solution"] == "1+1=2\n#### 2" and "solution" not in rows[1]
+
+
+def test_dro_logs_its_objective_once(setup, tmp_path):
+    """DRO's one objective is both its policy and its value loss: the logged loss is it, not
+    their sum."""
+    tok, policy0, exs = setup
+    policy = build_policy(policy0.config)
+    policy.load_state_dict(policy0.state_dict())
+    args = TrainConfig(algo="dro", out=str(tmp_path), lr=1e-3, value_lr=1e-2, batch_size=8,
+                       micro_batch=8, max_steps=2, engine="torch", progress=False)
+    train(args, tok, policy, ValueModel.from_policy(policy), exs)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["policy_loss"]) == pytest.approx(r["value_loss"])

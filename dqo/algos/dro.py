@@ -49,6 +49,8 @@ class DRO(Algorithm):
                        values[rows, first], ret,
                        behavior_logp=beh, beta=self.beta, is_clip=self.is_clip)
         backward_and_step(engines, {"policy": out.policy_loss, "value": out.value_loss})
-        return dict(loss=out.loss.item(), policy_loss=out.policy_loss.item(),
+        # the objective 0.5 (beta l + V - r)^2 is both losses (each reaches its own model):
+        # out.loss, their sum, would log it twice
+        return dict(loss=out.policy_loss.item(), policy_loss=out.policy_loss.item(),
                     value_loss=out.value_loss.item(), kl=out.metrics["kl"].item(),
                     num_tokens=float(len(first)))
