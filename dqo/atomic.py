@@ -13,13 +13,39 @@ import torch
 from .errors import CheckpointError
 
 
+def _new_file_mode() -> int:
+    """0666 less the process's umask, read without setting it where Linux allows (setting it
+    to read it would change it for every thread for a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory fds: the rename is all we can do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write: Callable[[IO], None], *, binary: bool = False) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over ``path``.
 
     The temporary name is unique per call, so several writers of the same path (concurrent
     jobs sharing an output folder, say) never share or delete each other's temporary file; the
-    last rename wins. A failed write leaves ``path`` untouched and
-    no temporary file behind."""
+    last rename wins. A failed write leaves ``path`` untouched and no temporary file behind.
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not
+    ``mkstemp``'s 0600: a dataset or checkpoint written for a team stays readable by it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -28,8 +54,10 @@ def atomic_write(path, write: Callable[[IO], None], *, binary: bool = False) -> 
         with os.fdopen(fd, **mode) as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), _new_file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power loss
     except BaseException:
         try:
             os.unlink(tmp)

@@ -286,3 +286,17 @@ def test_a_pickle_in_a_checkpoint_never_runs(tmp_path, monkeypatch):
     good = tmp_path / "ok.pt"
     torch.save({"torch": torch.get_rng_state(), "python": __import__("random").getstate()}, good)
     assert safe_load(good)["python"] == __import__("random").getstate()
+
+
+def test_atomic_writes_get_the_umask_mode_of_a_plain_open(tmp_path):
+    """mkstemp makes files 0600; a dataset or checkpoint is then unreadable by teammates."""
+    from dqo.atomic import atomic_write
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda f: f.write("x"))
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write(tmp_path / "b.txt", lambda f: f.write("x"))
+        assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
