@@ -52,21 +52,49 @@ def to_actions(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x, (1, 0))
 
 
+def action_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices into the ``[B * T]`` positions of the outputs that predict an action: row
+    ``b * T + t - 1`` for every action ``(b, t)`` (the output at t - 1 is about token t)."""
+    B, T = mask.shape
+    b, t = mask[:, 1:].bool().nonzero(as_tuple=True)
+    return b * T + t
+
+
+def _scatter_actions(values: torch.Tensor, rows: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Per-action ``values`` [N] at flat output rows ``rows`` -> ``[B, T]`` on the action
+    positions (the output row ``b * T + t - 1`` is action t's), 0 elsewhere."""
+    out = values.new_zeros(B * T).index_put((rows + 1,), values)
+    return out.view(B, T)
+
+
 def action_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
                     mask: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                     temperature: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
     """``[B, T]`` fp32 log-probs of the taken tokens on action positions (0 elsewhere), straight
     from the last hidden states ``[B, T, D]`` and the lm_head weight ``[V, D]`` (no ``[B, T, V]``
-    logits): :func:`linear_logprobs` on the shifted targets."""
-    logp = linear_logprobs(hidden[:, :-1], weight, action_targets(input_ids, mask), bias=bias,
-                           temperature=temperature, backend=backend)
-    return to_actions(logp)
+    logits): :func:`linear_logprobs` on the hidden rows that predict an action only, so the
+    head's time and memory follow the action tokens, not the prompt and padding positions."""
+    if input_ids.shape != mask.shape or hidden.shape[:2] != mask.shape:
+        raise ValueError(f"mask: expected the shape of input_ids and of hidden's first two "
+                         f"dimensions, got mask {tuple(mask.shape)}, input_ids "
+                         f"{tuple(input_ids.shape)}, hidden {tuple(hidden.shape)}")
+    B, T = mask.shape
+    rows = action_rows(mask)
+    # row r predicts token r + 1 of the flattened batch (never across rows: t - 1 < T - 1)
+    targets = input_ids.reshape(-1)[rows + 1]
+    h = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, rows)
+    logp = linear_logprobs(h, weight, targets, bias=bias, temperature=temperature,
+                           backend=backend)
+    return _scatter_actions(logp, rows, B, T)
 
 
 def action_logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
                                 mask: torch.Tensor, *, temperature: float = 1.0,
                                 backend: Optional[str] = None) -> torch.Tensor:
     """The same from ``[B, T, V]`` logits (models whose logits are not linear in the hidden
-    state, such as Gemma's soft-capped ones)."""
-    return to_actions(token_logprobs(logits[:, :-1], action_targets(input_ids, mask),
-                                     temperature=temperature, backend=backend))
+    state, such as Gemma's soft-capped ones): the targets are shifted instead of the logits,
+    so that no ``[B, T - 1, V]`` copy of the logits is made; rows without an action target
+    are ignored."""
+    targets = torch.nn.functional.pad(action_targets(input_ids, mask), (0, 1), value=-100)
+    logp = token_logprobs(logits, targets, temperature=temperature, backend=backend)
+    return to_actions(logp[:, :-1])
