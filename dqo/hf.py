@@ -33,7 +33,12 @@ from dqo_kernels import fused_dqo_loss
 
 from .algos import last_action
 from .configs import DQOLossConfig
-from .modeling import ValueModel, policy_logprobs
+from .modeling import (
+    ValueModel,
+    disable_checkpointing,
+    enable_checkpointing,
+    policy_logprobs,
+)
 from .options import check_range
 
 LOSS_OPTIONS = tuple(f.name for f in fields(DQOLossConfig))
@@ -93,6 +98,20 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
         self.config = policy.config
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **extra):
+        """``TrainingArguments(gradient_checkpointing=True)``: both models, non-reentrant."""
+        enable_checkpointing(self.policy, activation_checkpointing_kwargs, **extra)
+        self.value.activation_checkpointing_enable(activation_checkpointing_kwargs, **extra)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **extra):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **extra)
+
+    def activation_checkpointing_disable(self):
+        disable_checkpointing(self.policy)
+        self.value.activation_checkpointing_disable()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     def forward(self, input_ids, attention_mask, action_mask, **_):
         logp = policy_logprobs(self.policy, input_ids, attention_mask, action_mask)

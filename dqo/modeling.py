@@ -67,6 +67,25 @@ def load_policy(path: str):
     return tok, model.cuda() if on_gpu else model
 
 
+def enable_checkpointing(model: nn.Module, kwargs: Optional[dict] = None, **extra) -> None:
+    """Non-reentrant activation checkpointing of a transformers model: each decoder layer's
+    activations are recomputed in the backward instead of kept (about a layer's input a token
+    kept per layer instead of all its intermediates). Any transformers version: 5.x names it
+    ``activation_checkpointing_enable``, 4.x ``gradient_checkpointing_enable``."""
+    kw = {"use_reentrant": False, **(kwargs or {})}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw, **extra)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     # Positions count real tokens, so left- and right-padded rows see the same positions
     # (as in generate()).
@@ -153,6 +172,17 @@ class ValueModel(nn.Module):
         after = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
         values = to_actions(after[:, :-1])
         return (values, after) if with_after else values
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **extra):
+        enable_checkpointing(self.backbone, activation_checkpointing_kwargs, **extra)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **extra):
+        enable_checkpointing(self.backbone, gradient_checkpointing_kwargs, **extra)
+
+    def activation_checkpointing_disable(self):
+        disable_checkpointing(self.backbone)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     def save_pretrained(self, path) -> None:
         path = Path(path)
