@@ -70,11 +70,13 @@ setup(
         "train": ["transformers>=4.56", "deepspeed>=0.16", "math-verify>=0.7", "tqdm",
                   "matplotlib", "accelerate>=1.0", "datasets"],
         "experiments": ["matplotlib"],  # python -m dqo.experiments.replicate
+        "lora": ["peft>=0.13"],  # --lora-r: LoRA adapters, the value model on a shared base
         "tracking": ["tensorboard", "wandb"],  # --report-to tensorboard|wandb
         "vllm": ["vllm"],  # dqo.sample --engine vllm (GPU)
         # ruff pinned: a new release may add rules and fail CI on unchanged code
+        # tensorboard: the --report-to test reads its events file back; peft: the LoRA tests
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "ruff==0.17.6",
-                 "tensorboard"],  # the --report-to test reads its events file back
+                 "tensorboard", "peft>=0.13"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

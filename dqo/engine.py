@@ -44,12 +44,21 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def trainable_parameters(model: torch.nn.Module):
+    """The parameters an engine trains: the module's own choice (a LoRA policy whose base is
+    shared with the value model's adapter trains its adapter alone), else what needs a
+    gradient."""
+    if hasattr(model, "trainable_parameters"):
+        return list(model.trainable_parameters())
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class TorchEngine:
     """The subset of DeepSpeed's engine the trainer uses, on plain PyTorch (AdamW)."""
 
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig):
         self.module, self.cfg = model, cfg
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params = trainable_parameters(model)
         for p in params:  # gradients left by whatever trained the model before: not ours
             p.grad = None
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
@@ -72,7 +81,7 @@ class TorchEngine:
         if self.micro_steps % self.cfg.grad_accum:
             return
         clip = self.cfg.grad_clip if self.cfg.grad_clip and self.cfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.last_step_skipped = not bool(torch.isfinite(norm))
         if self.last_step_skipped:  # a non-finite gradient never reaches the weights
             self.skipped_steps += 1
@@ -94,16 +103,33 @@ class TorchEngine:
     def save_pretrained(self, path) -> None:
         self.module.save_pretrained(path)
 
+    def _trained_state(self) -> Dict[str, torch.Tensor]:
+        """The module's state, or with frozen weights (LoRA) the trained tensors alone: a
+        checkpoint holds what training changed, not a copy of the base model."""
+        trained = {id(p) for p in self.params}
+        named = list(self.module.named_parameters())
+        if all(id(p) in trained for _, p in named):
+            return self.module.state_dict()
+        return {n: p.detach() for n, p in named if id(p) in trained}
+
     def save_checkpoint(self, path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
-        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"module": self._trained_state(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
                     "global_steps": self.global_steps, "skipped_steps": self.skipped_steps},
                    Path(path) / "engine.pt")
 
     def load_checkpoint(self, path) -> None:
         state = safe_load(Path(path) / "engine.pt")
-        self.module.load_state_dict(state["module"])
+        expected = self._trained_state().keys()
+        if set(state["module"]) != set(expected):
+            from .errors import CheckpointError
+            missing = sorted(set(expected) - set(state["module"]))[:3]
+            extra = sorted(set(state["module"]) - set(expected))[:3]
+            raise CheckpointError(f"{Path(path) / 'engine.pt'}: holds other tensors than this "
+                                  f"run trains (missing {missing}, unexpected {extra}): a "
+                                  f"checkpoint of a run with other LoRA or model options")
+        self.module.load_state_dict(state["module"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
@@ -158,7 +184,7 @@ class DeepSpeedEngine:
 
         bf16 = torch.cuda.is_available() if bf16 is None else bf16
         self.config = deepspeed_config(cfg, zero_stage, bf16)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable_parameters(model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                                config=self.config)
         self.module = self.engine.module
@@ -202,13 +228,20 @@ class DeepSpeedEngine:
             if rank() == 0:
                 self.module.save_pretrained(path)
 
+    @property
+    def _frozen(self) -> bool:
+        """Frozen weights (LoRA's base): checkpoints leave them out."""
+        return any(not p.requires_grad for p in self.module.parameters())
+
     def save_checkpoint(self, path) -> None:
         path = Path(path)
-        self.engine.save_checkpoint(str(path.parent), tag=path.name)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name,
+                                    exclude_frozen_parameters=self._frozen)
 
     def load_checkpoint(self, path) -> None:
         path = Path(path)
-        self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        self.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                    load_module_strict=not self._frozen)
 
 
 def world_size() -> int:

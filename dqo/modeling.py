@@ -63,7 +63,13 @@ def load_policy(path: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     on_gpu = torch.cuda.is_available()
-    model = build_policy(path=path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    if (Path(path) / "adapter_config.json").is_file():  # a LoRA policy: its base + the adapter
+        from .lora import require_peft
+        model = require_peft().AutoPeftModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation()).merge_and_unload()
+    else:
+        model = build_policy(path=path, dtype=dtype)
     return tok, model.cuda() if on_gpu else model
 
 
@@ -73,6 +79,9 @@ def enable_checkpointing(model: nn.Module, kwargs: Optional[dict] = None, **extr
     kept per layer instead of all its intermediates). Any transformers version: 5.x names it
     ``activation_checkpointing_enable``, 4.x ``gradient_checkpointing_enable``."""
     kw = {"use_reentrant": False, **(kwargs or {})}
+    if getattr(model, "peft_config", None) and len(model.peft_config) > 1:
+        from .lora import checkpoint_context  # two adapters on one base: recompute with its own
+        kw.setdefault("context_fn", checkpoint_context(model))
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw, **extra)
     else:
@@ -93,6 +102,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer under the LM head (``model.model``), through a peft wrapper too."""
+    if hasattr(model, "get_base_model"):  # a peft PeftModel
+        model = model.get_base_model()
     return getattr(model, model.base_model_prefix)
 
 
@@ -137,9 +149,25 @@ class PolicyLogprobs(nn.Module):
                 register_external_parameter(self, p)
 
     def forward(self, input_ids, attention_mask, action_mask):
-        return policy_logprobs(self.model, input_ids, attention_mask, action_mask)
+        if not getattr(self.model, "peft_config", None):
+            return policy_logprobs(self.model, input_ids, attention_mask, action_mask)
+        from .lora import POLICY_ADAPTER, use_adapter
+        with use_adapter(self.model, POLICY_ADAPTER):  # a value adapter may share the base
+            return policy_logprobs(self.model, input_ids, attention_mask, action_mask)
+
+    def trainable_parameters(self):
+        """What the policy's optimizer trains: with LoRA its own adapter alone (a value
+        adapter on the same base belongs to the value model's optimizer)."""
+        if getattr(self.model, "peft_config", None):
+            from .lora import policy_parameters
+            return policy_parameters(self.model)
+        return [p for p in self.parameters() if p.requires_grad]
 
     def save_pretrained(self, path) -> None:
+        if getattr(self.model, "peft_config", None):  # the policy's adapter, in peft's format
+            from .lora import POLICY_ADAPTER
+            self.model.save_pretrained(path, selected_adapters=[POLICY_ADAPTER])
+            return
         self.model.save_pretrained(path)
 
 

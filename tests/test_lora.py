@@ -1,0 +1,129 @@
+"""LoRA through peft: the policy's adapter and, with a shared base, the value model's adapter
+and head on the same frozen weights; checkpoints of the adapters alone; resume; loading."""
+import json
+
+import pytest
+import torch
+
+from dqo import data as D
+from dqo.modeling import PolicyLogprobs, build_policy, enable_checkpointing, load_policy
+from dqo.tasks import arithmetic
+
+peft = pytest.importorskip("peft")
+
+from dqo.lora import (  # noqa: E402
+    POLICY_ADAPTER,
+    VALUE_ADAPTER,
+    SharedValueModel,
+    adapter_parameters,
+    add_policy_adapter,
+    lora_config,
+)
+from dqo.train import TrainConfig, train  # noqa: E402
+
+
+def examples(tok, policy, n=16):
+    from dqo.reference_logps import compute_ref_logps
+    probs = arithmetic.make_problems(n, 3)
+    rows = [dict(prompt=p.prompt, response=f"#### {p.answer if i % 2 else 0}",
+                 reward=float(i % 2)) for i, p in enumerate(probs)]
+    exs = [D.tokenize_row(D.check_row(r, "x"), tok) for r in rows]
+    compute_ref_logps(policy, exs, tok.pad_token_id)  # the base = the policy with a new adapter
+    return exs
+
+
+def lora_models(tok, base_dir, shared=True, seed=0):
+    torch.manual_seed(seed)
+    base = build_policy(path=str(base_dir))
+    policy = add_policy_adapter(base, lora_config(4, 8, 0.0, "all-linear"))
+    if shared:
+        value = SharedValueModel(policy, lora_config(4, 8, 0.0, "all-linear"))
+        torch.nn.init.normal_(value.head.weight, std=0.1)
+        return policy, value
+    return policy, None
+
+
+@pytest.fixture
+def base_dir(tok, policy, tmp_path):
+    policy.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def args(tmp_path, **kw):
+    return TrainConfig(**{**dict(out=str(tmp_path / "run"), lr=1e-2, value_lr=1e-2,
+                                 batch_size=8, micro_batch=4, engine="torch", progress=False),
+                          **kw})
+
+
+def test_shared_base_trains_two_adapters_and_leaves_the_base_alone(tok, base_dir, tmp_path):
+    policy, value = lora_models(tok, base_dir)
+    exs = examples(tok, policy)
+    frozen = {n: p.clone() for n, p in policy.named_parameters() if "lora_" not in n}
+    adapters = {a: [p.clone() for p in adapter_parameters(policy, a)]
+                for a in (POLICY_ADAPTER, VALUE_ADAPTER)}
+    assert {id(p) for p in PolicyLogprobs(policy).trainable_parameters()} == {
+        id(p) for p in adapter_parameters(policy, POLICY_ADAPTER)}
+    assert {id(p) for p in value.parameters()} == {
+        id(p) for p in adapter_parameters(policy, VALUE_ADAPTER)} | {
+        id(value.head.weight), id(value.head.bias)}
+    train(args(tmp_path, max_steps=3), tok, policy, value, exs)
+    for n, p in policy.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, frozen[n]), n  # one frozen base for both models
+    for a, before in adapters.items():
+        assert any(not torch.equal(p, q) for p, q in zip(adapter_parameters(policy, a), before))
+    final = tmp_path / "run" / "final"
+    assert (final / "policy" / "adapter_config.json").is_file()
+    assert not (final / "policy" / "model.safetensors").exists()  # the adapter, not the base
+    assert json.loads((final / "value" / "value_model.json").read_text())["backbone"] == "shared"
+    tok2, loaded = load_policy(str(final / "policy"))  # dqo.evaluate's loader: base + adapter
+    ids = torch.tensor([exs[0].prompt_ids + exs[0].response_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, policy(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpointing_with_two_adapters_gives_the_same_update(tok, base_dir, tmp_path):
+    """Each layer is recomputed with the adapter it ran with, whatever the backward order."""
+    results = []
+    for gc in (False, True):
+        policy, value = lora_models(tok, base_dir)
+        exs = examples(tok, policy)
+        if gc:
+            enable_checkpointing(policy)
+        train(args(tmp_path / str(gc), max_steps=2), tok, policy, value, exs)
+        results.append([p.detach().clone() for p in policy.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, monkeypatch):
+    from dqo.algos.dqo import DQO
+    policy, value = lora_models(tok, base_dir)
+    exs = examples(tok, policy)
+    train(args(tmp_path / "a", max_steps=4), tok, policy, value, exs)
+    straight = [p.detach().clone() for p in policy.parameters()] + [
+        p.detach().clone() for p in value.parameters()]
+
+    policy, value = lora_models(tok, base_dir)
+    real_step, calls = DQO.step, []
+
+    def killed_in_step_3(*a, **k):  # 2 micro-batches a step: the 5th call is in step 3
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(DQO, "step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(args(tmp_path / "b", max_steps=4, save_every=2), tok, policy, value, exs)
+    monkeypatch.setattr(DQO, "step", real_step)
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step-0000002"
+    for name in ("policy", "value"):  # adapters (and the head), no copy of the base
+        saved = torch.load(ckpt / name / "engine.pt", weights_only=True)["module"]
+        assert saved and all("lora_" in k or k.startswith(("adapter.", "head.")) for k in saved)
+    policy, value = lora_models(tok, base_dir)  # a new process: a fresh adapter, then resume
+    train(args(tmp_path / "b", max_steps=4, save_every=2, resume=True), tok, policy, value, exs)
+    resumed = [p.detach() for p in policy.parameters()] + [p.detach() for p in value.parameters()]
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
