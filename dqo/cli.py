@@ -94,6 +94,8 @@ class _DashedOnly:
 
     def add_argument(self, *names, **kwargs):
         dashed = [n for n in names if "_" not in n or not n.startswith("--")]
+        if kwargs.get("action") == "store_false":  # the --no-x complement of a switch
+            kwargs["help"] = f"turn --{dashed[0][len('--no-'):]} off"
         return self.parser.add_argument(*(dashed or names), **kwargs)
 
 

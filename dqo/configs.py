@@ -171,6 +171,37 @@ class OptimizationConfig(Options):
 
 
 @dataclass
+class MemoryConfig(Options):
+    """What makes a 7B run fit: activation checkpointing, LoRA, one shared base, the plan."""
+
+    _argument_group_name = "memory"
+    gradient_checkpointing: bool = opt(True, "recompute each decoder layer's activations in the "
+                                       "backward (both models): about L x fewer activations "
+                                       "kept for ~30%% more compute; the embedded default's "
+                                       "tiny model turns it off")
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning); needs peft", ge=0)
+    lora_alpha: float = opt(32.0, "LoRA alpha (the adapter's scale is alpha / r)", gt=0, lt=inf)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input", ge=0, lt=1)
+    lora_target_modules: str = opt("all-linear", "the linear layers that get an adapter: "
+                                   "all-linear (every one but the lm_head) or names such as "
+                                   "q_proj,k_proj,v_proj,o_proj")
+    value_backbone: str = opt("separate", "the value model on a copy of the backbone, or on the "
+                              "policy's frozen base with an adapter of its own (with --lora-r; "
+                              "one base in memory for policy, value and reference)",
+                              choices=("separate", "shared"))
+    dry_run: bool = opt(False, "print the per-GPU memory plan (python -m dqo.memory) for these "
+                        "options and stop, before any weight is loaded")
+    gpu_memory: Optional[float] = opt(None, "GiB a GPU, for --dry-run to say whether the run "
+                                      "fits", gt=0, lt=inf)
+
+    def check(self) -> None:
+        super().check()
+        if self.value_backbone == "shared" and self.lora_r == 0:
+            raise UsageError("--value-backbone shared: needs --lora-r > 0 (a fully trained "
+                             "policy cannot share its weights with the value model)")
+
+
+@dataclass
 class RunConfig(Options):
     _argument_group_name = "run"
     out: str = opt("runs/dqo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
@@ -190,8 +221,8 @@ class RunConfig(Options):
 
 
 @dataclass
-class TrainConfig(RunConfig, DecodingArgs, OptimizationConfig, DQOLossConfig, AlgoConfig,
-                  ColumnsConfig, RewardConfig, TrainDataConfig):
+class TrainConfig(RunConfig, MemoryConfig, DecodingArgs, OptimizationConfig, DQOLossConfig,
+                  AlgoConfig, ColumnsConfig, RewardConfig, TrainDataConfig):
     """Everything ``python -m dqo.train`` (and :func:`dqo.train.train`) takes. With no
     ``data`` the command line applies :data:`EMBEDDED_DEFAULT` on top of these defaults."""
 
@@ -206,12 +237,13 @@ class TrainConfig(RunConfig, DecodingArgs, OptimizationConfig, DQOLossConfig, Al
 
 
 TRAIN_SECTIONS = (TrainDataConfig, RewardConfig, ColumnsConfig, AlgoConfig, DQOLossConfig,
-                  OptimizationConfig, DecodingArgs, RunConfig)
+                  OptimizationConfig, MemoryConfig, DecodingArgs, RunConfig)
 
 # The embedded default (python -m dqo.train with no --data): a 0.8M-parameter model, not a 7B
 # one, so learning rates and batches of its own.
 EMBEDDED_DEFAULT = dict(lr=2e-5, value_lr=1e-3, beta=0.1, lam=1.0, epochs=2, batch_size=64,
-                        micro_batch=64, eval_every=0, save_every=16, out="runs/default")
+                        micro_batch=64, eval_every=0, save_every=16, out="runs/default",
+                        gradient_checkpointing=False)
 
 
 @dataclass
