@@ -36,9 +36,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .atomic import atomic_write
-from .decoding import encode_prompt
-from .errors import DataError
+from ..atomic import atomic_write
+from ..decoding import encode_prompt
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def prompt_row(obj: Dict, where: str, *, prompt_column: Optional[str] = None,
     (GSM8K), problem (MATH); ``answer_column``, else answer, else solution. A worked answer
     (GSM8K's, ending in ``#### N``; MATH's, with a last ``\\boxed{N}``) gives answer N and
     becomes the prompt's canonical ``solution``."""
-    from .tasks.verify import extract_hash_answer, last_boxed
+    from ..tasks.verify import extract_hash_answer, last_boxed
 
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected an object, got {type(obj).__name__}")
