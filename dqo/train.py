@@ -345,7 +345,7 @@ def truncated_examples(args: TrainConfig, examples: List[Example]) -> List[Examp
 
 def run_custom(args: TrainConfig) -> Dict:
     """``--model PATH --data FILE``: train a real model on an offline dataset."""
-    from .evaluate import accuracy
+    from .evaluation import accuracy
     from .modeling import load_policy
 
     if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
@@ -383,8 +383,7 @@ def run_custom(args: TrainConfig) -> Dict:
         value.to(next(policy.parameters()).device)
     eval_fn = None
     if args.eval_data:
-        from .data import read_prompt_rows
-        from .sample import RESERVED
+        from .data import extra_columns, read_prompt_rows
         rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None,
                                 prompt_column=args.prompt_column,
                                 answer_column=args.answer_column)
@@ -393,7 +392,7 @@ def run_custom(args: TrainConfig) -> Dict:
         eval_fn = lambda: accuracy(  # noqa: E731
             policy, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows], reward,
             samples=args.eval_samples, decoding=decoding,
-            columns=[{k: v for k, v in r.items() if k not in RESERVED} for r in rows])
+            columns=[extra_columns(r) for r in rows])
     seed_stage(args.seed, "evaluate-before")
     before = eval_fn() if eval_fn else {}
     tracker = open_tracker(args, Path(args.out))

@@ -161,7 +161,7 @@ def test_sft_trains_on_canonical_solutions_never_on_samples(tmp_path):
 
 
 def test_sampling_carries_a_prompts_solution_into_its_rows():
-    from dqo.sample import Sample, label_samples
+    from dqo.generation import Sample, label_samples
     s = Sample("#### 2", [3, 2], [-0.1, -0.2])
     rows = label_samples(["Q1", "Q2"], ["2", "3"], [[s], [s]], lambda t, a: [True] * len(t),
                          solutions=["1+1=2\n#### 2", None])

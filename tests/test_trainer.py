@@ -9,15 +9,15 @@ import torch
 from dqo import data as D
 from dqo.checkpoint import latest_checkpoint
 from dqo.decoding import DecodingConfig, format_prompt
-from dqo.modeling import ValueModel, policy_logprobs
-from dqo.reference_logps import compute_ref_logps
-from dqo.sample import (
+from dqo.generation import (
     PROCESS_REWARD_TOTAL,
     exact_process_scores,
     generate,
     label_samples,
     with_step_rewards,
 )
+from dqo.modeling import ValueModel, policy_logprobs
+from dqo.reference_logps import compute_ref_logps
 from dqo.tasks import arithmetic, get_verifier
 from dqo.tasks.verify import MathVerifier, extract_hash_answer, last_boxed, verify_gsm8k
 from dqo.tokenizer import char_tokenizer

@@ -6,9 +6,9 @@ import torch
 
 from dqo import data as D
 from dqo.decoding import DecodingConfig
+from dqo.generation import generate, label_samples
 from dqo.hf import DQOCollator
 from dqo.reference_logps import ref_logps
-from dqo.sample import generate, label_samples
 from dqo.tasks import arithmetic, get_verifier
 
 

@@ -43,10 +43,10 @@ import torch
 from .. import algos
 from ..data import Example, split_steps, step_end_tokens, tokenize_rows
 from ..decoding import encode_prompt
+from ..generation import PROCESS_REWARD_TOTAL, exact_process_scores, generate, mc_process_scores
 from ..modeling import ValueModel
 from ..pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from ..reference_logps import compute_ref_logps
-from ..sample import PROCESS_REWARD_TOTAL, exact_process_scores, generate, mc_process_scores
 from ..tasks import arithmetic, get_verifier
 from ..train import TrainConfig, train
 
