@@ -191,7 +191,7 @@ class RunConfig(Options):
 @dataclass
 class TrainConfig(RunConfig, DecodingArgs, OptimizationConfig, DQOLossConfig, AlgoConfig,
                   ColumnsConfig, RewardConfig, TrainDataConfig):
-    """Everything ``python -m dqo.train`` (and :func:`dqo.train.train`) takes. With no
+    """Everything ``python -m dqo.train`` (and :func:`dqo.loop.train`) takes. With no
     ``data`` the command line applies :data:`EMBEDDED_DEFAULT` on top of these defaults."""
 
     def check(self) -> None:

@@ -7,11 +7,12 @@ import torch
 
 from dqo import algos
 from dqo import data as D
+from dqo.configs import TrainConfig
+from dqo.loop import train
 from dqo.losses import dpo_loss, kto_loss, kto_reference_point, kto_weights, sequence_sum
 from dqo.modeling import ValueModel, build_policy, tiny_config
 from dqo.reference_logps import compute_ref_logps
 from dqo.tokenizer import char_tokenizer
-from dqo.train import TrainConfig, train
 from dqo_kernels import dro_loss
 
 

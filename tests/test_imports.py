@@ -144,7 +144,7 @@ def test_library_modules_import_first():
             "    clis = {'dqo.sample', 'dqo.evaluate', 'dqo.train'} & set(sys.modules)\n"
             "    assert not clis, (name, clis)\n")
     names = ["dqo.data.schema", "dqo.data", "dqo.generation.vllm", "dqo.generation",
-             "dqo.evaluation", "dqo.pipeline", "dqo.hf", "dqo.algos"]
+             "dqo.evaluation", "dqo.pipeline", "dqo.hf", "dqo.algos", "dqo.loop", "dqo.runs"]
     res = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

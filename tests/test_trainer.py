@@ -8,6 +8,7 @@ import torch
 
 from dqo import data as D
 from dqo.checkpoint import latest_checkpoint
+from dqo.configs import TrainConfig
 from dqo.decoding import DecodingConfig, format_prompt
 from dqo.generation import (
     PROCESS_REWARD_TOTAL,
@@ -16,12 +17,15 @@ from dqo.generation import (
     label_samples,
     with_step_rewards,
 )
+from dqo.loop import train
 from dqo.modeling import ValueModel, policy_logprobs
+from dqo.pipeline import DefaultPipeline
 from dqo.reference_logps import compute_ref_logps
+from dqo.runs import run_default
 from dqo.tasks import arithmetic, get_verifier
 from dqo.tasks.verify import MathVerifier, extract_hash_answer, last_boxed, verify_gsm8k
 from dqo.tokenizer import char_tokenizer
-from dqo.train import DefaultPipeline, TrainConfig, parse_args, run_default, train
+from dqo.train import parse_args
 
 
 def dec(max_new_tokens: int) -> DecodingConfig:
