@@ -24,7 +24,7 @@ from dqo.runs import check_bad_rows
 from dqo.tasks import arithmetic
 from dqo.train import parse_args
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def examples(tok, policy, n=16):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dqo.plot import plot_run, read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_curves_from_metrics(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = float(os.environ.get("DQO_TEST_BUILD_TIMEOUT_S", "600"))
 
 RUNNER = textwrap.dedent("""

@@ -468,7 +468,7 @@ def test_data_parallel_two_ranks_equal_one_rank_with_the_global_batch(tok, polic
               "--lr", "1e-3", "--value-lr", "1e-2", "--no-progress"]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                          env.get("PYTHONPATH", "")])
     one = subprocess.run([sys.executable, *common, "--batch-size", "8", "--micro-batch", "4",
                           "--out", str(tmp_path / "one")], env=env, capture_output=True,
