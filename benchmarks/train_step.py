@@ -82,10 +82,10 @@ def one(config: str, vocab: int, batch: int, steps: int) -> dict:
         modeling.action_logprobs = all_rows
     lora = config in ("+lora", "+shared")
     if lora:
-        from dqo.lora import SharedValueModel, add_policy_adapter, lora_config
+        from dqo.lora import add_policy_adapter, lora_config
         policy = add_policy_adapter(policy, lora_config(16, 32, 0.0, "all-linear"))
     if config == "+shared":
-        value = SharedValueModel(policy, lora_config(16, 32, 0.0, "all-linear"))
+        value = modeling.SharedValueModel(policy, lora_config(16, 32, 0.0, "all-linear"))
     else:
         value = modeling.ValueModel.from_policy(policy)
         if lora:

@@ -223,7 +223,7 @@ class RunConfig(Options):
 @dataclass
 class TrainConfig(RunConfig, MemoryConfig, DecodingArgs, OptimizationConfig, DQOLossConfig,
                   AlgoConfig, ColumnsConfig, RewardConfig, TrainDataConfig):
-    """Everything ``python -m dqo.train`` (and :func:`dqo.train.train`) takes. With no
+    """Everything ``python -m dqo.train`` (and :func:`dqo.loop.train`) takes. With no
     ``data`` the command line applies :data:`EMBEDDED_DEFAULT` on top of these defaults."""
 
     def check(self) -> None:
@@ -250,7 +250,7 @@ EMBEDDED_DEFAULT = dict(lr=2e-5, value_lr=1e-3, beta=0.1, lam=1.0, epochs=2, bat
 class GenerationArgs(Options):
     _argument_group_name = "generation"
     engine: str = opt("hf", "hf: transformers' generate; vllm: vLLM (an optional install; "
-                      "temperature 1 only, see dqo/vllm_engine.py)", choices=("hf", "vllm"))
+                      "temperature 1 only, see dqo/generation/vllm.py)", choices=("hf", "vllm"))
     generation_batch_size: int = opt(32, "sequences a generate call", ge=1)
     seed: int = opt(0, "seed of the sampling")
 

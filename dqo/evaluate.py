@@ -10,56 +10,28 @@ sampling settings, top_p 0.9 and top_k 16). Those settings and the length limit 
 ``final/policy``), else the paper's defaults; the flags override single fields. A response cut
 at the length limit is graded wrong, and the share of cut responses is reported beside each
 accuracy (``greedy_cut``, ``sampled_cut``).
+
+The library is :func:`dqo.evaluation.accuracy`; this module is its command line.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .cli import check_data, check_file, check_model, parse_config
 from .cli import run as run_cli
 from .configs import EVAL_SECTIONS, EvalConfig
-from .decoding import DecodingConfig, find_decoding
+from .data import extra_columns, read_prompt_rows
+from .decoding import find_decoding
 from .errors import UsageError
-from .rewards import as_reward
-from .sample import Verifier, generate, reward_columns
+from .evaluation import accuracy
+from .generation import load_sampler
+from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
-
-
-def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[Optional[str]],
-             verify: Verifier, *, decoding: DecodingConfig, samples: int = 4,
-             batch_size: int = 64, per_problem: bool = False,
-             columns: Optional[Sequence[Dict]] = None) -> Dict:
-    """``greedy`` and ``sampled`` accuracy (a cut response is wrong), and the share of
-    responses cut at ``decoding.max_new_tokens`` (``greedy_cut``, ``sampled_cut``). With
-    ``per_problem``, also each problem's score (``greedy_items``, ``sampled_items``: the share
-    of its responses that are right), for paired statistics over problems."""
-    decoding = decoding.with_stop_ids(tokenizer, model)
-    reward = as_reward(verify)
-    out = {}
-    runs = [("greedy", 1, True)] + ([("sampled", samples, False)] if samples > 0 else [])
-    for name, n, greedy in runs:
-        res = generate(model, tokenizer, prompts, n=n, greedy=greedy, decoding=decoding,
-                       batch_size=batch_size)
-        flat = [s for ss in res for s in ss]
-        cols: Dict[str, List] = {}
-        for i, a in enumerate(answers):  # each prompt's columns, once per completion
-            for k, v in reward_columns(a, columns[i] if columns else None, n).items():
-                cols.setdefault(k, []).extend(v)
-        scores = reward.scores([p for p in prompts for _ in range(n)],
-                               [s.text for s in flat], cols)
-        ok = reward.correct(scores)
-        right = [float(good and s.finished) for good, s in zip(ok, flat)]
-        out[name] = sum(right) / max(1, len(flat))
-        out[f"{name}_cut"] = sum(not s.finished for s in flat) / max(1, len(flat))
-        if per_problem:
-            out[f"{name}_items"] = [sum(right[i * n:(i + 1) * n]) / n for i in range(len(res))]
-    return out
 
 
 def main(argv=None) -> None:
@@ -67,9 +39,6 @@ def main(argv=None) -> None:
 
 
 def _main(argv=None) -> None:
-    from .data import read_prompt_rows
-    from .sample import RESERVED, load_sampler, reward_from_args
-
     args = parse_config(EvalConfig, EVAL_SECTIONS, argv, prog="python -m dqo.evaluate",
                         description=__doc__)
     reward = reward_from_args(args)
@@ -90,7 +59,7 @@ def _main(argv=None) -> None:
     res = accuracy(model, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows],
                    reward, samples=args.samples, decoding=decoding,
                    batch_size=args.generation_batch_size,
-                   columns=[{k: v for k, v in r.items() if k not in RESERVED} for r in rows])
+                   columns=[extra_columns(r) for r in rows])
     print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
                           decoding=json.loads(decoding.to_json()))))
 

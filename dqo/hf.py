@@ -10,7 +10,9 @@ A row is one response: ``input_ids`` (prompt + response token ids), ``prompt_len
 ``rewards`` (one per response token: the outcome on the last, process rewards on step ends) or
 ``reward`` (the outcome alone), ``ref_logp`` (one per response token), and optionally
 ``behavior_logp`` (one per response token) and ``finished`` (False: cut at a length limit; its
-return bootstraps from the value of the state after its last token).
+return bootstraps from the value of the state after its last token). The data ``dqo.sample``
+writes become such rows with :func:`dqo.data.trainer_rows` (after ``read_jsonl``,
+``tokenize_rows`` and ``dqo.reference_logps.ref_logps``).
 
 Exact token-mean under gradient accumulation and data parallelism: the collator's ``labels``
 are the action tokens, so the Trainer's ``num_items_in_batch`` is the number of action tokens
@@ -33,6 +35,7 @@ from dqo_kernels import fused_dqo_loss
 
 from .algos import last_action
 from .configs import DQOLossConfig
+from .data.collate import collate_trainer_rows
 from .modeling import (
     ValueModel,
     disable_checkpointing,
@@ -45,8 +48,10 @@ LOSS_OPTIONS = tuple(f.name for f in fields(DQOLossConfig))
 
 
 class DQOCollator:
-    """Rows (see the module docstring) -> one padded batch, every DQO column kept: the
-    per-response-token lists land on their action positions of the ``[B, T]`` tensors."""
+    """Rows (see the module docstring; :func:`dqo.data.trainer_rows` makes them from the data
+    ``dqo.sample`` writes) -> one padded batch, every DQO column kept: the per-response-token
+    lists land on their action positions of the ``[B, T]`` tensors
+    (:func:`dqo.data.collate_trainer_rows`)."""
 
     def __init__(self, pad_token_id: int, padding: str = "right"):
         if padding not in ("left", "right"):
@@ -54,39 +59,7 @@ class DQOCollator:
         self.pad_token_id, self.padding = pad_token_id, padding
 
     def __call__(self, rows: Sequence[Dict]) -> Dict[str, torch.Tensor]:
-        B, T = len(rows), max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros(B, T, dtype=torch.long)
-        act = torch.zeros(B, T, dtype=torch.bool)
-        per_token = {k: torch.zeros(B, T) for k in ("rewards", "ref_logp", "behavior_logp")}
-        for b, r in enumerate(rows):
-            n, p = len(r["input_ids"]), int(r["prompt_length"])
-            if not 0 < p < n:
-                raise ValueError(f"row {b}: prompt_length must be in [1, {n - 1}] (the tokens "
-                                 f"before the response), got {p}")
-            start = 0 if self.padding == "right" else T - n
-            ids[b, start:start + n] = torch.as_tensor(r["input_ids"])
-            attn[b, start:start + n] = 1
-            resp = slice(start + p, start + n)
-            act[b, resp] = True
-            rewards = r.get("rewards")
-            if rewards is None:
-                rewards = [0.0] * (n - p - 1) + [float(r["reward"])]
-            for key, values in (("rewards", rewards), ("ref_logp", r["ref_logp"]),
-                                ("behavior_logp", r.get("behavior_logp"))):
-                if values is None:
-                    continue
-                if len(values) != n - p:
-                    raise ValueError(f"row {b}: '{key}' has {len(values)} entries, the response "
-                                     f"{n - p} tokens")
-                per_token[key][b, resp] = torch.as_tensor(values, dtype=torch.float32)
-        batch = dict(input_ids=ids, attention_mask=attn, action_mask=act,
-                     labels=ids.masked_fill(~act, -100),  # the Trainer counts num_items_in_batch
-                     rewards=per_token["rewards"], ref_logp=per_token["ref_logp"],
-                     finished=torch.tensor([bool(r.get("finished", True)) for r in rows]))
-        if all(r.get("behavior_logp") is not None for r in rows):
-            batch["behavior_logp"] = per_token["behavior_logp"]
-        return batch
+        return collate_trainer_rows(rows, self.pad_token_id, self.padding)
 
 
 class PolicyWithValue(nn.Module):

@@ -12,11 +12,9 @@ ran with (:func:`checkpoint_context`), so the two models' backward passes can ru
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-import torch
 import torch.nn as nn
 
 POLICY_ADAPTER, VALUE_ADAPTER = "default", "value"
@@ -88,55 +86,6 @@ def add_policy_adapter(policy: nn.Module, cfg) -> nn.Module:
     peft = require_peft()
     model = peft.get_peft_model(policy, cfg)
     return model
-
-
-class SharedValueModel(nn.Module):
-    """``V(s_t)`` from the policy's frozen base with an adapter of its own and a scalar head.
-
-    Its parameters are that adapter and the head only (the base and the policy's adapter are
-    reachable but not registered here), so its optimizer and gradient clipping see nothing
-    of the policy's."""
-
-    def __init__(self, peft_policy: nn.Module, adapter_cfg, adapter: str = VALUE_ADAPTER):
-        super().__init__()
-        peft_policy.add_adapter(adapter, adapter_cfg)
-        for p in adapter_parameters(peft_policy, adapter):
-            p.requires_grad_(True)
-        object.__setattr__(self, "shared", peft_policy)  # not a submodule: not our parameters
-        self.adapter_name = adapter
-        self.adapter = nn.ParameterList(adapter_parameters(peft_policy, adapter))
-        self.config = peft_policy.config
-        self.head = nn.Linear(self.config.hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        self.head.to(next(peft_policy.parameters()).device)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                with_after: bool = False):
-        from dqo_kernels import to_actions
-
-        from .modeling import backbone_of, position_ids
-        with use_adapter(self.shared, self.adapter_name):
-            hidden = backbone_of(self.shared)(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask)).last_hidden_state
-        after = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
-        values = to_actions(after[:, :-1])
-        return (values, after) if with_after else values
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.shared.train(mode)
-        return self
-
-    def save_pretrained(self, path) -> None:
-        """The value adapter in peft's format and the head, beside each other."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.shared.save_pretrained(path, selected_adapters=[self.adapter_name])
-        torch.save(self.head.state_dict(), path / "value_head.pt")
-        (path / "value_model.json").write_text(json.dumps(
-            {"head": "value_head.pt", "adapter": self.adapter_name, "backbone": "shared"}))
 
 
 def policy_parameters(peft_policy: nn.Module) -> List[nn.Parameter]:

@@ -17,6 +17,8 @@ import torch.nn as nn
 
 from dqo_kernels import action_logprobs, action_logprobs_from_logits, to_actions
 
+from . import lora
+
 log = logging.getLogger(__name__)
 
 
@@ -65,8 +67,7 @@ def load_policy(path: str):
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
     if (Path(path) / "adapter_config.json").is_file():  # a LoRA policy: its base + the adapter
-        from .lora import require_peft
-        model = require_peft().AutoPeftModelForCausalLM.from_pretrained(
+        model = lora.require_peft().AutoPeftModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation()).merge_and_unload()
     else:
         model = build_policy(path=path, dtype=dtype)
@@ -80,8 +81,8 @@ def enable_checkpointing(model: nn.Module, kwargs: Optional[dict] = None, **extr
     ``activation_checkpointing_enable``, 4.x ``gradient_checkpointing_enable``."""
     kw = {"use_reentrant": False, **(kwargs or {})}
     if getattr(model, "peft_config", None) and len(model.peft_config) > 1:
-        from .lora import checkpoint_context  # two adapters on one base: recompute with its own
-        kw.setdefault("context_fn", checkpoint_context(model))
+        # two adapters on one base: each layer recomputed with the adapter it ran with
+        kw.setdefault("context_fn", lora.checkpoint_context(model))
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw, **extra)
     else:
@@ -151,22 +152,19 @@ class PolicyLogprobs(nn.Module):
     def forward(self, input_ids, attention_mask, action_mask):
         if not getattr(self.model, "peft_config", None):
             return policy_logprobs(self.model, input_ids, attention_mask, action_mask)
-        from .lora import POLICY_ADAPTER, use_adapter
-        with use_adapter(self.model, POLICY_ADAPTER):  # a value adapter may share the base
+        with lora.use_adapter(self.model, lora.POLICY_ADAPTER):  # a value adapter may share it
             return policy_logprobs(self.model, input_ids, attention_mask, action_mask)
 
     def trainable_parameters(self):
         """What the policy's optimizer trains: with LoRA its own adapter alone (a value
         adapter on the same base belongs to the value model's optimizer)."""
         if getattr(self.model, "peft_config", None):
-            from .lora import policy_parameters
-            return policy_parameters(self.model)
+            return lora.policy_parameters(self.model)
         return [p for p in self.parameters() if p.requires_grad]
 
     def save_pretrained(self, path) -> None:
         if getattr(self.model, "peft_config", None):  # the policy's adapter, in peft's format
-            from .lora import POLICY_ADAPTER
-            self.model.save_pretrained(path, selected_adapters=[POLICY_ADAPTER])
+            self.model.save_pretrained(path, selected_adapters=[lora.POLICY_ADAPTER])
             return
         self.model.save_pretrained(path)
 
@@ -227,3 +225,49 @@ class ValueModel(nn.Module):
         model = cls(backbone)
         model.head.load_state_dict(torch.load(Path(path) / "value_head.pt", weights_only=True))
         return model
+
+
+class SharedValueModel(nn.Module):
+    """``V(s_t)`` from the policy's frozen base with an adapter of its own and a scalar head.
+
+    Its parameters are that adapter and the head only (the base and the policy's adapter are
+    reachable but not registered here), so its optimizer and gradient clipping see nothing
+    of the policy's."""
+
+    def __init__(self, peft_policy: nn.Module, adapter_cfg, adapter: str = lora.VALUE_ADAPTER):
+        super().__init__()
+        peft_policy.add_adapter(adapter, adapter_cfg)
+        for p in lora.adapter_parameters(peft_policy, adapter):
+            p.requires_grad_(True)
+        object.__setattr__(self, "shared", peft_policy)  # not a submodule: not our parameters
+        self.adapter_name = adapter
+        self.adapter = nn.ParameterList(lora.adapter_parameters(peft_policy, adapter))
+        self.config = peft_policy.config
+        self.head = nn.Linear(self.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.head.to(next(peft_policy.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                with_after: bool = False):
+        with lora.use_adapter(self.shared, self.adapter_name):
+            hidden = backbone_of(self.shared)(
+                input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask)).last_hidden_state
+        after = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+        values = to_actions(after[:, :-1])
+        return (values, after) if with_after else values
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.shared.train(mode)
+        return self
+
+    def save_pretrained(self, path) -> None:
+        """The value adapter in peft's format and the head, beside each other."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.shared.save_pretrained(path, selected_adapters=[self.adapter_name])
+        torch.save(self.head.state_dict(), path / "value_head.pt")
+        (path / "value_model.json").write_text(json.dumps(
+            {"head": "value_head.pt", "adapter": self.adapter_name, "backbone": "shared"}))

@@ -12,10 +12,10 @@ from typing import Dict, List, Optional
 from .atomic import replace_dir
 from .data import read_jsonl, write_jsonl
 from .decoding import DecodingConfig, sidecar
-from .evaluate import accuracy
+from .evaluation import accuracy
+from .generation import generate, label_samples
 from .modeling import build_policy, tiny_config
 from .rng import seed_stage
-from .sample import generate, label_samples
 from .sft import sft_train
 from .tasks import arithmetic, get_verifier
 from .tokenizer import char_tokenizer

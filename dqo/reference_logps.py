@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -35,17 +36,16 @@ def fingerprint(model, examples: Sequence[Example]) -> str:
 
 
 @torch.no_grad()
-def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size: int = 32,
-                      cache_dir: Optional[str] = None) -> None:
-    """Fill ``example.ref_logp`` (per response token) for every example, from cache if valid."""
+def ref_logps(model, examples: Sequence[Example], pad_id: int, *, batch_size: int = 32,
+              cache_dir: Optional[str] = None) -> List[List[float]]:
+    """The log-prob of every response token of every example under ``model`` (the reference
+    policy), from the cache if valid; the examples are left as they are."""
     key = fingerprint(model, examples)
     path = Path(cache_dir) / f"ref_logps-{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
         cached = torch.load(path, weights_only=True)
-        for e, lp in zip(examples, cached):
-            e.ref_logp = lp.tolist()
         log.info("reference log-probs loaded from %s", path)
-        return
+        return [lp.tolist() for lp in cached]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -56,7 +56,8 @@ def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size
     for start in range(0, len(mine), batch_size):
         adapt_threads()
         idx = mine[start:start + batch_size]
-        b = collate([examples[i] for i in idx], pad_id).to(device)
+        # the tokens alone: behaviour log-probs on some examples and not others are no concern
+        b = collate([replace(examples[i], behavior_logp=None) for i in idx], pad_id).to(device)
         lp = policy_logprobs(model, b.input_ids, b.attention_mask, b.action_mask).float().cpu()
         mask = b.action_mask.cpu()
         rows.extend((i, lp[k][mask[k]]) for k, i in enumerate(idx))
@@ -68,8 +69,16 @@ def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size
     out = [None] * len(examples)
     for i, lp in rows:
         out[i] = lp
-    for e, lp in zip(examples, out):
-        e.ref_logp = lp.tolist()
     if path is not None and r == 0:
         atomic_write(path, lambda f: torch.save(out, f), binary=True)
     barrier()  # no rank reads the cache before it is complete
+    return [lp.tolist() for lp in out]
+
+
+def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size: int = 32,
+                      cache_dir: Optional[str] = None) -> None:
+    """Fill ``example.ref_logp`` (per response token) for every example: :func:`ref_logps`,
+    attached where the trainer's loop and the algorithms' ``setup`` read them."""
+    for e, lp in zip(examples, ref_logps(model, examples, pad_id, batch_size=batch_size,
+                                         cache_dir=cache_dir)):
+        e.ref_logp = lp

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .errors import RewardError
+from .errors import RewardError, UsageError
 
 
 @dataclass
@@ -117,3 +117,18 @@ def as_reward(verify) -> Reward:
         return [float(ok) for ok in verify(completions, answer)]
 
     return Reward(reward, getattr(verify, "__name__", "verifier"))
+
+
+def reward_from_args(args) -> Reward:
+    """The reward a command line names (``args``: its ``task``, ``reward_fn``,
+    ``correct_threshold``); exactly one of --task and --reward-fn."""
+    if args.reward_fn and args.task:
+        raise UsageError("--reward-fn and --task: give one of them")
+    if args.reward_fn:
+        try:
+            return load_reward(args.reward_fn, args.correct_threshold)
+        except RewardError as exc:
+            raise UsageError(str(exc)) from None
+    if not args.task:
+        raise UsageError("--task or --reward-fn: give one of them (what grades a response)")
+    return task_reward(args.task, args.correct_threshold)

@@ -6,20 +6,26 @@ import pytest
 import torch
 
 from dqo import data as D
-from dqo.modeling import PolicyLogprobs, build_policy, enable_checkpointing, load_policy
+from dqo.modeling import (
+    PolicyLogprobs,
+    SharedValueModel,
+    build_policy,
+    enable_checkpointing,
+    load_policy,
+)
 from dqo.tasks import arithmetic
 
 peft = pytest.importorskip("peft")
 
+from dqo.configs import TrainConfig  # noqa: E402
+from dqo.loop import train  # noqa: E402
 from dqo.lora import (  # noqa: E402
     POLICY_ADAPTER,
     VALUE_ADAPTER,
-    SharedValueModel,
     adapter_parameters,
     add_policy_adapter,
     lora_config,
 )
-from dqo.train import TrainConfig, train  # noqa: E402
 
 
 def examples(tok, policy, n=16):

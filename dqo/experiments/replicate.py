@@ -41,14 +41,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import algos
+from ..configs import TrainConfig
 from ..data import Example, split_steps, step_end_tokens, tokenize_rows
 from ..decoding import encode_prompt
+from ..generation import PROCESS_REWARD_TOTAL, exact_process_scores, generate, mc_process_scores
+from ..loop import train
 from ..modeling import ValueModel
 from ..pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from ..reference_logps import compute_ref_logps
-from ..sample import PROCESS_REWARD_TOTAL, exact_process_scores, generate, mc_process_scores
 from ..tasks import arithmetic, get_verifier
-from ..train import TrainConfig, train
 
 log = logging.getLogger("dqo.replicate")
 

@@ -1,7 +1,7 @@
 """Sampling with vLLM (``dqo.sample --engine vllm``, ``dqo.evaluate --engine vllm``): the same
-rows as the Hugging Face engine (``response_ids``, per-token ``behavior_logp``, ``finished``),
-and the Monte-Carlo process scores through the same engine. vLLM is an optional install,
-imported only here.
+rows as the Hugging Face engine (:mod:`dqo.generation.hf`: ``response_ids``, per-token
+``behavior_logp``, ``finished``), and the Monte-Carlo process scores through the same engine.
+vLLM is an optional install, imported only here, and only when an engine is built.
 
 What makes the rows the same as the HF engine's:
 
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-from .decoding import DecodingConfig, encode_prompt, split_at_stop
+from ..decoding import DecodingConfig, encode_prompt, split_at_stop
+from .types import Sample
 
 
 class VLLMEngine:
-    """A vLLM ``LLM`` for a model directory or Hub id."""
+    """A vLLM ``LLM`` for a model directory or Hub id; a :class:`dqo.generation.Sampler`."""
 
     def __init__(self, model: str, seed: int = 0, **llm_kwargs):
         from transformers import GenerationConfig
@@ -66,10 +67,8 @@ def sampling_params(decoding: DecodingConfig, n: int, greedy: bool):
         ignore_eos=False, logprobs=0, skip_special_tokens=True)
 
 
-def samples_from_vllm(outputs, tokenizer, stop_ids: Sequence[int]) -> List[List]:
-    """vLLM ``RequestOutput``s -> one list of :class:`dqo.sample.Sample` a prompt."""
-    from .sample import Sample
-
+def samples_from_vllm(outputs, tokenizer, stop_ids: Sequence[int]) -> List[List[Sample]]:
+    """vLLM ``RequestOutput``s -> one list of :class:`dqo.generation.Sample` a prompt."""
     out = []
     for request in outputs:
         samples = []

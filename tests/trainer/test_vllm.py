@@ -8,7 +8,7 @@ from types import SimpleNamespace as NS
 import pytest
 
 from dqo.decoding import DecodingConfig
-from dqo.sample import label_samples
+from dqo.generation import label_samples
 from dqo.tokenizer import char_tokenizer
 
 
@@ -44,7 +44,7 @@ def completion(ids, reason):
 
 
 def test_sampling_params_are_explicit_and_temperature_one_only(fake_vllm):
-    from dqo.vllm_engine import sampling_params
+    from dqo.generation.vllm import sampling_params
     d = DecodingConfig(max_new_tokens=12, stop_ids=[2, 5])
     p = sampling_params(d, n=4, greedy=False)
     assert (p.n, p.temperature, p.top_p, p.top_k, p.max_tokens, p.stop_token_ids, p.logprobs,
@@ -59,8 +59,8 @@ def test_sampling_params_are_explicit_and_temperature_one_only(fake_vllm):
 def test_vllm_outputs_become_the_hf_engines_rows(fake_vllm, tmp_path):
     from transformers import GenerationConfig
 
-    from dqo.sample import generate
-    from dqo.vllm_engine import VLLMEngine
+    from dqo.generation import generate
+    from dqo.generation.vllm import VLLMEngine
     tok = char_tokenizer()
     GenerationConfig(eos_token_id=[tok.eos_token_id, 11]).save_pretrained(tmp_path)
     engine = VLLMEngine(str(tmp_path))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dqo.plot import plot_run, read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_curves_from_metrics(tmp_path):
@@ -34,11 +34,12 @@ def test_tensorboard_gets_every_metric(tmp_path):
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from dqo.configs import TrainConfig
     from dqo.data import check_row, tokenize_row
+    from dqo.loop import train
     from dqo.modeling import ValueModel, build_policy, tiny_config
     from dqo.reference_logps import compute_ref_logps
     from dqo.tokenizer import char_tokenizer
-    from dqo.train import TrainConfig, train
 
     tok = char_tokenizer()
     torch.manual_seed(0)

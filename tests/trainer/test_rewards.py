@@ -107,7 +107,7 @@ def test_user_reward_and_a_parquet_file_through_sample_train_evaluate(reward_fil
 def test_task_or_reward_fn_exactly_one(reward_file):
     from argparse import Namespace
 
-    from dqo.sample import reward_from_args
+    from dqo.rewards import reward_from_args
     with pytest.raises(UsageError, match="give one of them"):
         reward_from_args(Namespace(task="gsm8k", reward_fn=f"{reward_file}:partial_credit",
                                    correct_threshold=1.0))

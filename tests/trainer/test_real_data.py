@@ -7,6 +7,7 @@ from tokenizers import processors
 
 from dqo import algos
 from dqo import data as D
+from dqo.configs import TrainConfig
 from dqo.decoding import (
     DecodingConfig,
     adds_bos,
@@ -15,13 +16,13 @@ from dqo.decoding import (
     sidecar,
     stop_token_ids,
 )
-from dqo.evaluate import accuracy
+from dqo.evaluation import accuracy
+from dqo.generation import generate, label_samples
+from dqo.loop import train
 from dqo.modeling import ValueModel, build_policy, tiny_config
 from dqo.reference_logps import compute_ref_logps
-from dqo.sample import generate, label_samples
 from dqo.tasks import arithmetic
 from dqo.tokenizer import char_tokenizer
-from dqo.train import TrainConfig, train
 
 
 def dec(n, **kw):

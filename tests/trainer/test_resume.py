@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = float(os.environ.get("DQO_TEST_BUILD_TIMEOUT_S", "600"))
 
 RUNNER = textwrap.dedent("""
     import json, logging, sys
     from dqo.pipeline import DefaultPipeline
-    from dqo.train import TrainConfig, parse_args, run_default
+    from dqo.configs import TrainConfig
+    from dqo.runs import run_default
+    from dqo.train import parse_args
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     # attention dropout: training draws random numbers, so a resume must restore the RNG
     pipe = DefaultPipeline(n_sft=64, n_offline=8, n_test=8, n_dev=8, samples_per_prompt=2,

@@ -14,13 +14,17 @@ import torch
 from dqo import data as D
 from dqo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from dqo.cli import UsageError
+from dqo.configs import TrainConfig
 from dqo.engine import OptimConfig, TorchEngine
+from dqo.errors import TrainingError
+from dqo.loop import train, trim_metrics
 from dqo.modeling import PolicyLogprobs, ValueModel
 from dqo.reference_logps import compute_ref_logps
+from dqo.runs import check_bad_rows
 from dqo.tasks import arithmetic
-from dqo.train import TrainConfig, TrainingError, check_bad_rows, parse_args, train, trim_metrics
+from dqo.train import parse_args
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def examples(tok, policy, n=16):
@@ -152,7 +156,7 @@ def test_a_non_finite_step_is_skipped_and_recorded(tok, policy, tmp_path):
                 saved.update(weights(self.module.model))  # after step 1: step 2 changes none
             super().step()
 
-    import dqo.train as T
+    import dqo.loop as T
     real = T.make_engine
     T.make_engine = lambda model, cfg, kind, stage: Spy(model, cfg)
     try:

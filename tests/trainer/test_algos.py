@@ -7,11 +7,12 @@ import torch
 
 from dqo import algos
 from dqo import data as D
+from dqo.configs import TrainConfig
+from dqo.loop import train
 from dqo.losses import dpo_loss, kto_loss, kto_reference_point, kto_weights, sequence_sum
 from dqo.modeling import ValueModel, build_policy, tiny_config
 from dqo.reference_logps import compute_ref_logps
 from dqo.tokenizer import char_tokenizer
-from dqo.train import TrainConfig, train
 from dqo_kernels import dro_loss
 
 
@@ -161,7 +162,7 @@ def test_sft_trains_on_canonical_solutions_never_on_samples(tmp_path):
 
 
 def test_sampling_carries_a_prompts_solution_into_its_rows():
-    from dqo.sample import Sample, label_samples
+    from dqo.generation import Sample, label_samples
     s = Sample("#### 2", [3, 2], [-0.1, -0.2])
     rows = label_samples(["Q1", "Q2"], ["2", "3"], [[s], [s]], lambda t, a: [True] * len(t),
                          solutions=["1+1=2\n#### 2", None])

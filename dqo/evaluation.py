@@ -1,0 +1,41 @@
+"""Greedy and sampled accuracy of a policy on prompts, with the paper's protocol: a response cut
+at the length limit is wrong, and the share of cut responses is reported beside each accuracy.
+``python -m dqo.evaluate`` is its command line; the trainer's evaluations call it too."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+from .decoding import DecodingConfig
+from .generation import Verifier, generate, reward_columns
+from .rewards import as_reward
+
+
+def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[Optional[str]],
+             verify: Verifier, *, decoding: DecodingConfig, samples: int = 4,
+             batch_size: int = 64, per_problem: bool = False,
+             columns: Optional[Sequence[Dict]] = None) -> Dict:
+    """``greedy`` and ``sampled`` accuracy (a cut response is wrong), and the share of
+    responses cut at ``decoding.max_new_tokens`` (``greedy_cut``, ``sampled_cut``). With
+    ``per_problem``, also each problem's score (``greedy_items``, ``sampled_items``: the share
+    of its responses that are right), for paired statistics over problems."""
+    decoding = decoding.with_stop_ids(tokenizer, model)
+    reward = as_reward(verify)
+    out = {}
+    runs = [("greedy", 1, True)] + ([("sampled", samples, False)] if samples > 0 else [])
+    for name, n, greedy in runs:
+        res = generate(model, tokenizer, prompts, n=n, greedy=greedy, decoding=decoding,
+                       batch_size=batch_size)
+        flat = [s for ss in res for s in ss]
+        cols: Dict[str, List] = {}
+        for i, a in enumerate(answers):  # each prompt's columns, once per completion
+            for k, v in reward_columns(a, columns[i] if columns else None, n).items():
+                cols.setdefault(k, []).extend(v)
+        scores = reward.scores([p for p in prompts for _ in range(n)],
+                               [s.text for s in flat], cols)
+        ok = reward.correct(scores)
+        right = [float(good and s.finished) for good, s in zip(ok, flat)]
+        out[name] = sum(right) / max(1, len(flat))
+        out[f"{name}_cut"] = sum(not s.finished for s in flat) / max(1, len(flat))
+        if per_problem:
+            out[f"{name}_items"] = [sum(right[i * n:(i + 1) * n]) / n for i in range(len(res))]
+    return out

@@ -1,0 +1,157 @@
+"""The two runs of ``python -m dqo.train``: the embedded default (a tiny model on the synthetic
+task: SFT warm-up, sampling, training, evaluation; :mod:`dqo.pipeline` holds its stages) and a
+custom run (``--model PATH --data FILE``: a real model on an offline dataset). Each reads,
+tokenizes and prepares the data, then calls the loop (:func:`dqo.loop.train`)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import algos
+from .configs import TrainConfig
+from .data import (
+    Example,
+    apply_truncated_policy,
+    extra_columns,
+    read_jsonl,
+    read_prompt_rows,
+    read_solutions,
+    sft_rows,
+    tokenize_rows,
+)
+from .decoding import DecodingConfig, find_decoding, sidecar
+from .engine import join_launcher_group
+from .errors import UsageError
+from .evaluation import accuracy
+from .loop import open_tracker, report_final, train
+from .modeling import ValueModel, load_policy
+from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
+from .reference_logps import compute_ref_logps
+from .rewards import load_reward, task_reward
+from .rng import seed_stage
+
+log = logging.getLogger("dqo.train")  # the trainer's log lines, as python -m dqo.train prints them
+
+
+def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Dict:
+    pipe = pipe or DefaultPipeline()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = Splits(pipe, args.seed)
+    log.info("stage 1/4: a tiny base policy, warmed up with SFT on the arithmetic task")
+    tok, policy = warm_up_base(pipe, splits, out_dir, seed=args.seed, reuse=args.resume,
+                               progress=args.progress)
+    decoding = pipe.decoding.with_stop_ids(tok, policy)
+    evaluate = Evaluator(tok, splits.test, decoding, samples=args.eval_samples)
+    seed_stage(args.seed, "evaluate-before")  # every stage: the same draws after a --resume
+    before = evaluate(policy)
+    log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"], before["sampled"])
+
+    log.info("stage 2/4: sampling %d responses for each of %d prompts",
+             pipe.samples_per_prompt, pipe.n_offline)
+    seed_stage(args.seed, "sample")
+    rows = sample_offline(policy, tok, pipe, splits.offline, out_dir / "offline.jsonl",
+                          reuse=args.resume, progress=args.progress)
+    log.info("offline data: %d responses, %.1f%% correct", len(rows),
+             100 * sum(r["reward"] > 0 for r in rows) / len(rows))
+
+    log.info("stage 3/4: reference log-probs and %s training", args.algo.upper())
+    examples, _ = tokenize_rows(rows, tok, strict=True, stop_ids=decoding.stop_ids)
+    examples = truncated_examples(args, examples)
+    compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
+    value = ValueModel.from_policy(policy) if algos.REGISTRY[args.algo].needs_value else None
+    tracker = open_tracker(args, out_dir)
+    train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0),
+          decoding=decoding, tracker=tracker)
+
+    log.info("stage 4/4: evaluation")
+    seed_stage(args.seed, "evaluate-after")
+    res = {"before": before, "after": evaluate(policy)}
+    report_final(tracker, res)
+    return res
+
+
+def check_bad_rows(args: TrainConfig, errors: List[str], total: int) -> None:
+    """Stop if more than ``--max-bad-rows`` of the data was skipped: a run that trains on what
+    is left of a mostly broken file should not look like a success."""
+    if errors and len(errors) > args.max_bad_rows * total:
+        raise UsageError(f"{len(errors)} of {total} rows of {args.data} are bad and were skipped, "
+                         f"more than --max-bad-rows {args.max_bad_rows:g} allows (the first: "
+                         f"{errors[0]}); fix the data, or raise --max-bad-rows")
+    if errors:
+        log.warning("%d of %d rows skipped (see above); training on the %d left", len(errors),
+                    total, total - len(errors))
+
+
+def truncated_examples(args: TrainConfig, examples: List[Example]) -> List[Example]:
+    """``--truncated`` applied to the unfinished responses, with one summary line."""
+    kept, counts = apply_truncated_policy(examples, args.truncated, args.truncated_reward)
+    if counts["unfinished"]:
+        log.info("data: %d of %d responses unfinished (%d of them cut to fit --max-length): "
+                 "%s", counts["unfinished"], counts["examples"], counts["cut_to_fit"],
+                 {"bootstrap": "their returns bootstrap from V",
+                  "drop": f"dropped, {len(kept)} left",
+                  "penalize": f"terminal with reward {args.truncated_reward:+g}"}[args.truncated])
+    return kept
+
+
+def run_custom(args: TrainConfig) -> Dict:
+    """``--model PATH --data FILE``: train a real model on an offline dataset."""
+    if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    join_launcher_group(args.engine)
+    tok, policy = load_policy(args.model)
+    dtype = next(policy.parameters()).dtype
+    # the data's own decoding settings (dqo.sample writes them beside it): its stop tokens
+    # decide which rows finished, its length limit is the evaluation's
+    decoding = find_decoding(sidecar(args.data))
+    if decoding is None:
+        log.info("no %s beside the data: stop tokens from the tokenizer and model, the paper's "
+                 "sampling settings for evaluation", sidecar(args.data))
+        decoding = DecodingConfig()
+    decoding = args.decoding_config(decoding).with_stop_ids(tok, policy)
+    rows, bad = read_jsonl(args.data, strict=args.strict_data)
+    if args.algo == "sft":  # canonical solutions, never the sampled responses
+        if args.sft_data:
+            rows, bad = read_solutions(args.sft_data), []
+        rows = sft_rows(rows, args.sft_data or args.data)
+    # the model's context is the length limit unless the user sets one: a huge row is cut to
+    # fit (and trained as unfinished), never allowed to exhaust memory
+    max_length = args.max_length or getattr(policy.config, "max_position_embeddings", None)
+    examples, bad_tokens = tokenize_rows(rows, tok, max_length=max_length,
+                                         strict=args.strict_data, stop_ids=decoding.stop_ids)
+    check_bad_rows(args, bad + bad_tokens, len(rows) + len(bad))
+    examples = truncated_examples(args, examples)
+    if algos.REGISTRY[args.algo].needs_ref:
+        compute_ref_logps(policy, examples, tok.pad_token_id,
+                          cache_dir=str(Path(args.out) / "cache"))
+    value = None
+    if algos.REGISTRY[args.algo].needs_value:
+        value = (ValueModel.from_pretrained(args.value_model, dtype=dtype) if args.value_model
+                 else ValueModel.from_policy(policy))
+        value.to(next(policy.parameters()).device)
+    eval_fn = None
+    if args.eval_data:
+        rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None,
+                                prompt_column=args.prompt_column,
+                                answer_column=args.answer_column)
+        reward = (load_reward(args.reward_fn, args.correct_threshold) if args.reward_fn
+                  else task_reward(args.task or "arithmetic", args.correct_threshold))
+        eval_fn = lambda: accuracy(  # noqa: E731
+            policy, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows], reward,
+            samples=args.eval_samples, decoding=decoding,
+            columns=[extra_columns(r) for r in rows])
+    seed_stage(args.seed, "evaluate-before")
+    before = eval_fn() if eval_fn else {}
+    tracker = open_tracker(args, Path(args.out))
+    train(args, tok, policy, value, examples, eval_fn=eval_fn, decoding=decoding,
+          tracker=tracker)
+    seed_stage(args.seed, "evaluate-after")
+    after = eval_fn() if eval_fn else {}
+    res = {"before": before, "after": after}
+    report_final(tracker, res)
+    return res
