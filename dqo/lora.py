@@ -88,6 +88,15 @@ def add_policy_adapter(policy: nn.Module, cfg) -> nn.Module:
     return model
 
 
+def add_backbone_adapter(backbone: nn.Module, cfg) -> nn.Module:
+    """A separate value model's backbone (no LM head) with an adapter of its own."""
+    import copy
+    peft = require_peft()
+    cfg = copy.copy(cfg)
+    cfg.task_type = None
+    return peft.get_peft_model(backbone, cfg)
+
+
 def policy_parameters(peft_policy: nn.Module) -> List[nn.Parameter]:
     """What the policy's optimizer trains: its own adapter only."""
     return adapter_parameters(peft_policy, POLICY_ADAPTER)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import algos
+from . import algos, lora
 from .configs import TrainConfig
 from .data import (
     Example,
@@ -24,17 +24,51 @@ from .data import (
     tokenize_rows,
 )
 from .decoding import DecodingConfig, find_decoding, sidecar
-from .engine import join_launcher_group
+from .engine import join_launcher_group, resolve_engine_kind
 from .errors import UsageError
 from .evaluation import accuracy
 from .loop import open_tracker, report_final, train
-from .modeling import ValueModel, load_policy
+from .modeling import SharedValueModel, ValueModel, enable_checkpointing, load_policy
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .reference_logps import compute_ref_logps
 from .rewards import load_reward, task_reward
-from .rng import seed_stage
+from .rng import seed_stage, stage_rng
 
 log = logging.getLogger("dqo.train")  # the trainer's log lines, as python -m dqo.train prints them
+
+
+def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None):
+    """(policy, value) as the options say: LoRA adapters (the base frozen), the value model on
+    a copy of the backbone or on the policy's base (``--value-backbone shared``), activation
+    checkpointing of both. ``value`` is None for the algorithms without one. Call it after
+    the reference log-probs: the reference is the policy as loaded."""
+    needs_value = algos.REGISTRY[args.algo].needs_value
+    value = None
+    if needs_value and args.value_backbone == "separate":  # before the policy's adapter
+        dtype, device = next(policy.parameters()).dtype, next(policy.parameters()).device
+        value = (ValueModel.from_pretrained(value_model, dtype=dtype) if value_model
+                 else ValueModel.from_policy(policy)).to(device)
+    if args.lora_r:
+        if needs_value and args.value_backbone == "shared" and resolve_engine_kind(
+                args.engine) != "torch":
+            raise UsageError("--value-backbone shared: runs on --engine torch (one GPU or the "
+                             "CPU); with DeepSpeed use --value-backbone separate")
+        cfg = lora.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
+                               args.lora_target_modules)
+        with stage_rng(args.seed, "lora-init"):  # the adapters' random init: the run's seed
+            policy = lora.add_policy_adapter(policy, cfg)
+            if needs_value and args.value_backbone == "shared":
+                value = SharedValueModel(policy, cfg)
+            elif value is not None:
+                value.backbone = lora.add_backbone_adapter(value.backbone, cfg)
+        log.info("LoRA r=%d on %s: %.2fM trainable parameters of the policy", args.lora_r,
+                 args.lora_target_modules,
+                 sum(p.numel() for p in lora.policy_parameters(policy)) / 1e6)
+    if args.gradient_checkpointing:
+        enable_checkpointing(policy)
+        if isinstance(value, ValueModel):
+            value.activation_checkpointing_enable()
+    return policy, value
 
 
 def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Dict:
@@ -63,7 +97,7 @@ def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Di
     examples, _ = tokenize_rows(rows, tok, strict=True, stop_ids=decoding.stop_ids)
     examples = truncated_examples(args, examples)
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
-    value = ValueModel.from_policy(policy) if algos.REGISTRY[args.algo].needs_value else None
+    policy, value = prepare_models(args, policy)
     tracker = open_tracker(args, out_dir)
     train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0),
           decoding=decoding, tracker=tracker)
@@ -105,7 +139,6 @@ def run_custom(args: TrainConfig) -> Dict:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     join_launcher_group(args.engine)
     tok, policy = load_policy(args.model)
-    dtype = next(policy.parameters()).dtype
     # the data's own decoding settings (dqo.sample writes them beside it): its stop tokens
     # decide which rows finished, its length limit is the evaluation's
     decoding = find_decoding(sidecar(args.data))
@@ -129,11 +162,7 @@ def run_custom(args: TrainConfig) -> Dict:
     if algos.REGISTRY[args.algo].needs_ref:
         compute_ref_logps(policy, examples, tok.pad_token_id,
                           cache_dir=str(Path(args.out) / "cache"))
-    value = None
-    if algos.REGISTRY[args.algo].needs_value:
-        value = (ValueModel.from_pretrained(args.value_model, dtype=dtype) if args.value_model
-                 else ValueModel.from_policy(policy))
-        value.to(next(policy.parameters()).device)
+    policy, value = prepare_models(args, policy, args.value_model)
     eval_fn = None
     if args.eval_data:
         rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None,

@@ -21,7 +21,7 @@ from typing import Dict
 from .cli import check_data, check_model, parse_config, write_config
 from .cli import run as run_cli
 from .configs import EMBEDDED_DEFAULT, TRAIN_SECTIONS, TrainConfig
-from .engine import leave_process_group, rank
+from .engine import leave_process_group, rank, resolve_engine_kind
 from .errors import RewardError, UsageError
 from .options import flag
 from .rewards import load_reward
@@ -69,6 +69,36 @@ def check_command_line(a: TrainConfig) -> None:
             raise UsageError(str(exc)) from None
 
 
+def print_memory_plan(args: TrainConfig) -> None:
+    """``--dry-run``: the per-GPU memory plan of this run (:mod:`dqo.memory`), from the model's
+    config alone, and nothing else."""
+    import os
+
+    import torch
+
+    from .memory import load_config, memory_plan, shape_of
+    if args.model is None:
+        raise UsageError("--dry-run: plans a --model run (the embedded default's model is "
+                         "tiny)")
+    config = load_config(args.model)
+    gpus = int(os.environ.get("WORLD_SIZE", "0")) or max(1, torch.cuda.device_count())
+    seq_len = args.max_length or 1024
+    zero = args.zero_stage if resolve_engine_kind(args.engine) == "deepspeed" else 0
+    on_gpu = torch.cuda.is_available()
+    plan = memory_plan(shape_of(config), gpus=gpus, zero_stage=zero,
+                       micro_batch=args.micro_batch, seq_len=seq_len,
+                       weight_bytes=2 if on_gpu else 4, lora_r=args.lora_r,
+                       lora_targets=args.lora_target_modules,
+                       value_backbone=args.value_backbone,
+                       checkpointing=args.gradient_checkpointing,
+                       gpu_memory_gib=args.gpu_memory)
+    length = "--max-length" if args.max_length else "a planning length: set --max-length"
+    print(f"memory plan of {args.model}: {gpus} GPU(s), "
+          f"{'ZeRO-%d' % zero if zero else 'no ZeRO'}, micro-batch {args.micro_batch} x "
+          f"{seq_len} tokens ({length}), {'bf16' if on_gpu else 'fp32'}")
+    print(plan.table())
+
+
 def main(argv=None) -> None:
     run_cli(_main, argv, prog="python -m dqo.train")
 
@@ -81,6 +111,9 @@ def _main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Writing model shards" at every save
     args = parse_args(argv)
+    if args.dry_run:
+        print_memory_plan(args)
+        return
     if rank() == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_config(args, Path(args.out) / "config.yaml")

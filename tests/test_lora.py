@@ -133,3 +133,67 @@ def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, monkeypat
     resumed = [p.detach() for p in policy.parameters()] + [p.detach() for p in value.parameters()]
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
+
+
+def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tmp_path,
+                                                                         capsys):
+    """python -m dqo.train on a local tiny Qwen2 with LoRA, the shared-base value model and
+    checkpointing; its adapters saved, resumed, and read back by dqo.evaluate."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dqo import evaluate
+    from dqo import train as train_cli
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=128))
+    base.save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    probs = arithmetic.make_problems(8, 3)
+    D.write_jsonl(tmp_path / "data.jsonl", [
+        dict(prompt=p.prompt, response=f"#### {p.answer if i % 2 else 0}", reward=float(i % 2))
+        for i, p in enumerate(probs)])
+    D.write_jsonl(tmp_path / "test.jsonl", [dict(prompt=p.prompt, answer=p.answer)
+                                            for p in probs[:4]])
+    def argv(out, *extra):
+        return ["--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "data.jsonl"),
+                "--task", "arithmetic", "--lora-r", "4", "--value-backbone", "shared",
+                "--gradient-checkpointing", "--engine", "torch", "--threads", "1",
+                "--batch-size", "4", "--micro-batch", "2", "--max-steps", "3",
+                "--save-every", "1", "--lr", "1e-3",
+                "--out", str(out), "--no-progress", *extra]
+
+    train_cli.main(argv(tmp_path / "straight"))
+    from dqo.algos.dqo import DQO
+    real_step, calls = DQO.step, []
+
+    def killed_in_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    out = tmp_path / "run"
+    DQO.step = killed_in_step_3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_cli.main(argv(out))
+    finally:
+        DQO.step = real_step
+    ckpt = out / "checkpoints" / "step-0000002"
+    saved = torch.load(ckpt / "policy" / "engine.pt", weights_only=True)["module"]
+    assert saved and all("lora_" in k for k in saved)  # the adapter, not the base
+    train_cli.main(argv(out, "--resume"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    from safetensors.torch import load_file
+    adapter = "final/policy/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / adapter), load_file(out / adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    evaluate.main(["--model", str(out / "final" / "policy"), "--data",
+                   str(tmp_path / "test.jsonl"), "--task", "arithmetic", "--samples", "0",
+                   "--max-new-tokens", "4"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 4 and 0 <= res["greedy"] <= 1

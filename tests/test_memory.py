@@ -110,3 +110,22 @@ def test_command_line_prints_the_plan(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         M.main(["--model", str(tmp_path), "--value-backbone", "shared"])
     assert e.value.code == 2
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path, capsys, monkeypatch):
+    import dqo.runs
+    import dqo.train as train_cli
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(qwen2().to_dict()))
+    (tmp_path / "d.jsonl").touch()
+
+    def no_work(*a, **k):
+        raise AssertionError("--dry-run loaded a model")
+
+    monkeypatch.setattr(dqo.runs, "load_policy", no_work)
+    train_cli.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
+                    "--dry-run", "--lora-r", "8", "--value-backbone", "shared",
+                    "--max-length", "256", "--gpu-memory", "80", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert "memory plan of" in out and "LoRA adapters" in out and "fits in 80 GiB" in out
+    assert not (tmp_path / "o").exists()
