@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import fields
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -34,6 +35,7 @@ import torch.nn as nn
 from dqo_kernels import fused_dqo_loss
 
 from .algos import last_action
+from .atomic import safe_load
 from .configs import DQOLossConfig
 from .data.collate import collate_trainer_rows
 from .modeling import (
@@ -86,12 +88,62 @@ class PolicyWithValue(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
+    def save_pretrained(self, path, **_) -> None:
+        """Each model where its own ``from_pretrained`` finds it: the policy in ``path``
+        (a transformers model directory, or a peft adapter's; tied embeddings saved once) and
+        the value model in ``path/value``."""
+        path = Path(path)
+        self.policy.save_pretrained(path)
+        self.value.save_pretrained(path / "value")
+
+    def load_weights(self, path) -> None:
+        """The weights :meth:`save_pretrained` wrote, into these models (a Trainer's resume)."""
+        path = Path(path)
+        if getattr(self.policy, "peft_config", None):
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(self.policy, load_weights_file(path, "adapter_model"))
+        else:
+            load_into(self.policy, load_weights_file(path, "model"), path)
+        load_into(self.value.backbone, load_weights_file(path / "value", "model"), path / "value")
+        self.value.head.load_state_dict(safe_load(path / "value" / "value_head.pt"))
+
     def forward(self, input_ids, attention_mask, action_mask, **_):
         logp = policy_logprobs(self.policy, input_ids, attention_mask, action_mask)
         values, after = self.value(input_ids, attention_mask, with_after=True)
         last = last_action(action_mask)
         end_value = after[torch.arange(len(last), device=last.device), last]
         return logp, values, end_value
+
+
+def load_weights_file(path: Path, stem: str) -> Dict[str, torch.Tensor]:
+    """``stem.safetensors`` of a model directory, or all its shards (``stem.safetensors.index
+    .json``)."""
+    from safetensors.torch import load_file
+
+    single = path / f"{stem}.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = path / f"{stem}.safetensors.index.json"
+    if not index.is_file():
+        from .errors import CheckpointError
+        raise CheckpointError(f"{path}: no {single.name} nor {index.name}")
+    import json
+    out: Dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out.update(load_file(path / shard))
+    return out
+
+
+def load_into(model: nn.Module, state: Dict[str, torch.Tensor], where: Path) -> None:
+    """``state`` into ``model``; a weight it lacks must be tied to one it has (saved once)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {p.data_ptr() for n, p in params.items() if n in state}
+    untied = [n for n in missing if n not in params or params[n].data_ptr() not in loaded]
+    if unexpected or untied:
+        from .errors import CheckpointError
+        raise CheckpointError(f"{where}: the weights do not match the model (missing "
+                              f"{untied[:3]}, unexpected {unexpected[:3]})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,6 +196,23 @@ def _trainer_class():
             for g in moved:
                 opt.add_param_group(g)
             return opt
+
+        def _save(self, output_dir=None, state_dict=None):
+            """A checkpoint whose models load with ``from_pretrained``: the policy where the
+            Trainer puts a model (config, weights, the tokenizer beside them), the value model
+            in ``value/``. The Trainer's own save of a non-transformers module writes one state
+            dict, which fails on tied embeddings and that nothing can load."""
+            output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+            if not self.args.should_save:
+                return
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, output_dir / "training_args.bin")
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            (model or self.model).load_weights(resume_from_checkpoint)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logp, values, end_value = model(inputs["input_ids"], inputs["attention_mask"],
