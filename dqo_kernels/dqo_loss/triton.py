@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import device_guard
 from ..dtypes import acc_dtype
+from ..triton_index import offsets64
 from .aggregation import RowScale
 from .importance import log_clip
 from .launch import DQOHyper, LaunchOutput
@@ -75,11 +77,14 @@ def dqo_loss_fwd_kernel(
     for i_n in range(0, NT):
         o_t = T - 1 - (i_n * BT + o_i)
         m_t = o_t >= 0
-        b_m = (tl.load(mask + i_b * s_m_b + o_t * s_m_t, mask=m_t, other=0) != 0) & m_t
-        b_lp = tl.load(logp + i_b * s_lp_b + o_t * s_lp_t, mask=b_m, other=0).to(ACC)
-        b_ref = tl.load(ref_logp + i_b * s_ref_b + o_t * s_ref_t, mask=b_m, other=0).to(ACC)
-        b_v = tl.load(values + i_b * s_v_b + o_t * s_v_t, mask=b_m, other=0).to(ACC)
-        b_r = tl.load(rewards + i_b * s_r_b + o_t * s_r_t, mask=b_m, other=0).to(ACC)
+        b_m = (tl.load(mask + offsets64(i_b, s_m_b, o_t, s_m_t), mask=m_t, other=0) != 0) & m_t
+        # Bounds-only masks (vector loads, no wait on the action mask): every value below is
+        # used through a tl.where on b_m, so what is read off the mask never reaches a result.
+        b_lp = tl.load(logp + offsets64(i_b, s_lp_b, o_t, s_lp_t), mask=m_t, other=0).to(ACC)
+        b_ref = tl.load(ref_logp + offsets64(i_b, s_ref_b, o_t, s_ref_t), mask=m_t,
+                        other=0).to(ACC)
+        b_v = tl.load(values + offsets64(i_b, s_v_b, o_t, s_v_t), mask=m_t, other=0).to(ACC)
+        b_r = tl.load(rewards + offsets64(i_b, s_r_b, o_t, s_r_t), mask=m_t, other=0).to(ACC)
         b_rt = b_r - beta * (b_lp - b_ref)
         b_a = tl.where(b_m, 0.0, 1.0).to(ACC)
         b_bb = tl.where(b_m, gamma, 0.0).to(ACC)
@@ -94,7 +99,7 @@ def dqo_loss_fwd_kernel(
         b_hc = tl.sum(tl.where(o_i == BT - 1, b_h, 0.0), axis=0)
         b_g = tl.where(b_m, b_g, 0.0)
         b_delta = tl.where(b_m, b_v - b_g, 0.0)
-        o_out = i_b * T + o_t
+        o_out = offsets64(i_b, T, o_t, 1)
         tl.store(returns + o_out, b_g.to(returns.dtype.element_ty), mask=m_t)
         tl.store(td_error + o_out, b_delta.to(td_error.dtype.element_ty), mask=m_t)
 
@@ -110,15 +115,18 @@ def dqo_loss_fwd_kernel(
     for i_n in range(0, NT):
         o_t = i_n * BT + o_i
         m_t = o_t < T
-        b_m = (tl.load(mask + i_b * s_m_b + o_t * s_m_t, mask=m_t, other=0) != 0) & m_t
-        b_lp = tl.load(logp + i_b * s_lp_b + o_t * s_lp_t, mask=b_m, other=0).to(ACC)
+        b_m = (tl.load(mask + offsets64(i_b, s_m_b, o_t, s_m_t), mask=m_t, other=0) != 0) & m_t
+        # bounds-only masks, as in pass A: logp and behaviour enter through tl.where(b_m, ...)
+        # only, and td_error is 0 off the mask (pass A wrote it)
+        b_lp = tl.load(logp + offsets64(i_b, s_lp_b, o_t, s_lp_t), mask=m_t, other=0).to(ACC)
         if HAS_BEHAVIOR:
-            b_beh = tl.load(behavior_logp + i_b * s_beh_b + o_t * s_beh_t,
-                            mask=b_m, other=0).to(ACC)
+            b_beh = tl.load(behavior_logp + offsets64(i_b, s_beh_b, o_t, s_beh_t),
+                            mask=m_t, other=0).to(ACC)
         else:
-            b_beh = tl.load(ref_logp + i_b * s_ref_b + o_t * s_ref_t, mask=b_m, other=0).to(ACC)
-        o_out = i_b * T + o_t
-        b_delta = tl.load(td_error + o_out, mask=b_m, other=0).to(ACC)
+            b_beh = tl.load(ref_logp + offsets64(i_b, s_ref_b, o_t, s_ref_t), mask=m_t,
+                            other=0).to(ACC)
+        o_out = offsets64(i_b, T, o_t, 1)
+        b_delta = tl.load(td_error + o_out, mask=m_t, other=0).to(ACC)
 
         b_dc = tl.where(b_m, b_lp - b_beh, 0.0)
         b_cum = tl.cumsum(b_dc, axis=0) + b_cc
@@ -162,6 +170,7 @@ def _block_size(T: int) -> int:
     return max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 1))))
 
 
+@device_guard
 def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
                      row_scale: RowScale, hyper: DQOHyper,
                      data_checks: Optional[Callable[[], None]] = None, *,
@@ -180,6 +189,8 @@ def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, boots
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     new = lambda: torch.empty((B, T), dtype=out_dtype, device=logp.device)  # noqa: E731
+    # The kernel reads the inputs through their strides; what it writes is made here,
+    # contiguous (it indexes the outputs as i_b * T + t and the [B] vectors as i_b).
     returns, weights, td_error, dlogp, dvalues = new(), new(), new(), new(), new()
     policy_rows = torch.empty(B, dtype=out_dtype, device=logp.device)
     value_rows = torch.empty(B, dtype=out_dtype, device=logp.device)

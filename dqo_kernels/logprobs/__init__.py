@@ -10,10 +10,12 @@ are tested against are in :mod:`.naive`.
 ``linear_logprobs`` walks the vocabulary in column chunks of the lm_head. Forward: logits of a
 chunk ``h W_c^T`` -> chunk logsumexp, merged with ``logaddexp``; only ``lse`` ([N]) is saved.
 Backward: recompute each chunk's logits, turn them into their gradient in place, then
-``dh += dlogits_c W_c`` and ``dW_c = dlogits_c^T h``. Each ``dW_c`` is one matmul over all N
+``dh += dlogits_c W_c`` (accumulated in fp32, each product too: :func:`accumulate_mm`) and
+``dW_c = dlogits_c^T h``. Each ``dW_c`` is one matmul over all N
 tokens: accumulated in fp32 inside the GEMM and rounded once, with no fp32 copy of ``W``'s
 gradient. Peak extra memory is one ``[N, chunk]`` logits buffer plus an fp32 ``[N, D]``
-accumulator for ``dh``.
+accumulator for ``dh`` (and, for half inputs off CUDA, fp32 copies of the chunk and of its
+weight slice).
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, inv_temp, ignore_index, inplace_backward, return_entropy,
                 impl):
         ignore = targets == ignore_index
-        lse, zt, ez = impl.lse_forward(logits, targets, 0, inv_temp, return_entropy)
+        lse, zt, ez = impl.lse_forward(logits, targets, 0, inv_temp, return_entropy,
+                                       ignore_index)
         logp = torch.where(ignore, 0.0, zt - lse)
         ent = torch.where(ignore, 0.0, lse - ez) if return_entropy else None
         ctx.save_for_backward(logits, targets, lse, ent)
@@ -91,7 +94,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         out = logits if inplace_backward else _empty(impl, logits.shape, logits.dtype,
                                                      logits.device)
         impl.logits_grad(logits, targets, lse, g, 0, inv_temp, out, grad_ent=grad_ent,
-                         entropy=ent if grad_ent is not None else None)
+                         entropy=ent if grad_ent is not None else None,
+                         ignore_index=ignore_index)
         if inplace_backward:
             # The native and Triton kernels write through raw pointers, which autograd does not
             # see: bump the version so that any backward that saved this storage (the op that
@@ -162,7 +166,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
             logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
-            lse_c, zt_c, _ = impl.lse_forward(logits, targets, v0, inv_temp, False)
+            lse_c, zt_c, _ = impl.lse_forward(logits, targets, v0, inv_temp, False,
+                                                 ignore_index)
             lse = lse_c if lse is None else torch.logaddexp(lse, lse_c)
             zt = zt_c if zt is None else zt + zt_c
         ignore = targets == ignore_index
@@ -186,15 +191,32 @@ class LinearLogprobsFunction(torch.autograd.Function):
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
             logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
-            d_logits = impl.logits_grad(logits, targets, lse, g, v0, inv_temp, out=logits)
+            d_logits = impl.logits_grad(logits, targets, lse, g, v0, inv_temp, out=logits,
+                                        ignore_index=ignore_index)
             if need_h:
-                d_hidden += d_logits @ weight[v0:v1]  # in place: no fp32 copy of the product
+                accumulate_mm(d_hidden, d_logits, weight[v0:v1])
             if need_w:
                 torch.mm(d_logits.T, hidden, out=d_weight[v0:v1])
             if need_b:
                 d_bias[v0:v1] = torch.sum(d_logits, dim=0, dtype=acc)
         return (d_hidden.to(hidden.dtype) if need_h else None, d_weight, d_bias,
                 None, None, None, None, None)
+
+
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with the product accumulated in ``acc``'s dtype (fp32 for half ``a``
+    and ``b``), never rounded to the half dtype first: each chunk's ``d_hidden`` product in
+    bf16 would lose ~3 digits before the sum over chunks.
+
+    CUDA: the GEMM writes fp32 directly (``out_dtype``, aten ``addmm.dtype``: half inputs,
+    fp32 accumulation and output, beta = 1 into ``acc``). Elsewhere (CPU has no such kernel)
+    the chunk and the weight slice are upcast, an fp32 copy of each."""
+    if a.dtype == acc.dtype:
+        acc += a @ b
+    elif acc.device.type != "cpu" and "dtype" in torch.ops.aten.addmm.overloads():
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _empty(impl, shape, dtype, device) -> torch.Tensor:
