@@ -19,18 +19,11 @@ import torch
 
 from ..backends import resolve_backend
 from ..dtypes import acc_dtype
-from ..validation import (
-    check_mask,
-    check_scalar,
-    check_tensor,
-    data_checks_enabled,
-    run_checks,
-    value_checks,
-)
+from ..validation import check_mask, check_scalar, check_tensor, data_checks_enabled
 from . import naive
 from .aggregation import LOSS_AGGS, RowScale
 from .autograd import run_launcher
-from .importance import importance_weight_checks
+from .checks import data_checks
 from .launch import DQOHyper
 from .metrics import LazyMetrics, clipped_weights, dqo_metrics
 
@@ -140,27 +133,24 @@ def fused_dqo_loss(
                              f"loss_agg={loss_agg!r}")
     backend = resolve_backend(backend, device)
     compute_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
-    behavior, behavior_name = ((ref_logp, "ref_logp") if behavior_logp is None
-                               else (behavior_logp, "behavior_logp"))
-    def data_checks():
-        checks = value_checks({"logp": logp, "ref_logp": ref_logp, "values": values,
-                               "rewards": rewards, "behavior_logp": behavior_logp,
-                               "bootstrap": bootstrap}, mask, rewards=rewards,
-                              whole=("rewards", "bootstrap"),
-                              log_probs=("logp", "ref_logp", "behavior_logp"))
-        if is_policy or is_value:  # otherwise the weights are only reported, never used
-            checks += importance_weight_checks(logp, behavior, behavior_name, mask, is_clip,
-                                               compute_dtype)
-        run_checks(checks)
-
-    # Each backend runs the checks before it reads the data, or (the native kernel) looks for
-    # bad inputs in its own passes and runs them only if it found some (the exact errors are
-    # theirs).
+    behavior = ref_logp if behavior_logp is None else behavior_logp
     hyper = DQOHyper(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
                      is_value=bool(is_value), target_grad=bool(target_grad))
-    loss, res = run_launcher(_impl(backend).dqo_loss_forward, logp, ref_logp, values, rewards,
-                             mask, behavior_logp, bootstrap, RowScale(mask, loss_agg, num_tokens),
-                             hyper, data_checks if data_checks_enabled() else None)
+    checking = data_checks_enabled()
+    if torch.compiler.is_compiling():
+        # under torch.compile: the launch and each loss's gradient as torch.library custom ops
+        from .custom_op import compiled_loss
+        loss, res = compiled_loss(logp, ref_logp, values, rewards, mask, behavior_logp,
+                                  bootstrap, loss_agg, num_tokens, hyper, backend, checking)
+    else:
+        # Each backend runs the checks before it reads the data, or (the native kernel) looks
+        # for bad inputs in its own passes and runs them only if it found some (the exact
+        # errors are theirs).
+        checks = data_checks(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
+                             is_clip, is_policy, is_value) if checking else None
+        loss, res = run_launcher(_impl(backend).dqo_loss_forward, logp, ref_logp, values,
+                                 rewards, mask, behavior_logp, bootstrap,
+                                 RowScale(mask, loss_agg, num_tokens), hyper, checks)
 
     def metrics():
         log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
