@@ -19,11 +19,20 @@ import torch
 
 from ..backends import resolve_backend
 from ..dtypes import acc_dtype
-from ..validation import check_mask, check_scalar, check_tensor, data_checks_enabled
+from ..validation import (
+    PendingChecks,
+    check_mask,
+    check_pending,
+    check_scalar,
+    check_tensor,
+    data_checks_enabled,
+    defer_checks,
+    run_checks,
+)
 from . import naive
 from .aggregation import LOSS_AGGS, RowScale
 from .autograd import run_launcher
-from .checks import data_checks
+from .checks import data_checks, loss_checks
 from .launch import DQOHyper
 from .metrics import LazyMetrics, clipped_weights, dqo_metrics
 
@@ -42,6 +51,15 @@ class DQOLossOutput:
     td_error: torch.Tensor  # [B, T] delta_t = V_t - G_t (0 off the mask), detached
     # SPEC section 5, detached 0-dim tensors; computed on first access
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # the call's data checks where they were deferred (CUDA): read by check()
+    pending_checks: Optional[PendingChecks] = field(default=None, repr=False)
+
+    def check(self) -> None:
+        """Raise what the data checks of this call refuse. On CPU they already ran during
+        the call; on CUDA this reads their flags (one host synchronisation), as the first
+        access to :attr:`metrics` and the next call of any op do."""
+        if self.pending_checks is not None:
+            self.pending_checks.check()
 
 
 def _impl(name: str) -> ModuleType:
@@ -112,13 +130,19 @@ def fused_dqo_loss(
     if logp.dim() != 2:
         raise ValueError(f"logp: expected a [B, T] tensor, got shape {tuple(logp.shape)}")
     shape, device = tuple(logp.shape), logp.device
+    compiling = torch.compiler.is_compiling()
+    checking = data_checks_enabled()
+    deferring = checking and not compiling and defer_checks(device)
+    if deferring:
+        check_pending(wait=False)  # past calls' flags that reached the host
+    deferred = [] if deferring else None
     for name, x in (("ref_logp", ref_logp), ("values", values), ("rewards", rewards)):
         check_tensor(name, x, shape=shape, device=device)
     if behavior_logp is not None:
         check_tensor("behavior_logp", behavior_logp, shape=shape, device=device)
     if bootstrap is not None:
         check_tensor("bootstrap", bootstrap, shape=(shape[0],), device=device)
-    mask = check_mask(mask, shape, device)
+    mask = check_mask(mask, shape, device, deferred)
     beta = check_scalar("beta", beta, low=0.0, low_open=True, high_open=True)
     lam = check_scalar("lam", lam, low=0.0, high=1.0)
     gamma = check_scalar("gamma", gamma, low=0.0, high=1.0, low_open=True)
@@ -136,8 +160,8 @@ def fused_dqo_loss(
     behavior = ref_logp if behavior_logp is None else behavior_logp
     hyper = DQOHyper(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
                      is_value=bool(is_value), target_grad=bool(target_grad))
-    checking = data_checks_enabled()
-    if torch.compiler.is_compiling():
+    pending = None
+    if compiling:
         # under torch.compile: the launch and each loss's gradient as torch.library custom ops
         from .custom_op import compiled_loss
         loss, res = compiled_loss(logp, ref_logp, values, rewards, mask, behavior_logp,
@@ -146,13 +170,22 @@ def fused_dqo_loss(
         # Each backend runs the checks before it reads the data, or (the native kernel) looks
         # for bad inputs in its own passes and runs them only if it found some (the exact
         # errors are theirs).
-        checks = data_checks(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
-                             is_clip, is_policy, is_value) if checking else None
+        checks = None
+        if deferring:
+            # flags on the device, read later (no host synchronisation in the call)
+            pending = run_checks(deferred + loss_checks(
+                logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap, is_clip,
+                is_policy, is_value), defer=True)
+        elif checking:
+            checks = data_checks(logp, ref_logp, values, rewards, mask, behavior_logp,
+                                 bootstrap, is_clip, is_policy, is_value)
         loss, res = run_launcher(_impl(backend).dqo_loss_forward, logp, ref_logp, values,
                                  rewards, mask, behavior_logp, bootstrap,
                                  RowScale(mask, loss_agg, num_tokens), hyper, checks)
 
     def metrics():
+        if pending is not None:
+            pending.check()  # the metrics of a batch the checks refuse are not reported
         log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
         clipped = clipped_weights(logp, behavior, mask, is_clip, compute_dtype)
         return dqo_metrics(res.returns, values.detach(), res.td_error, res.weights, log_ratio,
@@ -166,6 +199,7 @@ def fused_dqo_loss(
         weights=res.weights,
         td_error=res.td_error,
         metrics=LazyMetrics(metrics),
+        pending_checks=pending,
     )
 
 

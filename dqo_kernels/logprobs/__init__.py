@@ -26,7 +26,14 @@ import torch
 
 from ..backends import resolve_backend
 from ..dtypes import acc_dtype
-from ..validation import check_scalar, check_tensor, data_checks_enabled
+from ..validation import (
+    check_pending,
+    check_scalar,
+    check_tensor,
+    data_checks_enabled,
+    defer_checks,
+    run_checks,
+)
 from . import chunked
 
 __all__ = ["LinearLogprobsFunction", "TokenLogprobsFunction", "linear_logprobs",
@@ -64,15 +71,23 @@ def _backend_for(backend: Optional[str], x: torch.Tensor, name: str):
 
 
 def _check_targets(targets: torch.Tensor, V: int, ignore_index: int, data: bool = True) -> None:
-    """The targets' dtype; with ``data`` (and the data checks on), their values."""
+    """The targets' dtype; with ``data`` (and the data checks on), their values: read now, or
+    on CUDA deferred (flags kept on the device, read by :func:`dqo_kernels.check_pending` or
+    the next call; the kernels never index with an out-of-range target meanwhile)."""
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise ValueError(f"targets: expected an integer tensor, got dtype {targets.dtype}")
     if data and data_checks_enabled():
         bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
-        if bool(bad.any()):
+
+        def report():
             idx = tuple(torch.nonzero(bad)[0].tolist())
             raise ValueError(f"targets: expected ids in [0, {V}) or ignore_index={ignore_index}, "
                              f"got {targets[idx].item()} at index {idx}")
+        if defer_checks(targets.device):
+            check_pending(wait=False)  # past calls' flags that reached the host
+            run_checks([(bad.any(), report)], defer=True)
+        elif bool(bad.any()):
+            report()
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
