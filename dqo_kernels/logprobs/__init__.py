@@ -243,13 +243,15 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     and ``b``), never rounded to the half dtype first: each chunk's ``d_hidden`` product in
     bf16 would lose ~3 digits before the sum over chunks.
 
-    CUDA: the GEMM writes fp32 directly (``out_dtype``, aten ``addmm.dtype``: half inputs,
-    fp32 accumulation and output, beta = 1 into ``acc``). Elsewhere (CPU has no such kernel)
-    the chunk and the weight slice are upcast, an fp32 copy of each."""
+    CUDA: the GEMM writes fp32 directly (``torch.mm(..., out_dtype=torch.float32)``, aten
+    ``mm.dtype``: half inputs, fp32 accumulation and output), then one fp32 add. (Not
+    ``addmm(acc, ..., out_dtype=)``: some torch versions require its ``self`` in the inputs'
+    half dtype.) Elsewhere (CPU has no such kernel) the chunk and the weight slice are upcast,
+    an fp32 copy of each."""
     if a.dtype == acc.dtype:
         acc += a @ b
-    elif acc.device.type != "cpu" and "dtype" in torch.ops.aten.addmm.overloads():
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif acc.device.type in ("cuda", "meta") and "dtype" in torch.ops.aten.mm.overloads():
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 

@@ -290,7 +290,7 @@ def test_accumulate_mm_keeps_the_product_in_fp32():
     assert acc.dtype == torch.float32
     torch.testing.assert_close(acc.double(), exp, rtol=1e-6, atol=1e-5)
     # the CUDA branch (out_dtype GEMM), checked for its signature and dtypes on meta tensors
-    assert "dtype" in torch.ops.aten.addmm.overloads()
+    assert "dtype" in torch.ops.aten.mm.overloads()
     am, bm, cm = (t.to("meta") for t in (a, b, acc))
     accumulate_mm(cm, am, bm)
     assert cm.dtype == torch.float32 and cm.shape == (8, 16)
