@@ -11,9 +11,10 @@ blocks of ``BV`` columns in fp32, with ``z = x / temperature``::
     lse = m + log s,   z_y = z[target - v0] (0 if the target is outside the slice)
     ez  = sum_j softmax(z)_j z_j   (only with HAS_EZ, for the entropy H = lse - ez)
 
-The target logit is loaded once per row, before the sweep; a row whose target is
-``ignore_index`` does no sweep at all (its outputs are 0: the callers give such rows logp 0,
-entropy 0 and no gradient, whatever their lse).
+The target logit is loaded once per row, before the sweep; a row whose target is negative
+(``ignore_index``: the launchers map a non-negative one to -1) does no sweep at all (its
+outputs are 0: the callers give such rows logp 0, entropy 0 and no gradient, whatever their
+lse).
 
 Backward, a 2-D grid over (row, column block), given the *global* ``lse``::
 
@@ -49,14 +50,14 @@ BWD_WARPS = 4
 
 @triton.jit
 def logprobs_fwd_kernel(
-    logits, targets, lse, tgt_logit, ez, s_n, V, v0, inv_temp, ignore_index,
+    logits, targets, lse, tgt_logit, ez, s_n, V, v0, inv_temp,
     HAS_EZ: tl.constexpr, BV: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)  # row offsets i_n * s_n pass 2^31 at N * V >= 2^31
     p_x = logits + i_n * s_n
     b_tgt = tl.load(targets + i_n).to(tl.int64)
     b_zero = tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)
-    if b_tgt == ignore_index:
+    if b_tgt < 0:
         # an ignored row: no sweep over the vocabulary
         tl.store(lse + i_n, b_zero)
         tl.store(tgt_logit + i_n, b_zero)
@@ -94,7 +95,7 @@ def logprobs_fwd_kernel(
 @triton.jit
 def logprobs_bwd_kernel(
     logits, dlogits, targets, lse, grad, grad_ent, entropy, s_n, s_dn, V, v0, inv_temp,
-    ignore_index, HAS_ENT: tl.constexpr, BV: tl.constexpr,
+    HAS_ENT: tl.constexpr, BV: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
@@ -102,7 +103,7 @@ def logprobs_bwd_kernel(
     m_v = o_v < V
     p_d = dlogits + offsets64(i_n, s_dn, o_v, 1)
     b_tgt = tl.load(targets + i_n).to(tl.int64)
-    if b_tgt == ignore_index:
+    if b_tgt < 0:
         # an ignored row: its gradient is 0, the logits need not be read
         tl.store(p_d, tl.zeros([BV], dtype=tl.float32).to(dlogits.dtype.element_ty), mask=m_v)
         return
@@ -118,6 +119,15 @@ def logprobs_bwd_kernel(
         b_h = tl.load(entropy + i_n)
         b_d -= b_gh * b_p * tl.where(b_p > 0, b_z - b_lse + b_h, 0.0)
     tl.store(p_d, (b_d * inv_temp).to(dlogits.dtype.element_ty), mask=m_v)
+
+
+def _ignored_negative(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The targets as the kernels read them: an ignored row is one with a negative target.
+    A negative ``ignore_index`` (-100) already is one (any other negative id is refused by
+    the data checks); a non-negative one is mapped to -1 ([N] ints, one small op)."""
+    if ignore_index < 0:
+        return targets
+    return torch.where(targets == ignore_index, -1, targets)
 
 
 def fwd_config(V: int, device: torch.device):
@@ -142,8 +152,8 @@ def lse_forward(logits: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: 
     if N:
         BV, warps = fwd_config(V, logits.device)
         logprobs_fwd_kernel[(N,)](
-            logits, targets, lse, zt, ez, logits.stride(0), V, v0, inv_temp, int(ignore_index),
-            HAS_EZ=want_ez, BV=BV, num_warps=warps)
+            logits, _ignored_negative(targets, ignore_index), lse, zt, ez, logits.stride(0), V,
+            v0, inv_temp, HAS_EZ=want_ez, BV=BV, num_warps=warps)
     return lse, zt, (ez if want_ez else None)
 
 
@@ -165,7 +175,7 @@ def logits_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
         grad_ent, entropy = grad_ent.contiguous(), entropy.contiguous()
     if N:
         logprobs_bwd_kernel[(N, triton.cdiv(V, BV))](
-            logits, out, targets, lse, grad, grad_ent if has_ent else grad,
-            entropy if has_ent else grad, logits.stride(0), out.stride(0), V, v0, inv_temp,
-            int(ignore_index), HAS_ENT=has_ent, BV=BV, num_warps=BWD_WARPS)
+            logits, out, _ignored_negative(targets, ignore_index), lse, grad,
+            grad_ent if has_ent else grad, entropy if has_ent else grad, logits.stride(0),
+            out.stride(0), V, v0, inv_temp, HAS_ENT=has_ent, BV=BV, num_warps=BWD_WARPS)
     return out

@@ -204,7 +204,8 @@ def test_logprob_forward_config_is_ligers():
 
 
 @needs_triton
-def test_ignored_rows_are_skipped(device):
+@pytest.mark.parametrize("ignore", [-7, 5])
+def test_ignored_rows_are_skipped(ignore, device):
     """Rows whose target is ignore_index never read their logits: NaN there reaches neither
     the forward's outputs nor the gradient (a sweep would give NaN, 0 * NaN included)."""
     from dqo_kernels.logprobs import triton as lp_triton
@@ -213,21 +214,22 @@ def test_ignored_rows_are_skipped(device):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, V, generator=g).to(device)
     y = torch.randint(0, V, (N,), generator=g).to(device)
-    y[1] = y[3] = -7
+    y[y == 5] = 6
+    y[1] = y[3] = ignore
     x[1] = x[3] = math.nan
-    lse, zt, ez = lp_triton.lse_forward(x, y, 0, 1.0, True, ignore_index=-7)
+    lse, zt, ez = lp_triton.lse_forward(x, y, 0, 1.0, True, ignore_index=ignore)
     for t in (lse, zt, ez):
         assert torch.isfinite(t).all() and t[1] == 0 and t[3] == 0
     exp = torch.logsumexp(x[[0, 2, 4]].double().cpu(), -1)
     torch.testing.assert_close(lse[[0, 2, 4]].double().cpu(), exp)
     grad = torch.randn(N, generator=g).to(device)
     out = torch.full_like(x, 5.0)
-    lp_triton.logits_grad(x, y, lse, grad, 0, 1.0, out, ignore_index=-7)
+    lp_triton.logits_grad(x, y, lse, grad, 0, 1.0, out, ignore_index=ignore)
     assert torch.isfinite(out).all() and (out[[1, 3]] == 0).all()
     # through the public op, in place: the ignored rows' memory becomes a zero gradient
     from dqo_kernels import token_logprobs
     xs = x.clone().requires_grad_()
-    logp = token_logprobs(xs, y, ignore_index=-7, backend="triton")
+    logp = token_logprobs(xs, y, ignore_index=ignore, backend="triton")
     assert torch.isfinite(logp).all() and logp[1] == 0
     (gx,) = torch.autograd.grad(logp, xs, grad)
     assert torch.isfinite(gx).all() and (gx[[1, 3]] == 0).all()
