@@ -175,6 +175,23 @@ def check_pending(wait: bool = True) -> None:
             pending.check()
 
 
+class DeferredChecks:
+    """A call's data checks where a kernel looks for bad inputs in its own pass (CUDA): the
+    launcher hands :meth:`defer` the kernel's flag (a device tensor, never read by it); when
+    the flag is read and set, ``run`` runs the exact checks, which raise the error (or find
+    the flag a false alarm). Called directly, it runs them now."""
+
+    def __init__(self, run: Callable[[], None]):
+        self.run = run
+        self.pending: Optional[PendingChecks] = None
+
+    def __call__(self) -> None:
+        self.run()
+
+    def defer(self, flag: torch.Tensor) -> None:
+        self.pending = run_checks([(flag, self.run)], defer=True)
+
+
 def run_checks(checks: Sequence[Check], defer: bool = False) -> Optional[PendingChecks]:
     """Raise the error of the first failed check: now, with one host synchronisation for all
     of them, or (``defer``) when the returned :class:`PendingChecks` is read."""
@@ -201,6 +218,12 @@ def logprob_tolerance(dtype: torch.dtype) -> float:
     log-probs), not rounding.
     """
     return max(1e-3, 16 * torch.finfo(dtype).eps)
+
+
+# The smallest tolerance of logprob_tolerance over the dtypes: the kernels flag any log-prob
+# above it, a superset of what the exact check refuses for every dtype.
+MIN_LOGPROB_TOLERANCE = min(logprob_tolerance(dt) for dt in
+                            (torch.float32, torch.float64, torch.float16, torch.bfloat16))
 
 
 def value_checks(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor,

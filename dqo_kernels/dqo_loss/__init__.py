@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Tuple, Union
 
 import torch
 
 from ..backends import resolve_backend
 from ..dtypes import acc_dtype
 from ..validation import (
+    DeferredChecks,
     PendingChecks,
     check_mask,
     check_pending,
@@ -52,14 +53,14 @@ class DQOLossOutput:
     # SPEC section 5, detached 0-dim tensors; computed on first access
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
     # the call's data checks where they were deferred (CUDA): read by check()
-    pending_checks: Optional[PendingChecks] = field(default=None, repr=False)
+    pending_checks: Tuple[PendingChecks, ...] = field(default=(), repr=False)
 
     def check(self) -> None:
         """Raise what the data checks of this call refuse. On CPU they already ran during
         the call; on CUDA this reads their flags (one host synchronisation), as the first
         access to :attr:`metrics` and the next call of any op do."""
-        if self.pending_checks is not None:
-            self.pending_checks.check()
+        for pending in self.pending_checks:
+            pending.check()
 
 
 def _impl(name: str) -> ModuleType:
@@ -160,7 +161,7 @@ def fused_dqo_loss(
     behavior = ref_logp if behavior_logp is None else behavior_logp
     hyper = DQOHyper(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
                      is_value=bool(is_value), target_grad=bool(target_grad))
-    pending = None
+    pending: Tuple[PendingChecks, ...] = ()
     if compiling:
         # under torch.compile: the launch and each loss's gradient as torch.library custom ops
         from .custom_op import compiled_loss
@@ -171,21 +172,31 @@ def fused_dqo_loss(
         # for bad inputs in its own passes and runs them only if it found some (the exact
         # errors are theirs).
         checks = None
-        if deferring:
-            # flags on the device, read later (no host synchronisation in the call)
-            pending = run_checks(deferred + loss_checks(
+        if deferring and backend == "triton":
+            # the kernel flags its rows in its own passes; the exact checks run when the flag
+            # is read and set (a non-bool mask's 0/1 check: tensor ops, flags on device)
+            checks = DeferredChecks(data_checks(logp, ref_logp, values, rewards, mask,
+                                                behavior_logp, bootstrap, is_clip, is_policy,
+                                                is_value))
+            pending = (run_checks(deferred, defer=True),)
+        elif deferring:
+            # the checks' flags by tensor ops, on the device, read later
+            pending = (run_checks(deferred + loss_checks(
                 logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap, is_clip,
-                is_policy, is_value), defer=True)
+                is_policy, is_value), defer=True),)
         elif checking:
             checks = data_checks(logp, ref_logp, values, rewards, mask, behavior_logp,
                                  bootstrap, is_clip, is_policy, is_value)
         loss, res = run_launcher(_impl(backend).dqo_loss_forward, logp, ref_logp, values,
                                  rewards, mask, behavior_logp, bootstrap,
                                  RowScale(mask, loss_agg, num_tokens), hyper, checks)
+        if isinstance(checks, DeferredChecks):
+            pending = (*pending, checks.pending)
+        pending = tuple(p for p in pending if p is not None)
 
     def metrics():
-        if pending is not None:
-            pending.check()  # the metrics of a batch the checks refuse are not reported
+        for p in pending:
+            p.check()  # the metrics of a batch the checks refuse are not reported
         log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
         clipped = clipped_weights(logp, behavior, mask, is_clip, compute_dtype)
         return dqo_metrics(res.returns, values.detach(), res.td_error, res.weights, log_ratio,

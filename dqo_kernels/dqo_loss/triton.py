@@ -28,7 +28,7 @@ inputs are read as they are, with no copies.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -37,6 +37,7 @@ import triton.language as tl
 from ..device import device_guard
 from ..dtypes import acc_dtype
 from ..triton_index import offsets64
+from ..validation import MIN_LOGPROB_TOLERANCE, DeferredChecks, log_weight_limit
 from .aggregation import RowScale
 from .importance import log_clip
 from .launch import DQOHyper, LaunchOutput
@@ -57,7 +58,7 @@ def _compose_affine(p1, q1, p2, q2):
 @triton.jit
 def dqo_loss_fwd_kernel(
     logp, ref_logp, behavior_logp, values, rewards, mask, bootstrap, row_scale,
-    returns, weights, td_error, dlogp, dvalues, policy_rows, value_rows,
+    returns, weights, td_error, dlogp, dvalues, policy_rows, value_rows, check_params, flags,
     s_lp_b, s_lp_t, s_ref_b, s_ref_t, s_beh_b, s_beh_t, s_v_b, s_v_t, s_r_b, s_r_t,
     s_m_b, s_m_t,
     T, beta, gamma, lam, log_cap,
@@ -70,10 +71,18 @@ def dqo_loss_fwd_kernel(
     NT = tl.cdiv(T, BT)
     b_zero = tl.sum(tl.zeros([BT], dtype=ACC), axis=0)
 
+    # The data checks' flag of the row (see _row_flags): 1 where an input may be what the
+    # checks refuse, computed from the values the passes load anyway.
+    b_tol = tl.load(check_params).to(ACC)
+    b_lim = tl.load(check_params + 1).to(ACC)
+    b_bad = b_zero
+
     # ---- pass A: lambda-returns and residuals, blocks from the end, reversed inside ----
     b_hc = b_zero
     if HAS_BOOTSTRAP:
-        b_hc += tl.load(bootstrap + i_b).to(ACC)
+        b_boot = tl.load(bootstrap + i_b).to(ACC)
+        b_hc += b_boot
+        b_bad = tl.maximum(b_bad, tl.where(tl.abs(b_boot) < float("inf"), 0.0, 1.0).to(ACC))
     for i_n in range(0, NT):
         o_t = T - 1 - (i_n * BT + o_i)
         m_t = o_t >= 0
@@ -85,6 +94,11 @@ def dqo_loss_fwd_kernel(
                         other=0).to(ACC)
         b_v = tl.load(values + offsets64(i_b, s_v_b, o_t, s_v_t), mask=m_t, other=0).to(ACC)
         b_r = tl.load(rewards + offsets64(i_b, s_r_b, o_t, s_r_t), mask=m_t, other=0).to(ACC)
+        # on actions: finite, log-probs <= tol; off them: no reward (NaN included)
+        b_ok = tl.where(b_m, (tl.abs(b_lp) < float("inf")) & (tl.abs(b_ref) < float("inf"))
+                        & (tl.abs(b_v) < float("inf")) & (tl.abs(b_r) < float("inf"))
+                        & (b_lp <= b_tol) & (b_ref <= b_tol), b_r == 0)
+        b_bad = tl.maximum(b_bad, tl.max(tl.where(b_ok, 0.0, 1.0).to(ACC), axis=0))
         b_rt = b_r - beta * (b_lp - b_ref)
         b_a = tl.where(b_m, 0.0, 1.0).to(ACC)
         b_bb = tl.where(b_m, gamma, 0.0).to(ACC)
@@ -131,6 +145,12 @@ def dqo_loss_fwd_kernel(
         b_dc = tl.where(b_m, b_lp - b_beh, 0.0)
         b_cum = tl.cumsum(b_dc, axis=0) + b_cc
         b_cc += tl.sum(b_dc, axis=0)
+        # on actions: a finite behaviour log-prob <= tol, an untruncated log-weight <= limit
+        b_ok = b_cum <= b_lim
+        if HAS_BEHAVIOR:
+            b_ok = b_ok & (tl.abs(b_beh) < float("inf")) & (b_beh <= b_tol)
+        b_bad = tl.maximum(b_bad, tl.max(tl.where(b_m, tl.where(b_ok, 0.0, 1.0), 0.0).to(ACC),
+                                          axis=0))
         if HAS_CLIP:
             b_cum = tl.minimum(b_cum, log_cap)
         b_w = tl.where(b_m, tl.exp(b_cum), 0.0)
@@ -160,6 +180,30 @@ def dqo_loss_fwd_kernel(
         tl.store(dvalues + o_out, b_gv.to(dvalues.dtype.element_ty), mask=m_t)
     tl.store(policy_rows + i_b, b_lpi.to(policy_rows.dtype.element_ty))
     tl.store(value_rows + i_b, b_lv.to(value_rows.dtype.element_ty))
+    tl.store(flags + i_b, b_bad.to(flags.dtype.element_ty))
+
+
+_CHECK_PARAMS: Dict[Tuple, torch.Tensor] = {}
+
+
+def _check_params(dtype: torch.dtype, device: torch.device, hyper: DQOHyper) -> torch.Tensor:
+    """The kernel's data-check thresholds ``[logprob_tol, log_limit]`` on the device, made once
+    per (dtype, device, limit): its row flags are a superset of what the exact checks refuse.
+
+    - ``logprob_tol``: the smallest :func:`~dqo_kernels.validation.logprob_tolerance` of the
+      dtypes (a log-prob above it may be refused, whatever its dtype);
+    - ``log_limit``: ``log(finfo.max) - 1`` where the importance-weight check applies (a
+      margin for the kernel's and torch's cumsums rounding differently), else inf.
+    """
+    limit = log_weight_limit(dtype)
+    checking = (hyper.is_policy or hyper.is_value) and log_clip(hyper.is_clip) > limit
+    key = (dtype, device, checking)
+    out = _CHECK_PARAMS.get(key)
+    if out is None:
+        out = torch.tensor([MIN_LOGPROB_TOLERANCE, limit - 1.0 if checking else math.inf],
+                           dtype=dtype, device=device)
+        _CHECK_PARAMS[key] = out
+    return out
 
 
 # Longest tile; a row longer than this is walked in several blocks with carries between them.
@@ -176,13 +220,18 @@ def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, boots
                      data_checks: Optional[Callable[[], None]] = None, *,
                      block_size: Optional[int] = None) -> LaunchOutput:
     """Launch :func:`dqo_loss_fwd_kernel`, one program per row (the launcher signature of
-    :mod:`.launch`; the data checks run first).
+    :mod:`.launch`).
 
     Inputs may be fp32/fp16/bf16 (fp64 computes in fp64) and arbitrarily strided; outputs are
     contiguous fp32 (fp64). ``block_size`` overrides the tile length (tests use it to cross
     block boundaries on short rows).
+
+    ``data_checks``: run first; or, a :class:`~dqo_kernels.validation.DeferredChecks` (CUDA),
+    handed the kernel's own flag (one reduction of its per-row flags, never read here): the
+    checks run, exactly, only when the flag is read and set.
     """
-    if data_checks is not None:
+    deferred = isinstance(data_checks, DeferredChecks)
+    if data_checks is not None and not deferred:
         data_checks()
     B, T = logp.shape
     out_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
@@ -194,6 +243,7 @@ def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, boots
     returns, weights, td_error, dlogp, dvalues = new(), new(), new(), new(), new()
     policy_rows = torch.empty(B, dtype=out_dtype, device=logp.device)
     value_rows = torch.empty(B, dtype=out_dtype, device=logp.device)
+    flags = torch.empty(B, dtype=out_dtype, device=logp.device)
     beh = behavior_logp if behavior_logp is not None else ref_logp
     boot = bootstrap.contiguous() if bootstrap is not None else logp
     cap = log_clip(hyper.is_clip)
@@ -202,6 +252,7 @@ def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, boots
         dqo_loss_fwd_kernel[(B,)](
             logp, ref_logp, beh, values, rewards, mask_u8, boot, row_scale.tensor(out_dtype),
             returns, weights, td_error, dlogp, dvalues, policy_rows, value_rows,
+            _check_params(out_dtype, logp.device, hyper), flags,
             *logp.stride(), *ref_logp.stride(), *beh.stride(), *values.stride(),
             *rewards.stride(), *mask_u8.stride(),
             T, float(hyper.beta), float(hyper.gamma), float(hyper.lam),
@@ -211,7 +262,11 @@ def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, boots
             IS_VALUE=bool(hyper.is_value), TARGET_GRAD=bool(hyper.target_grad), ACC=acc, BT=BT,
             num_warps=4 if BT >= 512 else 2,
         )
+        if deferred:
+            data_checks.defer(flags.amax() > 0)
     else:
         policy_rows.zero_()
         value_rows.zero_()
+        if deferred:  # nothing ran: a read runs the checks (a NaN bootstrap, say)
+            data_checks.defer(torch.ones((), dtype=torch.bool, device=logp.device))
     return LaunchOutput(policy_rows, value_rows, returns, weights, td_error, dlogp, dvalues)

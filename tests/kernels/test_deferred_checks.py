@@ -84,8 +84,38 @@ def overflowing_weights(b):
     b["behavior_logp"][1, 2:5] = -200.0
 
 
+def inf_values(b):
+    b["values"][1, 4] = float("inf")
+
+
+def nan_reward_off_mask(b):
+    b["rewards"][1, 1] = float("nan")
+
+
+def nan_reward(b):
+    b["rewards"][1, 3] = float("nan")
+
+
+def positive_logp(b):
+    b["logp"][1, 2] = 0.01
+
+
+def nan_behavior(b):
+    b["behavior_logp"][1, 3] = float("nan")
+
+
+def positive_behavior(b):
+    b["behavior_logp"][1, 3] = 0.2
+
+
+def nan_bootstrap(b):
+    b["bootstrap"][2] = float("nan")
+
+
 BAD = [(nan_logp, {}), (positive_ref, {}), (reward_off_mask, {}), (bad_mask, {}),
-       (overflowing_weights, {"is_clip": float("inf")})]
+       (overflowing_weights, {"is_clip": float("inf")}), (inf_values, {}),
+       (nan_reward_off_mask, {}), (nan_reward, {}), (positive_logp, {}), (nan_behavior, {}),
+       (positive_behavior, {}), (nan_bootstrap, {})]
 
 
 def immediate_error(b, backend, **kw):
@@ -99,7 +129,7 @@ def test_good_batch_no_host_read_and_same_results(backend, deferred, monkeypatch
     b = batch()
     with no_host_reads():
         out = call(b, backend)
-    assert out.pending_checks is not None
+    assert out.pending_checks
     out.check()
     monkeypatch.setattr(validation, "_defer_override", False)
     exp = call(b, backend)
@@ -177,7 +207,7 @@ def test_checks_off_defer_nothing(deferred):
         out = call(b, "torch")
     finally:
         set_data_checks(True)
-    assert out.pending_checks is None and not validation._pending
+    assert out.pending_checks == () and not validation._pending
 
 
 def test_cpu_default_still_raises_in_the_call():
@@ -205,6 +235,36 @@ def test_cuda_defers_by_default_and_raises_on_check():
     with torch.no_grad():
         b["logp"][1, 3] = float("nan")
     out = call(b, "triton")
-    assert out.pending_checks is not None
+    assert out.pending_checks
     with pytest.raises(ValueError, match="logp: expected finite values"):
         out.check()
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_checks_ride_in_the_kernel(deferred, monkeypatch):
+    """On the Triton path the kernel flags its rows; the tensor-op checks run only when a
+    set flag is read (a good batch never builds them), and a false alarm raises nothing."""
+    from dqo_kernels.dqo_loss import checks as loss_checks_module
+    calls = []
+    real = loss_checks_module.value_checks
+    monkeypatch.setattr(loss_checks_module, "value_checks",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = call(batch(), "triton")
+    out.check()
+    assert calls == []
+    b = batch()
+    with torch.no_grad():
+        nan_logp(b)
+    out = call(b, "triton")
+    assert calls == []
+    with pytest.raises(ValueError, match="logp: expected finite values"):
+        out.check()
+    assert calls == [1]
+    b = batch()
+    with torch.no_grad():
+        b["logp"][1, 3] = 5e-3  # above the kernel's 1e-3 flag, within bf16's tolerance
+    b = {k: (v.to(torch.bfloat16) if v is not None and v.is_floating_point() else v)
+         for k, v in b.items()}
+    out = call(b, "triton")
+    out.check()  # the flag was set, the exact checks find nothing
+    assert calls == [1, 1]
