@@ -23,7 +23,10 @@ and ``dL/dlogp = beta * E_t`` with ``E_t = a w_pi delta_t`` or, with ``TARGET_GR
 discounted forward scan ``E_t = a w_pi delta_t + gamma * lam * E_prev(t)`` (SPEC 3.8).
 
 Everything is computed in fp32 (fp64 for fp64 inputs) right after the loads, so bf16/fp16
-inputs are read as they are, with no copies.
+inputs are read as they are, with no copies. Loads are masked by the row's bounds only (every
+value is used through ``tl.where`` on the action mask), offsets are int64, and each row
+writes a data-check flag from the values it loaded (:func:`_check_params`), which the CUDA
+path reads lazily instead of running the checks as separate launches.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ def dqo_loss_fwd_kernel(
     NT = tl.cdiv(T, BT)
     b_zero = tl.sum(tl.zeros([BT], dtype=ACC), axis=0)
 
-    # The data checks' flag of the row (see _row_flags): 1 where an input may be what the
+    # The data checks' flag of the row (see _check_params): 1 where an input may be what the
     # checks refuse, computed from the values the passes load anyway.
     b_tol = tl.load(check_params).to(ACC)
     b_lim = tl.load(check_params + 1).to(ACC)
