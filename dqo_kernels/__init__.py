@@ -22,12 +22,13 @@ from .dqo_loss.naive import dqo_scan_reference
 from .logprobs import linear_logprobs, token_logprobs
 from .logprobs.cpu_pool import empty_cache
 from .logprobs.naive import linear_logprobs_reference, token_logprobs_reference
-from .validation import set_data_checks
+from .validation import check_pending, set_data_checks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "check_pending",
     "DQOLossOutput",
     "LOSS_AGGS",
     "action_logprobs",

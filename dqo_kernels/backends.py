@@ -12,6 +12,18 @@ from .validation import check_triton_backend, triton_available
 
 BACKENDS = ("triton", "cpp", "torch")
 
+
+# Constants of the process: torch.compile evaluates them once while tracing instead of
+# tracing into a build lock and an import.
+@torch.compiler.assume_constant_result
+def _native_available() -> bool:
+    return native.is_available()
+
+
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    return triton_available()
+
 _fallback_warned: set = set()
 
 
@@ -26,17 +38,17 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         if backend == "cpp":
             if device.type != "cpu":
                 raise ValueError(f"backend: 'cpp' needs CPU tensors, got tensors on {device}")
-            if not native.is_available():
+            if not _native_available():
                 raise ValueError("backend: 'cpp' needs the native CPU kernels, which could not "
                                  "be built here (see the warning above)")
         return backend
     if device.type == "cuda":
-        if triton_available():
+        if _triton_available():
             return "triton"
         if not _fallback_warned:
             _fallback_warned.add(device.type)
             warnings.warn("dqo_kernels: triton is not installed; the ops run in PyTorch on "
                           "CUDA tensors (slow)", RuntimeWarning, stacklevel=3)
-    elif device.type == "cpu" and native.is_available():
+    elif device.type == "cpu" and _native_available():
         return "cpp"
     return "torch"

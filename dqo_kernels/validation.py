@@ -3,8 +3,12 @@ was expected and what was given.
 
 Shape, dtype, device and hyper-parameter checks are free. The data checks (finite values, a
 0/1 mask, log-probs <= 0, no reward off the mask, importance weights that fit the compute dtype)
-read the tensors and, on a GPU, cost one synchronisation per call; they are on by default and
-can be turned off for throughput with ``dqo_kernels.set_data_checks(False)`` or
+read the tensors. On CPU they run during the call (a failure raises there). On CUDA they are
+computed on the device into a flag tensor that the call does not read (no host
+synchronisation, nothing that blocks CUDA graphs): the flags are read, and the same errors
+raised, when asked for (``out.check()`` of :func:`fused_dqo_loss`'s output, its first metric,
+:func:`check_pending`) or at the start of the next call of any op. They are on by default
+and can be turned off with ``dqo_kernels.set_data_checks(False)`` or
 ``DQO_KERNELS_DATA_CHECKS=0``.
 """
 from __future__ import annotations
@@ -31,6 +35,18 @@ def data_checks_enabled() -> bool:
     return _data_checks
 
 
+# Which devices keep the data checks' flags on the device, read later (see the module doc):
+# CUDA. The tests select that path on CPU with this switch (True / False / None: by device).
+_defer_override: Optional[bool] = None
+
+
+def defer_checks(device: torch.device) -> bool:
+    """Whether the data checks of a call on ``device`` are deferred (flags kept on device)."""
+    if _defer_override is not None:
+        return _defer_override
+    return device.type == "cuda"
+
+
 def _describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
 
@@ -48,17 +64,26 @@ def check_tensor(name: str, x, *, shape: Optional[Sequence[int]] = None, floatin
                          f"got {_describe(x)}")
 
 
-def check_mask(mask, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Validate an action mask and return it as bool (bool, integer or float 0/1 accepted)."""
+def check_mask(mask, shape: Sequence[int], device: torch.device,
+               deferred: Optional[List["Check"]] = None) -> torch.Tensor:
+    """Validate an action mask and return it as bool (bool, integer or float 0/1 accepted).
+    With ``deferred`` (a list), the value check is appended to it instead of read now."""
     check_tensor("mask", mask, shape=shape, floating=False, device=device)
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex():
         raise ValueError(f"mask: expected bool or 0/1 values, got {_describe(mask)}")
-    if _data_checks and bool(((mask != 0) & (mask != 1)).any()):
-        bad = torch.nonzero((mask != 0) & (mask != 1))[0].tolist()
-        raise ValueError(f"mask: expected only 0/1 values, got {mask[tuple(bad)].item()} "
-                         f"at index {tuple(bad)}")
+    if _data_checks:
+        bad = (mask != 0) & (mask != 1)
+
+        def report():
+            idx = tuple(torch.nonzero(bad)[0].tolist())
+            raise ValueError(f"mask: expected only 0/1 values, got {mask[idx].item()} "
+                             f"at index {idx}")
+        if deferred is not None:
+            deferred.append((bad.any(), report))
+        elif bool(bad.any()):
+            report()
     return mask != 0
 
 
@@ -100,14 +125,87 @@ def check_triton_backend(device: torch.device) -> None:
 Check = Tuple[torch.Tensor, Callable[[], None]]
 
 
-def run_checks(checks: Sequence[Check]) -> None:
-    """Raise the error of the first failed check. One host synchronisation for all of them."""
+class PendingChecks:
+    """The data checks of one call, not read yet: their flags, computed on the device with no
+    host read and copied (asynchronously, into pinned memory, on CUDA) to the host, and the
+    functions that raise their errors."""
+
+    def __init__(self, checks: Sequence[Check]):
+        flags = torch.stack([flag for flag, _ in checks])
+        self.event = None
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            flags = host
+        self.flags: Optional[torch.Tensor] = flags
+        self.reports = [report for _, report in checks]
+
+    def ready(self) -> bool:
+        """Whether the flags can be read without waiting for the device."""
+        return self.event is None or self.event.query()
+
+    def check(self) -> None:
+        """Read the flags (waiting for the device if they are not there yet) and raise the
+        first failure's error; once read, nothing is kept (a second call does nothing)."""
+        if self.flags is None:
+            return
+        if self.event is not None:
+            self.event.synchronize()
+        flags, reports = self.flags, self.reports
+        self.flags, self.reports = None, []
+        _pending.pop(id(self), None)
+        for report, bad in zip(reports, flags.tolist()):
+            if bad:
+                report()
+
+
+# The deferred checks of past calls not read yet: each call first reads those whose flags
+# have reached the host (no wait), so a bad batch raises at the latest a call or two later.
+_pending: Dict[int, PendingChecks] = {}
+
+
+def check_pending(wait: bool = True) -> None:
+    """Read the deferred data checks of past calls and raise the first error (a call on CUDA
+    does not read its own flags; see the module doc). ``wait=False``: only those already on
+    the host (what every call does first)."""
+    for pending in list(_pending.values()):
+        if wait or pending.ready():
+            pending.check()
+
+
+class DeferredChecks:
+    """A call's data checks where a kernel looks for bad inputs in its own pass (CUDA): the
+    launcher hands :meth:`defer` the kernel's flag (a device tensor, never read by it); when
+    the flag is read and set, ``run`` runs the exact checks, which raise the error (or find
+    the flag a false alarm). Called directly, it runs them now."""
+
+    def __init__(self, run: Callable[[], None]):
+        self.run = run
+        self.pending: Optional[PendingChecks] = None
+
+    def __call__(self) -> None:
+        self.run()
+
+    def defer(self, flag: torch.Tensor) -> None:
+        self.pending = run_checks([(flag, self.run)], defer=True)
+
+
+def run_checks(checks: Sequence[Check], defer: bool = False) -> Optional[PendingChecks]:
+    """Raise the error of the first failed check: now, with one host synchronisation for all
+    of them, or (``defer``) when the returned :class:`PendingChecks` is read."""
     if not checks:
-        return
+        return None
+    if defer:
+        pending = PendingChecks(checks)
+        _pending[id(pending)] = pending
+        return pending
     failed = torch.stack([flag for flag, _ in checks]).tolist()
     for (_, report), bad in zip(checks, failed):
         if bad:
             report()
+    return None
 
 
 def logprob_tolerance(dtype: torch.dtype) -> float:
@@ -120,6 +218,12 @@ def logprob_tolerance(dtype: torch.dtype) -> float:
     log-probs), not rounding.
     """
     return max(1e-3, 16 * torch.finfo(dtype).eps)
+
+
+# The smallest tolerance of logprob_tolerance over the dtypes: the kernels flag any log-prob
+# above it, a superset of what the exact check refuses for every dtype.
+MIN_LOGPROB_TOLERANCE = min(logprob_tolerance(dt) for dt in
+                            (torch.float32, torch.float64, torch.float16, torch.bfloat16))
 
 
 def value_checks(tensors: Dict[str, Optional[torch.Tensor]], mask: torch.Tensor,

@@ -13,24 +13,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Tuple, Union
 
 import torch
 
 from ..backends import resolve_backend
 from ..dtypes import acc_dtype
 from ..validation import (
+    DeferredChecks,
+    PendingChecks,
     check_mask,
+    check_pending,
     check_scalar,
     check_tensor,
     data_checks_enabled,
+    defer_checks,
     run_checks,
-    value_checks,
 )
 from . import naive
 from .aggregation import LOSS_AGGS, RowScale
 from .autograd import run_launcher
-from .importance import importance_weight_checks
+from .checks import data_checks, loss_checks
 from .launch import DQOHyper
 from .metrics import LazyMetrics, clipped_weights, dqo_metrics
 
@@ -49,6 +52,15 @@ class DQOLossOutput:
     td_error: torch.Tensor  # [B, T] delta_t = V_t - G_t (0 off the mask), detached
     # SPEC section 5, detached 0-dim tensors; computed on first access
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # the call's data checks where they were deferred (CUDA): read by check()
+    pending_checks: Tuple[PendingChecks, ...] = field(default=(), repr=False)
+
+    def check(self) -> None:
+        """Raise what the data checks of this call refuse. On CPU they already ran during
+        the call; on CUDA this reads their flags (one host synchronisation), as the first
+        access to :attr:`metrics` and the next call of any op do."""
+        for pending in self.pending_checks:
+            pending.check()
 
 
 def _impl(name: str) -> ModuleType:
@@ -119,13 +131,19 @@ def fused_dqo_loss(
     if logp.dim() != 2:
         raise ValueError(f"logp: expected a [B, T] tensor, got shape {tuple(logp.shape)}")
     shape, device = tuple(logp.shape), logp.device
+    compiling = torch.compiler.is_compiling()
+    checking = data_checks_enabled()
+    deferring = checking and not compiling and defer_checks(device)
+    if deferring:
+        check_pending(wait=False)  # past calls' flags that reached the host
+    deferred = [] if deferring else None
     for name, x in (("ref_logp", ref_logp), ("values", values), ("rewards", rewards)):
         check_tensor(name, x, shape=shape, device=device)
     if behavior_logp is not None:
         check_tensor("behavior_logp", behavior_logp, shape=shape, device=device)
     if bootstrap is not None:
         check_tensor("bootstrap", bootstrap, shape=(shape[0],), device=device)
-    mask = check_mask(mask, shape, device)
+    mask = check_mask(mask, shape, device, deferred)
     beta = check_scalar("beta", beta, low=0.0, low_open=True, high_open=True)
     lam = check_scalar("lam", lam, low=0.0, high=1.0)
     gamma = check_scalar("gamma", gamma, low=0.0, high=1.0, low_open=True)
@@ -140,29 +158,45 @@ def fused_dqo_loss(
                              f"loss_agg={loss_agg!r}")
     backend = resolve_backend(backend, device)
     compute_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
-    behavior, behavior_name = ((ref_logp, "ref_logp") if behavior_logp is None
-                               else (behavior_logp, "behavior_logp"))
-    def data_checks():
-        checks = value_checks({"logp": logp, "ref_logp": ref_logp, "values": values,
-                               "rewards": rewards, "behavior_logp": behavior_logp,
-                               "bootstrap": bootstrap}, mask, rewards=rewards,
-                              whole=("rewards", "bootstrap"),
-                              log_probs=("logp", "ref_logp", "behavior_logp"))
-        if is_policy or is_value:  # otherwise the weights are only reported, never used
-            checks += importance_weight_checks(logp, behavior, behavior_name, mask, is_clip,
-                                               compute_dtype)
-        run_checks(checks)
-
-    # Each backend runs the checks before it reads the data, or (the native kernel) looks for
-    # bad inputs in its own passes and runs them only if it found some (the exact errors are
-    # theirs).
+    behavior = ref_logp if behavior_logp is None else behavior_logp
     hyper = DQOHyper(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=bool(is_policy),
                      is_value=bool(is_value), target_grad=bool(target_grad))
-    loss, res = run_launcher(_impl(backend).dqo_loss_forward, logp, ref_logp, values, rewards,
-                             mask, behavior_logp, bootstrap, RowScale(mask, loss_agg, num_tokens),
-                             hyper, data_checks if data_checks_enabled() else None)
+    pending: Tuple[PendingChecks, ...] = ()
+    if compiling:
+        # under torch.compile: the launch and each loss's gradient as torch.library custom ops
+        from .custom_op import compiled_loss
+        loss, res = compiled_loss(logp, ref_logp, values, rewards, mask, behavior_logp,
+                                  bootstrap, loss_agg, num_tokens, hyper, backend, checking)
+    else:
+        # Each backend runs the checks before it reads the data, or (the native kernel) looks
+        # for bad inputs in its own passes and runs them only if it found some (the exact
+        # errors are theirs).
+        checks = None
+        if deferring and backend == "triton":
+            # the kernel flags its rows in its own passes; the exact checks run when the flag
+            # is read and set (a non-bool mask's 0/1 check: tensor ops, flags on device)
+            checks = DeferredChecks(data_checks(logp, ref_logp, values, rewards, mask,
+                                                behavior_logp, bootstrap, is_clip, is_policy,
+                                                is_value))
+            pending = (run_checks(deferred, defer=True),)
+        elif deferring:
+            # the checks' flags by tensor ops, on the device, read later
+            pending = (run_checks(deferred + loss_checks(
+                logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap, is_clip,
+                is_policy, is_value), defer=True),)
+        elif checking:
+            checks = data_checks(logp, ref_logp, values, rewards, mask, behavior_logp,
+                                 bootstrap, is_clip, is_policy, is_value)
+        loss, res = run_launcher(_impl(backend).dqo_loss_forward, logp, ref_logp, values,
+                                 rewards, mask, behavior_logp, bootstrap,
+                                 RowScale(mask, loss_agg, num_tokens), hyper, checks)
+        if isinstance(checks, DeferredChecks):
+            pending = (*pending, checks.pending)
+        pending = tuple(p for p in pending if p is not None)
 
     def metrics():
+        for p in pending:
+            p.check()  # the metrics of a batch the checks refuse are not reported
         log_ratio = logp.detach().to(compute_dtype) - ref_logp.detach().to(compute_dtype)
         clipped = clipped_weights(logp, behavior, mask, is_clip, compute_dtype)
         return dqo_metrics(res.returns, values.detach(), res.td_error, res.weights, log_ratio,
@@ -176,6 +210,7 @@ def fused_dqo_loss(
         weights=res.weights,
         td_error=res.td_error,
         metrics=LazyMetrics(metrics),
+        pending_checks=pending,
     )
 
 

@@ -10,15 +10,13 @@ import torch
 
 from .._native import load as native
 from ..dtypes import acc_dtype
-from ..validation import log_weight_limit, logprob_tolerance
+from ..validation import MIN_LOGPROB_TOLERANCE, log_weight_limit
 from .aggregation import RowScale
 from .importance import log_clip
 from .launch import DQOHyper, LaunchOutput
 
-# The smallest tolerance of validation.logprob_tolerance over the dtypes: the kernel flags any
-# log-prob above it, a superset of what the exact check refuses for every dtype.
-LOGPROB_TOLERANCE = min(logprob_tolerance(dt) for dt in
-                        (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+# The kernel flags any log-prob above this, a superset of what the exact check refuses.
+LOGPROB_TOLERANCE = MIN_LOGPROB_TOLERANCE
 
 __all__ = ["dqo_loss_forward", "is_available"]
 

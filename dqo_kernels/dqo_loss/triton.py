@@ -23,18 +23,24 @@ and ``dL/dlogp = beta * E_t`` with ``E_t = a w_pi delta_t`` or, with ``TARGET_GR
 discounted forward scan ``E_t = a w_pi delta_t + gamma * lam * E_prev(t)`` (SPEC 3.8).
 
 Everything is computed in fp32 (fp64 for fp64 inputs) right after the loads, so bf16/fp16
-inputs are read as they are, with no copies.
+inputs are read as they are, with no copies. Loads are masked by the row's bounds only (every
+value is used through ``tl.where`` on the action mask), offsets are int64, and each row
+writes a data-check flag from the values it loaded (:func:`_check_params`), which the CUDA
+path reads lazily instead of running the checks as separate launches.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..device import device_guard
 from ..dtypes import acc_dtype
+from ..triton_index import offsets64
+from ..validation import MIN_LOGPROB_TOLERANCE, DeferredChecks, log_weight_limit
 from .aggregation import RowScale
 from .importance import log_clip
 from .launch import DQOHyper, LaunchOutput
@@ -55,7 +61,7 @@ def _compose_affine(p1, q1, p2, q2):
 @triton.jit
 def dqo_loss_fwd_kernel(
     logp, ref_logp, behavior_logp, values, rewards, mask, bootstrap, row_scale,
-    returns, weights, td_error, dlogp, dvalues, policy_rows, value_rows,
+    returns, weights, td_error, dlogp, dvalues, policy_rows, value_rows, check_params, flags,
     s_lp_b, s_lp_t, s_ref_b, s_ref_t, s_beh_b, s_beh_t, s_v_b, s_v_t, s_r_b, s_r_t,
     s_m_b, s_m_t,
     T, beta, gamma, lam, log_cap,
@@ -68,18 +74,34 @@ def dqo_loss_fwd_kernel(
     NT = tl.cdiv(T, BT)
     b_zero = tl.sum(tl.zeros([BT], dtype=ACC), axis=0)
 
+    # The data checks' flag of the row (see _check_params): 1 where an input may be what the
+    # checks refuse, computed from the values the passes load anyway.
+    b_tol = tl.load(check_params).to(ACC)
+    b_lim = tl.load(check_params + 1).to(ACC)
+    b_bad = b_zero
+
     # ---- pass A: lambda-returns and residuals, blocks from the end, reversed inside ----
     b_hc = b_zero
     if HAS_BOOTSTRAP:
-        b_hc += tl.load(bootstrap + i_b).to(ACC)
+        b_boot = tl.load(bootstrap + i_b).to(ACC)
+        b_hc += b_boot
+        b_bad = tl.maximum(b_bad, tl.where(tl.abs(b_boot) < float("inf"), 0.0, 1.0).to(ACC))
     for i_n in range(0, NT):
         o_t = T - 1 - (i_n * BT + o_i)
         m_t = o_t >= 0
-        b_m = (tl.load(mask + i_b * s_m_b + o_t * s_m_t, mask=m_t, other=0) != 0) & m_t
-        b_lp = tl.load(logp + i_b * s_lp_b + o_t * s_lp_t, mask=b_m, other=0).to(ACC)
-        b_ref = tl.load(ref_logp + i_b * s_ref_b + o_t * s_ref_t, mask=b_m, other=0).to(ACC)
-        b_v = tl.load(values + i_b * s_v_b + o_t * s_v_t, mask=b_m, other=0).to(ACC)
-        b_r = tl.load(rewards + i_b * s_r_b + o_t * s_r_t, mask=b_m, other=0).to(ACC)
+        b_m = (tl.load(mask + offsets64(i_b, s_m_b, o_t, s_m_t), mask=m_t, other=0) != 0) & m_t
+        # Bounds-only masks (vector loads, no wait on the action mask): every value below is
+        # used through a tl.where on b_m, so what is read off the mask never reaches a result.
+        b_lp = tl.load(logp + offsets64(i_b, s_lp_b, o_t, s_lp_t), mask=m_t, other=0).to(ACC)
+        b_ref = tl.load(ref_logp + offsets64(i_b, s_ref_b, o_t, s_ref_t), mask=m_t,
+                        other=0).to(ACC)
+        b_v = tl.load(values + offsets64(i_b, s_v_b, o_t, s_v_t), mask=m_t, other=0).to(ACC)
+        b_r = tl.load(rewards + offsets64(i_b, s_r_b, o_t, s_r_t), mask=m_t, other=0).to(ACC)
+        # on actions: finite, log-probs <= tol; off them: no reward (NaN included)
+        b_ok = tl.where(b_m, (tl.abs(b_lp) < float("inf")) & (tl.abs(b_ref) < float("inf"))
+                        & (tl.abs(b_v) < float("inf")) & (tl.abs(b_r) < float("inf"))
+                        & (b_lp <= b_tol) & (b_ref <= b_tol), b_r == 0)
+        b_bad = tl.maximum(b_bad, tl.max(tl.where(b_ok, 0.0, 1.0).to(ACC), axis=0))
         b_rt = b_r - beta * (b_lp - b_ref)
         b_a = tl.where(b_m, 0.0, 1.0).to(ACC)
         b_bb = tl.where(b_m, gamma, 0.0).to(ACC)
@@ -94,7 +116,7 @@ def dqo_loss_fwd_kernel(
         b_hc = tl.sum(tl.where(o_i == BT - 1, b_h, 0.0), axis=0)
         b_g = tl.where(b_m, b_g, 0.0)
         b_delta = tl.where(b_m, b_v - b_g, 0.0)
-        o_out = i_b * T + o_t
+        o_out = offsets64(i_b, T, o_t, 1)
         tl.store(returns + o_out, b_g.to(returns.dtype.element_ty), mask=m_t)
         tl.store(td_error + o_out, b_delta.to(td_error.dtype.element_ty), mask=m_t)
 
@@ -110,19 +132,28 @@ def dqo_loss_fwd_kernel(
     for i_n in range(0, NT):
         o_t = i_n * BT + o_i
         m_t = o_t < T
-        b_m = (tl.load(mask + i_b * s_m_b + o_t * s_m_t, mask=m_t, other=0) != 0) & m_t
-        b_lp = tl.load(logp + i_b * s_lp_b + o_t * s_lp_t, mask=b_m, other=0).to(ACC)
+        b_m = (tl.load(mask + offsets64(i_b, s_m_b, o_t, s_m_t), mask=m_t, other=0) != 0) & m_t
+        # bounds-only masks, as in pass A: logp and behaviour enter through tl.where(b_m, ...)
+        # only, and td_error is 0 off the mask (pass A wrote it)
+        b_lp = tl.load(logp + offsets64(i_b, s_lp_b, o_t, s_lp_t), mask=m_t, other=0).to(ACC)
         if HAS_BEHAVIOR:
-            b_beh = tl.load(behavior_logp + i_b * s_beh_b + o_t * s_beh_t,
-                            mask=b_m, other=0).to(ACC)
+            b_beh = tl.load(behavior_logp + offsets64(i_b, s_beh_b, o_t, s_beh_t),
+                            mask=m_t, other=0).to(ACC)
         else:
-            b_beh = tl.load(ref_logp + i_b * s_ref_b + o_t * s_ref_t, mask=b_m, other=0).to(ACC)
-        o_out = i_b * T + o_t
-        b_delta = tl.load(td_error + o_out, mask=b_m, other=0).to(ACC)
+            b_beh = tl.load(ref_logp + offsets64(i_b, s_ref_b, o_t, s_ref_t), mask=m_t,
+                            other=0).to(ACC)
+        o_out = offsets64(i_b, T, o_t, 1)
+        b_delta = tl.load(td_error + o_out, mask=m_t, other=0).to(ACC)
 
         b_dc = tl.where(b_m, b_lp - b_beh, 0.0)
         b_cum = tl.cumsum(b_dc, axis=0) + b_cc
         b_cc += tl.sum(b_dc, axis=0)
+        # on actions: a finite behaviour log-prob <= tol, an untruncated log-weight <= limit
+        b_ok = b_cum <= b_lim
+        if HAS_BEHAVIOR:
+            b_ok = b_ok & (tl.abs(b_beh) < float("inf")) & (b_beh <= b_tol)
+        b_bad = tl.maximum(b_bad, tl.max(tl.where(b_m, tl.where(b_ok, 0.0, 1.0), 0.0).to(ACC),
+                                          axis=0))
         if HAS_CLIP:
             b_cum = tl.minimum(b_cum, log_cap)
         b_w = tl.where(b_m, tl.exp(b_cum), 0.0)
@@ -152,6 +183,30 @@ def dqo_loss_fwd_kernel(
         tl.store(dvalues + o_out, b_gv.to(dvalues.dtype.element_ty), mask=m_t)
     tl.store(policy_rows + i_b, b_lpi.to(policy_rows.dtype.element_ty))
     tl.store(value_rows + i_b, b_lv.to(value_rows.dtype.element_ty))
+    tl.store(flags + i_b, b_bad.to(flags.dtype.element_ty))
+
+
+_CHECK_PARAMS: Dict[Tuple, torch.Tensor] = {}
+
+
+def _check_params(dtype: torch.dtype, device: torch.device, hyper: DQOHyper) -> torch.Tensor:
+    """The kernel's data-check thresholds ``[logprob_tol, log_limit]`` on the device, made once
+    per (dtype, device, limit): its row flags are a superset of what the exact checks refuse.
+
+    - ``logprob_tol``: the smallest :func:`~dqo_kernels.validation.logprob_tolerance` of the
+      dtypes (a log-prob above it may be refused, whatever its dtype);
+    - ``log_limit``: ``log(finfo.max) - 1`` where the importance-weight check applies (a
+      margin for the kernel's and torch's cumsums rounding differently), else inf.
+    """
+    limit = log_weight_limit(dtype)
+    checking = (hyper.is_policy or hyper.is_value) and log_clip(hyper.is_clip) > limit
+    key = (dtype, device, checking)
+    out = _CHECK_PARAMS.get(key)
+    if out is None:
+        out = torch.tensor([MIN_LOGPROB_TOLERANCE, limit - 1.0 if checking else math.inf],
+                           dtype=dtype, device=device)
+        _CHECK_PARAMS[key] = out
+    return out
 
 
 # Longest tile; a row longer than this is walked in several blocks with carries between them.
@@ -162,27 +217,36 @@ def _block_size(T: int) -> int:
     return max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 1))))
 
 
+@device_guard
 def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
                      row_scale: RowScale, hyper: DQOHyper,
                      data_checks: Optional[Callable[[], None]] = None, *,
                      block_size: Optional[int] = None) -> LaunchOutput:
     """Launch :func:`dqo_loss_fwd_kernel`, one program per row (the launcher signature of
-    :mod:`.launch`; the data checks run first).
+    :mod:`.launch`).
 
     Inputs may be fp32/fp16/bf16 (fp64 computes in fp64) and arbitrarily strided; outputs are
     contiguous fp32 (fp64). ``block_size`` overrides the tile length (tests use it to cross
     block boundaries on short rows).
+
+    ``data_checks``: run first; or, a :class:`~dqo_kernels.validation.DeferredChecks` (CUDA),
+    handed the kernel's own flag (one reduction of its per-row flags, never read here): the
+    checks run, exactly, only when the flag is read and set.
     """
-    if data_checks is not None:
+    deferred = isinstance(data_checks, DeferredChecks)
+    if data_checks is not None and not deferred:
         data_checks()
     B, T = logp.shape
     out_dtype = acc_dtype(logp, ref_logp, values, rewards, behavior_logp, bootstrap)
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     new = lambda: torch.empty((B, T), dtype=out_dtype, device=logp.device)  # noqa: E731
+    # The kernel reads the inputs through their strides; what it writes is made here,
+    # contiguous (it indexes the outputs as i_b * T + t and the [B] vectors as i_b).
     returns, weights, td_error, dlogp, dvalues = new(), new(), new(), new(), new()
     policy_rows = torch.empty(B, dtype=out_dtype, device=logp.device)
     value_rows = torch.empty(B, dtype=out_dtype, device=logp.device)
+    flags = torch.empty(B, dtype=out_dtype, device=logp.device)
     beh = behavior_logp if behavior_logp is not None else ref_logp
     boot = bootstrap.contiguous() if bootstrap is not None else logp
     cap = log_clip(hyper.is_clip)
@@ -191,6 +255,7 @@ def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, boots
         dqo_loss_fwd_kernel[(B,)](
             logp, ref_logp, beh, values, rewards, mask_u8, boot, row_scale.tensor(out_dtype),
             returns, weights, td_error, dlogp, dvalues, policy_rows, value_rows,
+            _check_params(out_dtype, logp.device, hyper), flags,
             *logp.stride(), *ref_logp.stride(), *beh.stride(), *values.stride(),
             *rewards.stride(), *mask_u8.stride(),
             T, float(hyper.beta), float(hyper.gamma), float(hyper.lam),
@@ -200,7 +265,11 @@ def dqo_loss_forward(logp, ref_logp, values, rewards, mask, behavior_logp, boots
             IS_VALUE=bool(hyper.is_value), TARGET_GRAD=bool(hyper.target_grad), ACC=acc, BT=BT,
             num_warps=4 if BT >= 512 else 2,
         )
+        if deferred:
+            data_checks.defer(flags.amax() > 0)
     else:
         policy_rows.zero_()
         value_rows.zero_()
+        if deferred:  # nothing ran: a read runs the checks (a NaN bootstrap, say)
+            data_checks.defer(torch.ones((), dtype=torch.bool, device=logp.device))
     return LaunchOutput(policy_rows, value_rows, returns, weights, td_error, dlogp, dvalues)

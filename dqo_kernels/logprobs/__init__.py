@@ -10,21 +10,30 @@ are tested against are in :mod:`.naive`.
 ``linear_logprobs`` walks the vocabulary in column chunks of the lm_head. Forward: logits of a
 chunk ``h W_c^T`` -> chunk logsumexp, merged with ``logaddexp``; only ``lse`` ([N]) is saved.
 Backward: recompute each chunk's logits, turn them into their gradient in place, then
-``dh += dlogits_c W_c`` and ``dW_c = dlogits_c^T h``. Each ``dW_c`` is one matmul over all N
+``dh += dlogits_c W_c`` (accumulated in fp32, each product too: :func:`accumulate_mm`) and
+``dW_c = dlogits_c^T h``. Each ``dW_c`` is one matmul over all N
 tokens: accumulated in fp32 inside the GEMM and rounded once, with no fp32 copy of ``W``'s
 gradient. Peak extra memory is one ``[N, chunk]`` logits buffer plus an fp32 ``[N, D]``
-accumulator for ``dh``.
+accumulator for ``dh`` (and, for half inputs off CUDA, fp32 copies of the chunk and of its
+weight slice).
 """
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..backends import resolve_backend
 from ..dtypes import acc_dtype
-from ..validation import check_scalar, check_tensor, data_checks_enabled
+from ..validation import (
+    check_pending,
+    check_scalar,
+    check_tensor,
+    data_checks_enabled,
+    defer_checks,
+    run_checks,
+)
 from . import chunked
 
 __all__ = ["LinearLogprobsFunction", "TokenLogprobsFunction", "linear_logprobs",
@@ -47,6 +56,12 @@ def _impl(backend: Optional[str], device: torch.device) -> ModuleType:
     return chunked
 
 
+def _backend_name(impl: ModuleType) -> str:
+    """The backend name of an implementation module (:func:`_impl` inverted)."""
+    name = impl.__name__.rsplit(".", 1)[1]
+    return "torch" if name == "chunked" else name
+
+
 def _backend_for(backend: Optional[str], x: torch.Tensor, name: str):
     impl = _impl(backend, x.device)
     if impl.__name__ == f"{__name__}.triton" and x.dtype == torch.float64:
@@ -55,15 +70,24 @@ def _backend_for(backend: Optional[str], x: torch.Tensor, name: str):
     return impl
 
 
-def _check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+def _check_targets(targets: torch.Tensor, V: int, ignore_index: int, data: bool = True) -> None:
+    """The targets' dtype; with ``data`` (and the data checks on), their values: read now, or
+    on CUDA deferred (flags kept on the device, read by :func:`dqo_kernels.check_pending` or
+    the next call; the kernels never index with an out-of-range target meanwhile)."""
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise ValueError(f"targets: expected an integer tensor, got dtype {targets.dtype}")
-    if data_checks_enabled():
+    if data and data_checks_enabled():
         bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
-        if bool(bad.any()):
+
+        def report():
             idx = tuple(torch.nonzero(bad)[0].tolist())
             raise ValueError(f"targets: expected ids in [0, {V}) or ignore_index={ignore_index}, "
                              f"got {targets[idx].item()} at index {idx}")
+        if defer_checks(targets.device):
+            check_pending(wait=False)  # past calls' flags that reached the host
+            run_checks([(bad.any(), report)], defer=True)
+        elif bool(bad.any()):
+            report()
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -71,7 +95,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, inv_temp, ignore_index, inplace_backward, return_entropy,
                 impl):
         ignore = targets == ignore_index
-        lse, zt, ez = impl.lse_forward(logits, targets, 0, inv_temp, return_entropy)
+        lse, zt, ez = impl.lse_forward(logits, targets, 0, inv_temp, return_entropy,
+                                       ignore_index)
         logp = torch.where(ignore, 0.0, zt - lse)
         ent = torch.where(ignore, 0.0, lse - ez) if return_entropy else None
         ctx.save_for_backward(logits, targets, lse, ent)
@@ -91,7 +116,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         out = logits if inplace_backward else _empty(impl, logits.shape, logits.dtype,
                                                      logits.device)
         impl.logits_grad(logits, targets, lse, g, 0, inv_temp, out, grad_ent=grad_ent,
-                         entropy=ent if grad_ent is not None else None)
+                         entropy=ent if grad_ent is not None else None,
+                         ignore_index=ignore_index)
         if inplace_backward:
             # The native and Triton kernels write through raw pointers, which autograd does not
             # see: bump the version so that any backward that saved this storage (the op that
@@ -152,21 +178,53 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     return out.view(targets.shape)
 
 
+def linear_forward(hidden, weight, bias, targets, inv_temp: float, ignore_index: int,
+                   chunk: int, impl) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logp, lse) of :func:`linear_logprobs`, vocabulary chunk by chunk."""
+    V = weight.shape[0]
+    lse = None
+    zt = None
+    buf = _chunk_buffer(impl, hidden, chunk)
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
+        lse_c, zt_c, _ = impl.lse_forward(logits, targets, v0, inv_temp, False, ignore_index)
+        lse = lse_c if lse is None else torch.logaddexp(lse, lse_c)
+        zt = zt_c if zt is None else zt + zt_c
+    ignore = targets == ignore_index
+    return torch.where(ignore, 0.0, zt - lse), lse
+
+
+def linear_backward(grad_logp, hidden, weight, bias, targets, lse, inv_temp: float,
+                    ignore_index: int, chunk: int, impl, need_h: bool, need_w: bool,
+                    need_b: bool):
+    """(d_hidden, d_weight, d_bias) of :func:`linear_logprobs` (None where not needed)."""
+    V = weight.shape[0]
+    g = torch.where(targets == ignore_index, 0.0, grad_logp.to(lse.dtype)).contiguous()
+    acc = acc_dtype(hidden)
+    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    d_weight = torch.empty_like(weight) if need_w else None
+    d_bias = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
+    buf = _chunk_buffer(impl, hidden, chunk)
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
+        d_logits = impl.logits_grad(logits, targets, lse, g, v0, inv_temp, out=logits,
+                                    ignore_index=ignore_index)
+        if need_h:
+            accumulate_mm(d_hidden, d_logits, weight[v0:v1])
+        if need_w:
+            torch.mm(d_logits.T, hidden, out=d_weight[v0:v1])
+        if need_b:
+            d_bias[v0:v1] = torch.sum(d_logits, dim=0, dtype=acc)
+    return d_hidden.to(hidden.dtype) if need_h else None, d_weight, d_bias
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temp, ignore_index, chunk, impl):
-        V = weight.shape[0]
-        lse = None
-        zt = None
-        buf = _chunk_buffer(impl, hidden, chunk)
-        for v0 in range(0, V, chunk):
-            v1 = min(V, v0 + chunk)
-            logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
-            lse_c, zt_c, _ = impl.lse_forward(logits, targets, v0, inv_temp, False)
-            lse = lse_c if lse is None else torch.logaddexp(lse, lse_c)
-            zt = zt_c if zt is None else zt + zt_c
-        ignore = targets == ignore_index
-        logp = torch.where(ignore, 0.0, zt - lse)
+        logp, lse = linear_forward(hidden, weight, bias, targets, inv_temp, ignore_index,
+                                   chunk, impl)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.args = (inv_temp, ignore_index, chunk, impl)
         return logp
@@ -175,26 +233,27 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         inv_temp, ignore_index, chunk, impl = ctx.args
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        V = weight.shape[0]
-        g = torch.where(targets == ignore_index, 0.0, grad_logp.to(lse.dtype)).contiguous()
-        acc = acc_dtype(hidden)
-        d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-        d_weight = torch.empty_like(weight) if need_w else None
-        d_bias = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
-        buf = _chunk_buffer(impl, hidden, chunk)
-        for v0 in range(0, V, chunk):
-            v1 = min(V, v0 + chunk)
-            logits = _chunk_logits(hidden, weight, bias, v0, v1, buf)
-            d_logits = impl.logits_grad(logits, targets, lse, g, v0, inv_temp, out=logits)
-            if need_h:
-                d_hidden += d_logits @ weight[v0:v1]  # in place: no fp32 copy of the product
-            if need_w:
-                torch.mm(d_logits.T, hidden, out=d_weight[v0:v1])
-            if need_b:
-                d_bias[v0:v1] = torch.sum(d_logits, dim=0, dtype=acc)
-        return (d_hidden.to(hidden.dtype) if need_h else None, d_weight, d_bias,
-                None, None, None, None, None)
+        grads = linear_backward(grad_logp, hidden, weight, bias, targets, lse, inv_temp,
+                                ignore_index, chunk, impl, *ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
+
+
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with the product accumulated in ``acc``'s dtype (fp32 for half ``a``
+    and ``b``), never rounded to the half dtype first: each chunk's ``d_hidden`` product in
+    bf16 would lose ~3 digits before the sum over chunks.
+
+    CUDA: the GEMM writes fp32 directly (``torch.mm(..., out_dtype=torch.float32)``, aten
+    ``mm.dtype``: half inputs, fp32 accumulation and output), then one fp32 add. (Not
+    ``addmm(acc, ..., out_dtype=)``: some torch versions require its ``self`` in the inputs'
+    half dtype.) Elsewhere (CPU has no such kernel) the chunk and the weight slice are upcast,
+    an fp32 copy of each."""
+    if a.dtype == acc.dtype:
+        acc += a @ b
+    elif acc.device.type in ("cuda", "meta") and "dtype" in torch.ops.aten.mm.overloads():
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _empty(impl, shape, dtype, device) -> torch.Tensor:
@@ -259,7 +318,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     check_tensor("targets", targets, shape=hidden.shape[:-1], floating=False,
                  device=hidden.device)
     temperature = check_scalar("temperature", temperature, low=0.0, low_open=True)
-    _check_targets(targets, V, ignore_index)
+    # under torch.compile the values are checked inside the custom op (a host read here
+    # would break the graph)
+    _check_targets(targets, V, ignore_index, data=not torch.compiler.is_compiling())
     impl = _backend_for(backend, hidden, "hidden")
     flat = hidden.reshape(-1, D)
     N = flat.shape[0]
@@ -268,7 +329,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         chunk_size = max(256, budget // max(1, N * hidden.element_size()) // 256 * 256)
     else:
         chunk_size = int(check_scalar("chunk_size", chunk_size, low=1.0, high_open=True))
-    out = LinearLogprobsFunction.apply(flat, weight, bias, targets.reshape(-1).contiguous(),
-                                       1.0 / temperature, int(ignore_index),
-                                       int(min(chunk_size, V)), impl)
+    args = (1.0 / temperature, int(ignore_index), int(min(chunk_size, V)))
+    if torch.compiler.is_compiling():
+        # under torch.compile: a torch.library custom op with its autograd formula
+        from .custom_op import linear_logprobs_op
+        out = linear_logprobs_op(flat, weight, bias, targets.reshape(-1).contiguous(), *args,
+                                 _backend_name(impl), data_checks_enabled())
+    else:
+        out = LinearLogprobsFunction.apply(flat, weight, bias,
+                                           targets.reshape(-1).contiguous(), *args, impl)
     return out.view(targets.shape)

@@ -29,7 +29,9 @@ def _scaled(x: torch.Tensor, inv_temp: float, acc: torch.dtype) -> torch.Tensor:
     return z * inv_temp if inv_temp != 1.0 else z
 
 
-def lse_forward(logits, targets, v0: int, inv_temp: float, want_ez: bool):
+def lse_forward(logits, targets, v0: int, inv_temp: float, want_ez: bool,
+                ignore_index: int = -100):
+    # ignore_index: every row is computed here (the callers zero the ignored ones)
     N, V = logits.shape
     acc = acc_dtype(logits)
     lse = torch.empty(N, dtype=acc, device=logits.device)
@@ -50,7 +52,7 @@ def lse_forward(logits, targets, v0: int, inv_temp: float, want_ez: bool):
 
 
 def logits_grad(logits, targets, lse, grad, v0: int, inv_temp: float, out,
-                grad_ent=None, entropy=None):
+                grad_ent=None, entropy=None, ignore_index: int = -100):
     """``out`` may be ``logits`` (in-place backward): each chunk's gradient is then built
     directly in the logits' memory."""
     N, V = logits.shape

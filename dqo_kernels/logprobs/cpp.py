@@ -32,8 +32,9 @@ def _check_rows_of(n: int, **vectors) -> None:
 
 
 def lse_forward(logits: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: float,
-                want_ez: bool):
-    """(lse, zt, ez or None), each [N] in the compute dtype (see csrc/logprobs.cpp)."""
+                want_ez: bool, ignore_index: int = -100):
+    """(lse, zt, ez or None), each [N] in the compute dtype (see csrc/logprobs.cpp); every row
+    is computed, ``ignore_index`` is not read (the callers zero the ignored rows)."""
     _check_rows(logits, "logits")
     N, V = logits.shape
     _check_rows_of(N, targets=targets)
@@ -49,7 +50,7 @@ def lse_forward(logits: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: 
 
 
 def logits_grad(logits, targets, lse, grad, v0: int, inv_temp: float, out, grad_ent=None,
-                entropy=None):
+                entropy=None, ignore_index: int = -100):
     """``out`` may be ``logits`` (in-place backward), or any [N, V] buffer of the logits' dtype
     or of the compute dtype."""
     _check_rows(logits, "logits")
