@@ -12,7 +12,6 @@ signature of :mod:`.launch` (``dqo_loss_forward``), wired into autograd by :mod:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Mapping, Optional, Tuple, Union
 
 import torch
@@ -30,9 +29,9 @@ from ..validation import (
     defer_checks,
     run_checks,
 )
-from . import naive
 from .aggregation import LOSS_AGGS, RowScale
 from .autograd import run_launcher
+from .backends import backend_module as _impl
 from .checks import data_checks, loss_checks
 from .launch import DQOHyper
 from .metrics import LazyMetrics, clipped_weights, dqo_metrics
@@ -61,17 +60,6 @@ class DQOLossOutput:
         access to :attr:`metrics` and the next call of any op do."""
         for pending in self.pending_checks:
             pending.check()
-
-
-def _impl(name: str) -> ModuleType:
-    """The module of backend ``name`` (resolved); each has ``dqo_loss_forward``."""
-    if name == "triton":
-        from . import triton
-        return triton
-    if name == "cpp":
-        from . import cpp
-        return cpp
-    return naive
 
 
 def fused_dqo_loss(

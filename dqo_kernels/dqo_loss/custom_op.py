@@ -24,13 +24,13 @@ import torch
 
 from ..dtypes import acc_dtype
 from .aggregation import RowScale
+from .backends import backend_module
 from .checks import data_checks
 from .launch import DQOHyper, DQOScanResult
 
 
 def _launcher(backend: str):
-    from . import _impl  # the package's backend table
-    return _impl(backend).dqo_loss_forward
+    return backend_module(backend).dqo_loss_forward
 
 
 @torch.library.custom_op("dqo_kernels::dqo_loss_launch", mutates_args=())

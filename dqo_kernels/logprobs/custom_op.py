@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..backends import resolve_backend
-from . import _check_targets, _impl, linear_backward, linear_forward
+from .core import _check_targets, _impl, linear_backward, linear_forward
 
 __all__ = ["linear_logprobs_op"]
 

@@ -10,7 +10,7 @@ from batches import make_batch, to
 
 from dqo_kernels import dqo_scan_reference, fused_dqo_loss, linear_logprobs, row_scale
 from dqo_kernels.device import device_context, device_guard
-from dqo_kernels.logprobs import accumulate_mm
+from dqo_kernels.logprobs.core import accumulate_mm
 from dqo_kernels.logprobs.naive import linear_logprobs_reference
 from dqo_kernels.validation import triton_available
 

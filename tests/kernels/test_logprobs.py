@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import dqo_kernels.logprobs.core as logprobs_core
 from dqo_kernels import empty_cache, fused_dqo_loss, linear_logprobs, token_logprobs
 from dqo_kernels._native import load as native
 from dqo_kernels.logprobs.naive import linear_logprobs_reference, token_logprobs_reference
@@ -375,9 +376,8 @@ def test_cpp_buffer_pool_reuses_only_what_no_tensor_uses(monkeypatch):
 
 
 def test_cpp_backend_refuses_gpu_tensors():
-    from dqo_kernels import logprobs
     with pytest.raises(ValueError, match=r"backend: 'cpp' needs CPU tensors, got tensors on cuda"):
-        logprobs._impl("cpp", torch.device("cuda"))
+        logprobs_core._impl("cpp", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,6 +6,7 @@ import torch
 from batches import make_batch
 
 import dqo_kernels
+import dqo_kernels.logprobs.core as logprobs_core
 from dqo_kernels import dro_loss, fused_dqo_loss
 from dqo_kernels._native import load as native
 from dqo_kernels.validation import triton_available
@@ -217,7 +218,7 @@ def test_dro_rejects_token_level_tensors():
 
 
 def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, tmp_path):
-    from dqo_kernels import logprobs, resolve_backend, token_logprobs
+    from dqo_kernels import resolve_backend, token_logprobs
     from dqo_kernels._native import load as native
     from dqo_kernels.logprobs import chunked
 
@@ -235,7 +236,7 @@ def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, t
         warnings.simplefilter("error")  # a second call does not warn again
         assert resolve_backend(None, torch.device("cpu")) == "torch"
         out = call(backend=None)
-        assert logprobs._impl(None, torch.device("cpu")) is chunked
+        assert logprobs_core._impl(None, torch.device("cpu")) is chunked
         lp = token_logprobs(torch.randn(3, 5), torch.tensor([0, 4, 2]))
     assert torch.isfinite(out.loss) and torch.isfinite(lp).all()
     with pytest.raises(ValueError, match="backend: 'cpp' needs the native CPU kernels"):
