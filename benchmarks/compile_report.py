@@ -75,9 +75,13 @@ def recording():
             calls.append(dict(kernel=_k, args=args, kwargs=kwargs, grid=grid))
         k.run = record
         patched.append(k)
+    # the launches are made with CPU tensors: choose the configurations a CUDA device gets
+    fwd_config = lp_triton.fwd_config
+    lp_triton.fwd_config = lambda V, device: fwd_config(V, torch.device("cuda"))
     try:
         yield calls
     finally:
+        lp_triton.fwd_config = fwd_config
         for k in patched:
             del k.run
 
