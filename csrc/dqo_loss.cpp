@@ -1,5 +1,5 @@
 // Native CPU kernel of the fused DQO loss: forward values and closed-form gradients (the math:
-// SPEC.md section 3; the definition it is tested against: dqo_kernels/dqo_loss/naive.py).
+// docs/math.md §3; the definition it is tested against: dqo_kernels/dqo_loss/naive.py).
 //
 // Per row, with l_t = logp_t - ref_t, the soft reward rt_t = r_t - beta l_t and rho = gamma lam:
 //

@@ -1,4 +1,4 @@
-"""Policy and value models, and the per-token quantities the loss needs (SPEC section 2).
+"""Policy and value models, and the per-token quantities the loss needs (docs/math.md §2).
 
 Everything is aligned on the action position t: ``logp[:, t]`` is the log-prob of
 ``input_ids[:, t]`` given ``input_ids[:, :t]`` (from the hidden state at t-1) and

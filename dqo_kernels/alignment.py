@@ -1,5 +1,5 @@
 """From a causal LM's batch to the ``[B, T]`` action-aligned tensors of :func:`fused_dqo_loss`
-(SPEC section 2): what every integration otherwise writes by hand, and gets wrong silently.
+(docs/math.md §2): what every integration otherwise writes by hand, and gets wrong silently.
 
 Position t of every ``[B, T]`` tensor is the action ``input_ids[b, t]`` taken in the state
 ``input_ids[b, :t]``. A causal LM's output at position t - 1 is about that action, so log-probs

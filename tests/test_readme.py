@@ -73,3 +73,22 @@ def test_relative_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             bad.append(f"{target}: no heading with anchor #{anchor}")
     assert not bad, f"{page.relative_to(ROOT)}: " + "; ".join(bad)
+
+
+def test_code_cites_the_math_by_existing_sections():
+    """Every comment that cites the method's equations cites docs/math.md, by a section that
+    exists (the SPEC file the comments used to cite is not in the repository)."""
+    root = Path(__file__).resolve().parent.parent
+    math = (root / "docs" / "math.md").read_text()
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)[. ]", math, flags=re.M))
+    cited = 0
+    for path in [*root.glob("dqo/**/*.py"), *root.glob("dqo_kernels/**/*.py"),
+                 *root.glob("csrc/*"), *root.glob("tests/**/*.py")]:
+        text = path.read_text()
+        assert not re.search(r"SPEC(\.md)? (section )?\d", text), path
+        for ref in re.findall(r"docs/math\.md §(\d+(?:\.\d+)?(?:[-/]\d+(?:\.\d+)?)?)", text):
+            for part in re.split(r"[-/]", ref):
+                part = part if "." in part or "." not in ref else f"{ref.split('.')[0]}.{part}"
+                assert part in sections, (path, ref)
+                cited += 1
+    assert cited >= 15

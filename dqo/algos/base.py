@@ -72,7 +72,7 @@ def last_action(mask: torch.Tensor) -> torch.Tensor:
 def values_and_bootstrap(engines, b: Batch):
     """``values`` [B, T] and, if the batch has unfinished responses, ``bootstrap`` [B]: V of
     the state after an unfinished response's last token (stop-gradient), 0 for a finished one
-    (SPEC 2: the return of a response cut at the length limit bootstraps from it)."""
+    (docs/math.md §2: the return of a response cut at the length limit bootstraps from it)."""
     if b.unfinished is None or not bool(b.unfinished.any()):
         return engines["value"](b.input_ids, b.attention_mask), None
     values, after = engines["value"](b.input_ids, b.attention_mask, with_after=True)

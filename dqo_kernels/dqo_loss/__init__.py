@@ -49,7 +49,7 @@ class DQOLossOutput:
     returns: torch.Tensor  # [B, T] lambda-returns G_t (0 off the mask), detached
     weights: torch.Tensor  # [B, T] truncated importance weights w_t (0 off the mask), detached
     td_error: torch.Tensor  # [B, T] delta_t = V_t - G_t (0 off the mask), detached
-    # SPEC section 5, detached 0-dim tensors; computed on first access
+    # docs/math.md §5, detached 0-dim tensors; computed on first access
     metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
     # the call's data checks where they were deferred (CUDA): read by check()
     pending_checks: Tuple[PendingChecks, ...] = field(default=(), repr=False)
@@ -84,7 +84,7 @@ def fused_dqo_loss(
 ) -> DQOLossOutput:
     """DQO policy (soft-Q) and value losses over padded ``[B, T]`` token sequences.
 
-    Every ``[B, T]`` tensor is aligned on the action position t (SPEC section 2): ``logp[b, t]``
+    Every ``[B, T]`` tensor is aligned on the action position t (docs/math.md §2): ``logp[b, t]``
     is ``log pi_theta(input_ids[b, t] | input_ids[b, :t])`` and ``values[b, t] = V(s_t)``.
 
     Args:

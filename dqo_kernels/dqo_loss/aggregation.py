@@ -1,9 +1,9 @@
-"""Loss aggregation as a per-row scale factor (SPEC section 4).
+"""Loss aggregation as a per-row scale factor (docs/math.md §4).
 
 Every aggregation the library supports is linear in the per-token losses, so it reduces to
 one factor ``a_b`` per row: ``agg(x) = sum_b a_b * sum_{t in actions(b)} x_{b,t}``. Kernels take
 ``row_scale`` ([B]) and never need to know which aggregation produced it, and the closed-form
-gradients of SPEC 3.7 pick up ``a_t = a_b`` for free. The launchers receive it as a
+gradients of docs/math.md §3.7 pick up ``a_t = a_b`` for free. The launchers receive it as a
 :class:`RowScale`, built when first asked for: the native kernel derives it from the mask itself.
 """
 from __future__ import annotations

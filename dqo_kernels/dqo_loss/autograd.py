@@ -1,10 +1,10 @@
 """Autograd wiring of the backends of the fused DQO loss: one for all of them.
 
-Every launcher (:mod:`.launch`) produces the closed-form gradients of SPEC 3.7/3.8 in the same
-pass as the forward (``dL_pi/dlogp`` and ``dL_V/dvalues``; the definition, :mod:`.naive`, by
-autograd), so each loss becomes its own autograd node whose
-backward is a scale of a gradient already computed: no second pass over the data. The two nodes
-are independent, so ``policy_loss.backward()`` and ``value_loss.backward()`` can be called
+Every launcher (:mod:`.launch`) produces the closed-form gradients of docs/math.md §3.7/3.8 in
+the same pass as the forward (``dL_pi/dlogp`` and ``dL_V/dvalues``; the definition,
+:mod:`.naive`, by autograd), so each loss becomes its own autograd node whose backward is a
+scale of a gradient already computed: no second pass over the data. The two nodes are
+independent, so ``policy_loss.backward()`` and ``value_loss.backward()`` can be called
 separately (one DeepSpeed engine per model) without ``retain_graph``. (One node with both
 inputs would not do: a backward of the policy loss alone would run the value model's nodes
 with empty gradients and free their saved tensors.)

@@ -1,4 +1,4 @@
-"""The truncated importance weights of the DQO loss (SPEC section 3): their log-cap, their
+"""The truncated importance weights of the DQO loss (docs/math.md §3): their log-cap, their
 untruncated logs ``c_t`` and the data check that they fit the compute dtype. Shared by the
 definition (:mod:`.naive`), the native launcher, the metrics and the input checks."""
 from __future__ import annotations

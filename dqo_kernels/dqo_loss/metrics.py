@@ -1,4 +1,4 @@
-"""Detached diagnostics of a DQO loss call (SPEC section 5), over action positions only.
+"""Detached diagnostics of a DQO loss call (docs/math.md §5), over action positions only.
 
 All values are 0-dim tensors on the input device: logging them costs no synchronisation until
 the caller reads them. Statistics of an empty batch are 0; the explained variance is NaN when

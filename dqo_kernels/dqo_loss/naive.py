@@ -1,4 +1,4 @@
-"""Plain PyTorch definition of the DQO loss (SPEC section 3): the reference every backend is
+"""Plain PyTorch definition of the DQO loss (docs/math.md §3): the reference every backend is
 tested against, and the backend ``"torch"``, the fallback where neither Triton nor the native
 CPU kernel can run.
 

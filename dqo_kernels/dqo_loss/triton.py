@@ -15,12 +15,12 @@ so each position is the affine map ``(G, H) -> (a G + b H + c, d H + e)`` with
 ``(a, b, c, d, e) = (0, gamma, rt, gamma*lam, (1-lam) V + lam rt)`` on actions and the identity
 ``(1, 0, 0, 1, 0)`` elsewhere. A scan of map compositions applied to the carry ``H`` of the
 block after this one gives ``G_t`` directly; no division by ``lam`` or ``gamma``, so
-``lam = 0`` and ``gamma * lam`` underflow are exact. ``delta_t = V_t - G_t`` (SPEC 3.5).
+``lam = 0`` and ``gamma * lam`` underflow are exact. ``delta_t = V_t - G_t`` (docs/math.md §3.5).
 
 **Pass B (forward in time).** ``c_t`` = cumsum of ``logp - behavior_logp`` over actions, carried
 across blocks; ``w_t = exp(min(c_t, log C))``; the per-row losses, ``dL/dvalues = a w_V delta``
 and ``dL/dlogp = beta * E_t`` with ``E_t = a w_pi delta_t`` or, with ``TARGET_GRAD``, the
-discounted forward scan ``E_t = a w_pi delta_t + gamma * lam * E_prev(t)`` (SPEC 3.8).
+discounted forward scan ``E_t = a w_pi delta_t + gamma * lam * E_prev(t)`` (docs/math.md §3.8).
 
 Everything is computed in fp32 (fp64 for fp64 inputs) right after the loads, so bf16/fp16
 inputs are read as they are, with no copies. Loads are masked by the row's bounds only (every

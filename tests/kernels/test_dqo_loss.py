@@ -1,5 +1,5 @@
 """fused_dqo_loss: every backend against the float64 reference, and the reference against an
-independent per-row implementation of SPEC section 3 and its exact special cases."""
+independent per-row implementation of docs/math.md §3 and its exact special cases."""
 import math
 
 import pytest
@@ -192,7 +192,7 @@ def test_reference_gradients_follow_spec_3_7():
 
 
 def spec_loss(b, beta, lam, gamma, is_clip, is_policy, is_value, loss_agg):
-    """SPEC 3.1-3.6 literally: returns (L_pi, L_V, G, w, delta) for a float64 batch."""
+    """docs/math.md §3.1-3.6 literally: returns (L_pi, L_V, G, w, delta) for a float64 batch."""
     B, T = b["mask"].shape
     G = torch.zeros(B, T, dtype=torch.float64)
     W = torch.zeros(B, T, dtype=torch.float64)
@@ -215,7 +215,7 @@ def spec_loss(b, beta, lam, gamma, is_clip, is_policy, is_value, loss_agg):
             v = float(b["values"][i, t])
             target = r + gamma * ((1 - lam) * v_next + lam * g_next)
             G[i, t] = r - beta * l[t] + gamma * ((1 - lam) * v_next + lam * g_next)
-            D[i, t] = beta * l[t] + v - target  # SPEC 3.5, not V - G
+            D[i, t] = beta * l[t] + v - target  # docs/math.md §3.5, not V - G
             g_next, v_next = float(G[i, t]), v
         for t in acts:
             if loss_agg == "token-mean":
@@ -282,8 +282,8 @@ def test_lambda0_is_one_step_td(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_target_grad_is_dro_on_every_suffix(backend, device):
-    """SPEC 3.8: with lam = gamma = 1 and target_grad, the policy loss at t is exactly the DRO
-    loss of the suffix starting at t (summed log-ratio, reward-to-go), gradient included."""
+    """docs/math.md §3.8: with lam = gamma = 1 and target_grad, the policy loss at t is exactly the
+    DRO loss of the suffix starting at t (summed log-ratio, reward-to-go), gradient included."""
     dev = device if backend != "cpp" else "cpu"
     b = to(make_batch("interleaved", B=4, T=14, seed=21, garbage=False), torch.float64, dev)
     beta = 0.25
