@@ -70,11 +70,17 @@ class RewardConfig(Options):
 
 @dataclass
 class ColumnsConfig(Options):
-    """Which columns of a prompts file hold the prompt and the answer."""
+    """Which columns of a prompts file hold the prompt and the answer, and the instruction
+    around the prompt."""
 
-    _argument_group_name = "prompt columns"
+    _argument_group_name = "prompts"
     prompt_column: Optional[str] = opt(None, "the prompt column; default: the first of prompt, "
                                        "question (GSM8K), problem (MATH)")
+    prompt_template: Optional[str] = opt(
+        None, "the instruction around each prompt: paper-gsm8k, paper-math, none, or a file with "
+        "one {prompt}; default: the one recorded with the data (or model), else the task's "
+        "(gsm8k: paper-gsm8k, math: paper-math, arithmetic and --reward-fn: none)",
+        metavar="NAME|FILE")
     answer_column: Optional[str] = opt(None, "the answer column; default: answer, else solution "
                                        "(MATH); a worked answer (#### N, or a last \\boxed{N}) "
                                        "gives N")

@@ -33,6 +33,8 @@ class DecodingConfig:
     top_k: int = PAPER_TOP_K  # 0: no top-k truncation
     max_new_tokens: int = 512
     stop_ids: Optional[List[int]] = None  # None: stop_token_ids() of the tokenizer and model
+    # the text around each prompt ({prompt}: the problem), dqo.prompts; None: prompts as stored
+    prompt_template: Optional[str] = None
 
     def __post_init__(self):
         check_decoding(self)
@@ -94,6 +96,10 @@ def check_decoding(d: DecodingConfig) -> None:
         raise ValueError(f"top_k: expected an integer >= 0 (0: off), got {d.top_k!r}")
     if not (isinstance(d.max_new_tokens, int) and d.max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens: expected an integer >= 1, got {d.max_new_tokens!r}")
+    if d.prompt_template is not None and not (isinstance(d.prompt_template, str)
+                                              and d.prompt_template.count("{prompt}") == 1):
+        raise ValueError(f"prompt_template: expected text with one {{prompt}} placeholder, got "
+                         f"{d.prompt_template!r}")
     if d.stop_ids is not None and not (isinstance(d.stop_ids, list) and d.stop_ids and all(
             isinstance(i, int) and i >= 0 for i in d.stop_ids)):
         raise ValueError(f"stop_ids: expected a non-empty list of token ids, got {d.stop_ids!r}")

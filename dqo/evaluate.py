@@ -29,6 +29,7 @@ from .decoding import find_decoding
 from .errors import UsageError
 from .evaluation import accuracy
 from .generation import load_sampler
+from .prompts import apply_template, with_template
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,16 @@ def _main(argv=None) -> None:
         base = find_decoding(args.decoding, args.model if Path(args.model).is_dir() else None)
     except ValueError as exc:
         raise UsageError(f"--decoding: {exc}") from None
-    decoding = args.decoding_config(base)
+    decoding = with_template(args.decoding_config(base), args.prompt_template,
+                             None if args.reward_fn else args.task)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_sampler(args)
     rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None,
                             prompt_column=args.prompt_column, answer_column=args.answer_column)
     decoding = decoding.with_stop_ids(tok, model)
-    res = accuracy(model, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows],
+    prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in rows]
+    res = accuracy(model, tok, prompts, [r.get("answer") for r in rows],
                    reward, samples=args.samples, decoding=decoding,
                    batch_size=args.generation_batch_size,
                    columns=[extra_columns(r) for r in rows])

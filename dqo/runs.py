@@ -30,6 +30,7 @@ from .evaluation import accuracy
 from .loop import open_tracker, report_final, train
 from .modeling import SharedValueModel, ValueModel, enable_checkpointing, load_policy
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
+from .prompts import apply_template, with_template
 from .reference_logps import compute_ref_logps
 from .rewards import load_reward, task_reward
 from .rng import seed_stage, stage_rng
@@ -146,7 +147,8 @@ def run_custom(args: TrainConfig) -> Dict:
         log.info("no %s beside the data: stop tokens from the tokenizer and model, the paper's "
                  "sampling settings for evaluation", sidecar(args.data))
         decoding = DecodingConfig()
-    decoding = args.decoding_config(decoding).with_stop_ids(tok, policy)
+    decoding = with_template(args.decoding_config(decoding), args.prompt_template,
+                             None if args.reward_fn else args.task).with_stop_ids(tok, policy)
     rows, bad = read_jsonl(args.data, strict=args.strict_data)
     if args.algo == "sft":  # canonical solutions, never the sampled responses
         if args.sft_data:
@@ -170,8 +172,9 @@ def run_custom(args: TrainConfig) -> Dict:
                                 answer_column=args.answer_column)
         reward = (load_reward(args.reward_fn, args.correct_threshold) if args.reward_fn
                   else task_reward(args.task or "arithmetic", args.correct_threshold))
+        prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in rows]
         eval_fn = lambda: accuracy(  # noqa: E731
-            policy, tok, [r["prompt"] for r in rows], [r.get("answer") for r in rows], reward,
+            policy, tok, prompts, [r.get("answer") for r in rows], reward,
             samples=args.eval_samples, decoding=decoding,
             columns=[extra_columns(r) for r in rows])
     seed_stage(args.seed, "evaluate-before")

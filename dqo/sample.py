@@ -35,6 +35,7 @@ from .configs import SAMPLE_SECTIONS, SampleConfig
 from .data import extra_columns, read_prompt_rows, write_jsonl
 from .decoding import sidecar
 from .generation import generate, label_samples, load_sampler, mc_process_scores
+from .prompts import apply_template, with_template
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ def main(argv=None) -> None:
 def _main(argv=None) -> None:
     args = parse_config(SampleConfig, SAMPLE_SECTIONS, argv, prog="python -m dqo.sample",
                         description=__doc__)
-    decoding = args.decoding_config()
     reward = reward_from_args(args)
+    decoding = with_template(args.decoding_config(), args.prompt_template,
+                             None if args.reward_fn else args.task)
     check_model("--model", args.model)
     check_data("--prompts", args.prompts)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -58,7 +60,8 @@ def _main(argv=None) -> None:
     prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None,
                                    prompt_column=args.prompt_column,
                                    answer_column=args.answer_column)
-    prompts, answers = [r["prompt"] for r in prompt_rows], [r.get("answer") for r in prompt_rows]
+    prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in prompt_rows]
+    answers = [r.get("answer") for r in prompt_rows]
     samples = generate(model, tok, prompts, n=args.n, progress=True, decoding=decoding,
                        batch_size=args.generation_batch_size)
     rows = label_samples(prompts, answers, samples, reward,
