@@ -84,7 +84,8 @@ def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Di
     evaluate = Evaluator(tok, splits.test, decoding, samples=args.eval_samples)
     seed_stage(args.seed, "evaluate-before")  # every stage: the same draws after a --resume
     before = evaluate(policy)
-    log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"], before["sampled"])
+    log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"],
+             before.get("sampled", float("nan")))  # --eval-samples 0: greedy only
 
     log.info("stage 2/4: sampling %d responses for each of %d prompts",
              pipe.samples_per_prompt, pipe.n_offline)

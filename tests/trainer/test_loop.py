@@ -258,3 +258,14 @@ def test_atomic_write_survives_concurrent_writers_and_failures(tmp_path):
         atomic_write(path, broken, binary=True)
     assert torch.equal(torch.load(path), final)
     assert sorted(p.name for p in path.parent.iterdir()) == ["same.pt"]
+
+
+def test_default_pipeline_greedy_only(tmp_path, capsys):
+    """--eval-samples 0 (greedy evaluation only) used to crash with KeyError: 'sampled'."""
+    pipe = DefaultPipeline(n_sft=32, n_offline=4, n_test=4, samples_per_prompt=2,
+                           sft_max_steps=2, max_new_tokens=8)
+    args = TrainConfig(**{**parse_args([]).__dict__, "out": str(tmp_path / "d"), "progress": False,
+                        "batch_size": 8, "micro_batch": 8, "epochs": 1, "eval_samples": 0,
+                        "save_every": 0})
+    res = run_default(args, pipe)
+    assert "sampled" not in res["before"] and 0 <= res["after"]["greedy"] <= 1
