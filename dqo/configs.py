@@ -139,6 +139,12 @@ class TrainDataConfig(Options):
     truncated_reward: float = opt(0.0, "--truncated penalize: the reward added to a cut "
                                   "response's last token", gt=-inf, lt=inf)
     padding: str = opt("right", "side the micro-batches are padded on", choices=("right", "left"))
+    behavior_logp: str = opt(
+        "auto", "the behaviour log-probs of the importance weights: reference (the reference "
+        "forward's own, as when --model sampled the data: no sampler noise from bf16, the KV "
+        "cache or padding), recorded (the rows' behavior_logp, for data from another policy), or "
+        "auto (reference when the data's decoding record names --model as its sampler)",
+        choices=("auto", "reference", "recorded"))
 
 
 @dataclass

@@ -35,6 +35,8 @@ class DecodingConfig:
     stop_ids: Optional[List[int]] = None  # None: stop_token_ids() of the tokenizer and model
     # the text around each prompt ({prompt}: the problem), dqo.prompts; None: prompts as stored
     prompt_template: Optional[str] = None
+    # the model that sampled the data (dqo.sample's --model): its log-probs are the behaviour's
+    sampled_by: Optional[str] = None
 
     def __post_init__(self):
         check_decoding(self)
@@ -103,6 +105,13 @@ def check_decoding(d: DecodingConfig) -> None:
     if d.stop_ids is not None and not (isinstance(d.stop_ids, list) and d.stop_ids and all(
             isinstance(i, int) and i >= 0 for i in d.stop_ids)):
         raise ValueError(f"stop_ids: expected a non-empty list of token ids, got {d.stop_ids!r}")
+
+
+def model_id(model: str) -> str:
+    """A model as the decoding record names it: a local directory by its absolute path, a Hub
+    id as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def sidecar(data_path) -> Path:

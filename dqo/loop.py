@@ -222,6 +222,12 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
         if args.progress:
             steps.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "kl", "return_mean")
                                if k in row})
+        if step == 0 and row.get("is_weight_mean", 1.0) < 0.99:
+            log.warning("step 1: mean importance weight %.3f while the policy is still the "
+                        "reference (it should be 1): the behaviour log-probs differ from the "
+                        "training forward's (sampler noise: bf16, KV cache, padding), or the "
+                        "data come from another policy; if --model sampled the data, use "
+                        "--behavior-logp reference", row["is_weight_mean"])
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped:
             log.warning("step %d: the gradient is not finite (loss %s); the update was skipped "

@@ -23,7 +23,7 @@ from .data import (
     sft_rows,
     tokenize_rows,
 )
-from .decoding import DecodingConfig, find_decoding, sidecar
+from .decoding import DecodingConfig, find_decoding, model_id, sidecar
 from .engine import join_launcher_group, resolve_engine_kind
 from .errors import UsageError
 from .evaluation import accuracy
@@ -36,6 +36,14 @@ from .rewards import load_reward, task_reward
 from .rng import seed_stage, stage_rng
 
 log = logging.getLogger("dqo.train")  # the trainer's log lines, as python -m dqo.train prints them
+
+
+def behavior_source(mode: str, sampled_by: Optional[str], model: str) -> str:
+    """``reference`` or ``recorded``: where the importance weights' behaviour log-probs come
+    from (``--behavior-logp``; ``auto``: reference when ``model`` sampled the data)."""
+    if mode != "auto":
+        return mode
+    return "reference" if sampled_by is not None and sampled_by == model_id(model) else "recorded"
 
 
 def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None):
@@ -162,6 +170,13 @@ def run_custom(args: TrainConfig) -> Dict:
                                          strict=args.strict_data, stop_ids=decoding.stop_ids)
     check_bad_rows(args, bad + bad_tokens, len(rows) + len(bad))
     examples = truncated_examples(args, examples)
+    source = behavior_source(args.behavior_logp, decoding.sampled_by, args.model)
+    if source == "reference":  # the loss reads ref_logp where behavior_logp is None
+        for e in examples:
+            e.behavior_logp = None
+    log.info("importance weights: behaviour log-probs from %s", {
+        "reference": "the reference forward (the data were sampled by --model)",
+        "recorded": "the rows' behavior_logp (recorded by the sampler)"}[source])
     if algos.REGISTRY[args.algo].needs_ref:
         compute_ref_logps(policy, examples, tok.pad_token_id,
                           cache_dir=str(Path(args.out) / "cache"))

@@ -26,6 +26,7 @@ The library is :mod:`dqo.generation` (sampling, labelling, process rewards) and
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -33,7 +34,7 @@ from .cli import check_data, check_model, parse_config
 from .cli import run as run_cli
 from .configs import SAMPLE_SECTIONS, SampleConfig
 from .data import extra_columns, read_prompt_rows, write_jsonl
-from .decoding import sidecar
+from .decoding import model_id, sidecar
 from .generation import generate, label_samples, load_sampler, mc_process_scores
 from .prompts import apply_template, with_template
 from .rewards import reward_from_args
@@ -49,8 +50,9 @@ def _main(argv=None) -> None:
     args = parse_config(SampleConfig, SAMPLE_SECTIONS, argv, prog="python -m dqo.sample",
                         description=__doc__)
     reward = reward_from_args(args)
-    decoding = with_template(args.decoding_config(), args.prompt_template,
-                             None if args.reward_fn else args.task)
+    decoding = replace(with_template(args.decoding_config(), args.prompt_template,
+                                     None if args.reward_fn else args.task),
+                       sampled_by=model_id(args.model))
     check_model("--model", args.model)
     check_data("--prompts", args.prompts)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
