@@ -107,6 +107,8 @@ def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Di
     examples, _ = tokenize_rows(rows, tok, strict=True, stop_ids=decoding.stop_ids)
     examples = truncated_examples(args, examples)
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
+    # a LoRA adapter names its base: the warmed-up one on disk, so final/policy loads alone
+    policy.name_or_path = str((out_dir / "base").resolve())
     policy, value = prepare_models(args, policy)
     tracker = open_tracker(args, out_dir)
     train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0),

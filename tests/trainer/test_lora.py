@@ -197,3 +197,24 @@ def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tm
                    "--max-new-tokens", "4"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 4 and 0 <= res["greedy"] <= 1
+
+
+def test_embedded_default_with_lora_on_a_shared_base(tmp_path):
+    """The embedded default's pipeline with LoRA, the shared base and checkpointing; its
+    final/policy adapter names the warmed-up base on disk, so it loads on its own."""
+    from dqo.pipeline import DefaultPipeline
+    from dqo.runs import run_default
+    from dqo.train import parse_args
+    pipe = DefaultPipeline(n_sft=32, n_offline=4, n_test=4, samples_per_prompt=2,
+                           sft_max_steps=2, max_new_tokens=8)
+    args = TrainConfig(**{**parse_args([]).__dict__, "out": str(tmp_path / "d"),
+                          "progress": False, "batch_size": 8, "micro_batch": 8, "epochs": 1,
+                          "eval_samples": 0, "save_every": 0, "lora_r": 4,
+                          "value_backbone": "shared", "gradient_checkpointing": True})
+    res = run_default(args, pipe)
+    assert 0 <= res["after"]["greedy"] <= 1
+    final = tmp_path / "d" / "final" / "policy"
+    assert json.loads((final / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str((tmp_path / "d" / "base").resolve())
+    _, loaded = load_policy(str(final))
+    assert loaded.config.vocab_size > 0
