@@ -184,7 +184,8 @@ class OptimizationConfig(Options):
 
 @dataclass
 class MemoryConfig(Options):
-    """What makes a 7B run fit: activation checkpointing, LoRA, one shared base, the plan."""
+    """What makes a 7B run fit, and what its memory plan depends on: activation
+    checkpointing, LoRA, one shared base."""
 
     _argument_group_name = "memory"
     gradient_checkpointing: bool = opt(True, "recompute each decoder layer's activations in the "
@@ -192,8 +193,6 @@ class MemoryConfig(Options):
                                        "kept for ~30%% more compute; the embedded default's "
                                        "tiny model turns it off")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning); needs peft", ge=0)
-    lora_alpha: float = opt(32.0, "LoRA alpha (the adapter's scale is alpha / r)", gt=0, lt=inf)
-    lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input", ge=0, lt=1)
     lora_target_modules: str = opt("all-linear", "the linear layers that get an adapter: "
                                    "all-linear (every one but the lm_head) or names such as "
                                    "q_proj,k_proj,v_proj,o_proj")
@@ -201,16 +200,29 @@ class MemoryConfig(Options):
                               "policy's frozen base with an adapter of its own (with --lora-r; "
                               "one base in memory for policy, value and reference)",
                               choices=("separate", "shared"))
-    dry_run: bool = opt(False, "print the per-GPU memory plan (python -m dqo.memory) for these "
-                        "options and stop, before any weight is loaded")
-    gpu_memory: Optional[float] = opt(None, "GiB a GPU, for --dry-run to say whether the run "
-                                      "fits", gt=0, lt=inf)
+    gpu_memory: Optional[float] = opt(None, "GiB a GPU, for the memory plan to say whether the "
+                                      "run fits", gt=0, lt=inf)
 
     def check(self) -> None:
         super().check()
         if self.value_backbone == "shared" and self.lora_r == 0:
             raise UsageError("--value-backbone shared: needs --lora-r > 0 (a fully trained "
                              "policy cannot share its weights with the value model)")
+
+    def plan_options(self) -> Dict:
+        """:func:`dqo.memory.memory_plan`'s keyword arguments that these options decide."""
+        return dict(lora_r=self.lora_r, lora_targets=self.lora_target_modules,
+                    value_backbone=self.value_backbone,
+                    checkpointing=self.gradient_checkpointing, gpu_memory_gib=self.gpu_memory)
+
+
+@dataclass
+class AdapterConfig(Options):
+    """How LoRA adapters train (with --lora-r)."""
+
+    _argument_group_name = "LoRA adapters"
+    lora_alpha: float = opt(32.0, "LoRA alpha (the adapter's scale is alpha / r)", gt=0, lt=inf)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input", ge=0, lt=1)
 
 
 @dataclass
@@ -230,11 +242,13 @@ class RunConfig(Options):
     threads: int = opt(0, "CPU threads; 0 fits them to the cores other processes leave free, "
                        "checked every few seconds", ge=0)
     progress: bool = opt(True, "progress bars")
+    dry_run: bool = opt(False, "print the per-GPU memory plan (python -m dqo.memory) for these "
+                        "options and stop, before any weight is loaded")
 
 
 @dataclass
-class TrainConfig(RunConfig, MemoryConfig, DecodingArgs, OptimizationConfig, DQOLossConfig,
-                  AlgoConfig, ColumnsConfig, RewardConfig, TrainDataConfig):
+class TrainConfig(RunConfig, AdapterConfig, MemoryConfig, DecodingArgs, OptimizationConfig,
+                  DQOLossConfig, AlgoConfig, ColumnsConfig, RewardConfig, TrainDataConfig):
     """Everything ``python -m dqo.train`` (and :func:`dqo.loop.train`) takes. With no
     ``data`` the command line applies :data:`EMBEDDED_DEFAULT` on top of these defaults."""
 
@@ -249,7 +263,7 @@ class TrainConfig(RunConfig, MemoryConfig, DecodingArgs, OptimizationConfig, DQO
 
 
 TRAIN_SECTIONS = (TrainDataConfig, RewardConfig, ColumnsConfig, AlgoConfig, DQOLossConfig,
-                  OptimizationConfig, MemoryConfig, DecodingArgs, RunConfig)
+                  OptimizationConfig, MemoryConfig, AdapterConfig, DecodingArgs, RunConfig)
 
 # The embedded default (python -m dqo.train with no --data): a 0.8M-parameter model, not a 7B
 # one, so learning rates and batches of its own.
@@ -310,3 +324,23 @@ class EvalConfig(DecodingArgs, GenerationArgs, ColumnsConfig, RewardConfig, Eval
 
 
 EVAL_SECTIONS = (EvalSection, RewardConfig, ColumnsConfig, GenerationArgs, DecodingArgs)
+
+
+@dataclass
+class PlanSection(Options):
+    _argument_group_name = "the run to plan"
+    model: Optional[str] = opt(None, "a model directory, its config.json, or a Hub id (its "
+                               "config only)", required=True)
+    gpus: int = opt(1, "GPUs the run is spread over", ge=1)
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    micro_batch: int = opt(1, "sequences a forward", ge=1)
+    seq_len: int = opt(1024, "tokens of prompt + response", ge=1)
+    fp32: bool = opt(False, "fp32 weights (CPU); default bf16")
+
+
+@dataclass
+class MemoryPlanConfig(MemoryConfig, PlanSection):
+    """Everything ``python -m dqo.memory`` takes."""
+
+
+PLAN_SECTIONS = (PlanSection, MemoryConfig)

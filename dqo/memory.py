@@ -30,7 +30,6 @@ policy holds no memory during it. Not counted: the CUDA context and allocator fr
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,47 +203,29 @@ def main(argv=None) -> None:
     run(_main, argv, prog="python -m dqo.memory")
 
 
-def _main(argv=None) -> None:
-    from .errors import UsageError
-
-    p = argparse.ArgumentParser(prog="python -m dqo.memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="a model directory, its config.json, or a Hub id (config only)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over")
-    p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3),
-                   help="DeepSpeed ZeRO stage")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences a forward")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens of prompt + response")
-    p.add_argument("--fp32", action="store_true", help="fp32 weights (CPU); default bf16")
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    p.add_argument("--lora-target-modules", default=LORA_ALL_LINEAR,
-                   help="all-linear, or comma-separated module names such as q_proj,v_proj")
-    p.add_argument("--value-backbone", default="separate", choices=("separate", "shared"),
-                   help="the value model on a copy of the backbone, or on the policy's frozen "
-                        "base with its own adapter (needs --lora-r)")
-    p.add_argument("--no-gradient-checkpointing", action="store_true",
-                   help="plan without activation checkpointing")
-    p.add_argument("--gpu-memory", type=float, help="GiB a GPU, to say whether it fits")
-    a = p.parse_args(argv)
-    for name in ("gpus", "micro_batch", "seq_len"):
-        if getattr(a, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= 1, got "
-                             f"{getattr(a, name)}")
-    if a.lora_r < 0:
-        raise UsageError(f"--lora-r: expected an integer >= 0, got {a.lora_r}")
-    if a.value_backbone == "shared" and a.lora_r == 0:
-        raise UsageError("--value-backbone shared: needs --lora-r > 0")
-    shape = shape_of(load_config(a.model))
-    plan = memory_plan(shape, gpus=a.gpus, zero_stage=a.zero_stage, micro_batch=a.micro_batch,
-                       seq_len=a.seq_len, weight_bytes=4 if a.fp32 else 2, lora_r=a.lora_r,
-                       lora_targets=a.lora_target_modules, value_backbone=a.value_backbone,
-                       checkpointing=not a.no_gradient_checkpointing,
-                       gpu_memory_gib=a.gpu_memory)
-    print(f"{a.model}: {shape.params / 1e9:.2f}B parameters ({shape.backbone_params / 1e9:.2f}B "
-          f"without the lm_head); {a.gpus} GPU(s), ZeRO-{a.zero_stage}, micro-batch "
-          f"{a.micro_batch} x {a.seq_len} tokens, {'fp32' if a.fp32 else 'bf16'}")
+def print_plan(model: str, options, *, gpus: int, zero_stage: int, micro_batch: int,
+               seq_len: int, weight_bytes: int, note: str = "") -> MemoryPlan:
+    """The plan of ``model`` under ``options`` (a :class:`dqo.configs.MemoryConfig`), printed
+    with a line saying what it assumes."""
+    shape = shape_of(load_config(model))
+    plan = memory_plan(shape, gpus=gpus, zero_stage=zero_stage, micro_batch=micro_batch,
+                       seq_len=seq_len, weight_bytes=weight_bytes, **options.plan_options())
+    print(f"memory plan of {model}: {shape.params / 1e9:.2f}B parameters "
+          f"({shape.backbone_params / 1e9:.2f}B without the lm_head); {gpus} GPU(s), "
+          f"{'ZeRO-%d' % zero_stage if zero_stage else 'no ZeRO'}, micro-batch {micro_batch} x "
+          f"{seq_len} tokens{note}, {'bf16' if weight_bytes == 2 else 'fp32'}")
     print(plan.table())
+    return plan
+
+
+def _main(argv=None) -> None:
+    from .cli import parse_config
+    from .configs import PLAN_SECTIONS, MemoryPlanConfig
+
+    a = parse_config(MemoryPlanConfig, PLAN_SECTIONS, argv, prog="python -m dqo.memory",
+                     description=__doc__)
+    print_plan(a.model, a, gpus=a.gpus, zero_stage=a.zero_stage, micro_batch=a.micro_batch,
+               seq_len=a.seq_len, weight_bytes=4 if a.fp32 else 2)
 
 
 if __name__ == "__main__":

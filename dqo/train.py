@@ -76,27 +76,16 @@ def print_memory_plan(args: TrainConfig) -> None:
 
     import torch
 
-    from .memory import load_config, memory_plan, shape_of
+    from .memory import print_plan
     if args.model is None:
         raise UsageError("--dry-run: plans a --model run (the embedded default's model is "
                          "tiny)")
-    config = load_config(args.model)
-    gpus = int(os.environ.get("WORLD_SIZE", "0")) or max(1, torch.cuda.device_count())
-    seq_len = args.max_length or 1024
     zero = args.zero_stage if resolve_engine_kind(args.engine) == "deepspeed" else 0
-    on_gpu = torch.cuda.is_available()
-    plan = memory_plan(shape_of(config), gpus=gpus, zero_stage=zero,
-                       micro_batch=args.micro_batch, seq_len=seq_len,
-                       weight_bytes=2 if on_gpu else 4, lora_r=args.lora_r,
-                       lora_targets=args.lora_target_modules,
-                       value_backbone=args.value_backbone,
-                       checkpointing=args.gradient_checkpointing,
-                       gpu_memory_gib=args.gpu_memory)
-    length = "--max-length" if args.max_length else "a planning length: set --max-length"
-    print(f"memory plan of {args.model}: {gpus} GPU(s), "
-          f"{'ZeRO-%d' % zero if zero else 'no ZeRO'}, micro-batch {args.micro_batch} x "
-          f"{seq_len} tokens ({length}), {'bf16' if on_gpu else 'fp32'}")
-    print(plan.table())
+    print_plan(args.model, args,
+               gpus=int(os.environ.get("WORLD_SIZE", "0")) or max(1, torch.cuda.device_count()),
+               zero_stage=zero, micro_batch=args.micro_batch, seq_len=args.max_length or 1024,
+               weight_bytes=2 if torch.cuda.is_available() else 4,
+               note="" if args.max_length else " (a planning length: set --max-length)")
 
 
 def main(argv=None) -> None:

@@ -12,6 +12,7 @@ from dqo.cli import option_parser, parse_config, write_config
 from dqo.configs import (
     EMBEDDED_DEFAULT,
     EVAL_SECTIONS,
+    PLAN_SECTIONS,
     SAMPLE_SECTIONS,
     TRAIN_SECTIONS,
     DQOLossConfig,
@@ -22,7 +23,8 @@ from dqo.configs import (
 from dqo.errors import UsageError
 from dqo.options import to_dict
 
-COMMANDS = {"train": TRAIN_SECTIONS, "sample": SAMPLE_SECTIONS, "evaluate": EVAL_SECTIONS}
+COMMANDS = {"train": TRAIN_SECTIONS, "sample": SAMPLE_SECTIONS, "evaluate": EVAL_SECTIONS,
+            "memory": PLAN_SECTIONS}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -37,7 +39,7 @@ def test_every_flag_has_help(command):
 
 
 def test_every_field_has_help_and_one_section():
-    for cls in {*TRAIN_SECTIONS, *SAMPLE_SECTIONS, *EVAL_SECTIONS}:
+    for cls in {*TRAIN_SECTIONS, *SAMPLE_SECTIONS, *EVAL_SECTIONS, *PLAN_SECTIONS}:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), (cls.__name__, f.name)
     names = [f.name for cls in TRAIN_SECTIONS for f in dataclasses.fields(cls)]
