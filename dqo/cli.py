@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from .errors import USER_ERRORS, UsageError
-from .options import ARGPARSE_KEYS, check_range, field_type, flag, to_dict  # noqa: F401
+from .options import ARGPARSE_KEYS, field_type, flag, to_dict
 
 
 def run(main: Callable, argv=None, prog: str = "dqo"):

@@ -83,9 +83,7 @@ def checkpoint_context(model: nn.Module):
 
 def add_policy_adapter(policy: nn.Module, cfg) -> nn.Module:
     """The policy as a ``PeftModel`` with a fresh adapter (the base frozen)."""
-    peft = require_peft()
-    model = peft.get_peft_model(policy, cfg)
-    return model
+    return require_peft().get_peft_model(policy, cfg)
 
 
 def add_backbone_adapter(backbone: nn.Module, cfg) -> nn.Module:

@@ -66,7 +66,7 @@ def load_policy(path: str):
         tok.pad_token = tok.eos_token
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    if (Path(path) / "adapter_config.json").is_file():  # a LoRA policy: its base + the adapter
+    if lora.is_adapter_dir(path):  # a LoRA policy: its base + the adapter
         model = lora.require_peft().AutoPeftModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation()).merge_and_unload()
     else:
@@ -169,6 +169,15 @@ class PolicyLogprobs(nn.Module):
         self.model.save_pretrained(path)
 
 
+def head_values(head: nn.Linear, hidden: torch.Tensor, with_after: bool):
+    """A scalar head on the last hidden states: ``values`` [B, T], ``V(s_t)`` on position t
+    (0 on column 0), and with ``with_after`` also ``after`` [B, T], V of the state after token
+    t (``values`` shifted left by one, completed by the state after the last column)."""
+    after = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+    values = to_actions(after[:, :-1])
+    return (values, after) if with_after else values
+
+
 class ValueModel(nn.Module):
     """A transformers backbone with a scalar head: ``V(s_t)`` for every position t."""
 
@@ -195,9 +204,7 @@ class ValueModel(nn.Module):
         limit bootstraps from."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask)).last_hidden_state
-        after = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
-        values = to_actions(after[:, :-1])
-        return (values, after) if with_after else values
+        return head_values(self.head, hidden, with_after)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **extra):
         enable_checkpointing(self.backbone, activation_checkpointing_kwargs, **extra)
@@ -254,9 +261,7 @@ class SharedValueModel(nn.Module):
             hidden = backbone_of(self.shared)(
                 input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask)).last_hidden_state
-        after = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
-        values = to_actions(after[:, :-1])
-        return (values, after) if with_after else values
+        return head_values(self.head, hidden, with_after)
 
     def train(self, mode: bool = True):
         super().train(mode)

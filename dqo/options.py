@@ -10,6 +10,7 @@ The API (``LossConfig(beta=-1)``), a YAML file and the command line all go throu
 option, before any work. :mod:`dqo.cli` builds every command line from these fields.
 """
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -66,9 +67,14 @@ def check_range(flag: str, value, low: float = -math.inf, high: float = math.inf
         raise UsageError(f"{flag}: expected {kind} in {lo}{low}, {high}{hi}, got {value!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolved once per class, not once per field and object
+
+
 def field_type(cls, name: str):
     """The field's type with ``Optional`` taken off (``Optional[int]`` -> ``int``)."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
 
