@@ -181,6 +181,16 @@ class OptimizationConfig(Options):
     engine: str = opt("auto", "auto: DeepSpeed on GPU, plain PyTorch on a CPU-only machine",
                       choices=("auto", "deepspeed", "torch"))
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    deepspeed: Optional[str] = opt(None, "a DeepSpeed config JSON merged over the trainer's own "
+                                   "(its keys win, 'auto' takes the trainer's value; the merge "
+                                   "is logged); needs the DeepSpeed engine")
+    offload: str = opt("none", "ZeRO-Offload to CPU memory: the optimizer states (optimizer), "
+                       "and with --zero-stage 3 the parameters too (all)",
+                       choices=("none", "optimizer", "all"))
+    bf16: Optional[bool] = opt(None, "bf16 weights and DeepSpeed bf16 (default: on a GPU, off "
+                               "on a CPU)")
+    fp16: bool = opt(False, "fp16 weights with dynamic loss scaling, for GPUs without bf16 "
+                     "(V100, T4)")
     seed: int = opt(0, "seed of the data order, sampling and initialisation")
 
     def check(self) -> None:
@@ -188,6 +198,31 @@ class OptimizationConfig(Options):
         if self.batch_size % self.micro_batch:
             raise UsageError(f"--batch-size: expected a multiple of --micro-batch "
                              f"({self.micro_batch}), got {self.batch_size}")
+        if self.fp16 and self.bf16:
+            raise UsageError("--fp16: expected at most one of --bf16 and --fp16, got both")
+        if self.offload == "all" and self.zero_stage != 3:
+            raise UsageError(f"--offload all: offloads parameters, which needs --zero-stage 3, "
+                             f"got --zero-stage {self.zero_stage} (or use --offload optimizer)")
+        if self.engine == "torch" and (self.deepspeed or self.offload != "none"):
+            flag = "--deepspeed" if self.deepspeed else "--offload"
+            raise UsageError(f"{flag}: needs the DeepSpeed engine, got --engine torch")
+
+    def precision(self) -> str:
+        """``bf16``, ``fp16`` or ``fp32``: the weights' dtype and DeepSpeed's mixed precision."""
+        import torch
+
+        if self.fp16:
+            if not torch.cuda.is_available():
+                raise UsageError("--fp16: needs a GPU (fp16 training on a CPU has no loss "
+                                 "scaling here); drop it")
+            return "fp16"
+        bf16 = torch.cuda.is_available() if self.bf16 is None else self.bf16
+        return "bf16" if bf16 else "fp32"
+
+    def deepspeed_options(self) -> Dict:
+        """:func:`dqo.engine.make_engine`'s DeepSpeed keyword arguments."""
+        return dict(zero_stage=self.zero_stage, precision=self.precision(),
+                    offload=self.offload, user_config=self.deepspeed)
 
 
 @dataclass

@@ -175,11 +175,12 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
     if value is not None:
         value.packing = args.packing
     policy_module = PolicyLogprobs(policy, deepspeed=kind == "deepspeed", packing=args.packing)
+    ds = args.deepspeed_options()
     engines = {"policy": make_engine(policy_module, OptimConfig(lr=args.lr, **common), kind,
-                                     args.zero_stage)}
+                                     **ds)}
     if algo.needs_value:
         engines["value"] = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
-                                       kind, args.zero_stage)
+                                       kind, **ds)
     policy_engine = engines["policy"]
     assert world == world_size(), (world, world_size())
     if kind == "torch":

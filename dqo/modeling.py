@@ -63,16 +63,20 @@ def build_policy(config=None, path: Optional[str] = None, dtype=torch.float32):
                                             attn_implementation=attn_implementation())
 
 
-def load_policy(path: str):
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_policy(path: str, precision: Optional[str] = None):
     """(tokenizer, policy) from a HF path, for sampling, evaluation and training: bf16 on the
-    GPU when there is one (the current device), fp32 on CPU."""
+    GPU when there is one (the current device), fp32 on CPU, unless ``precision`` (``bf16``,
+    ``fp16``, ``fp32``) says otherwise."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = DTYPES[precision] if precision else torch.bfloat16 if on_gpu else torch.float32
     if lora.is_adapter_dir(path):  # a LoRA policy: its base + the adapter
         model = lora.require_peft().AutoPeftModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation()).merge_and_unload()
@@ -239,11 +243,24 @@ class PolicyLogprobs(nn.Module):
             return lora.policy_parameters(self.model)
         return [p for p in self.parameters() if p.requires_grad]
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path, state_dict: Optional[dict] = None) -> None:
+        """``state_dict``: this module's full state when its parameters are partitioned
+        (DeepSpeed ZeRO-3 gathers it into rank 0's CPU memory)."""
+        state = sub_state(state_dict, "model.")
         if getattr(self.model, "peft_config", None):  # the policy's adapter, in peft's format
-            self.model.save_pretrained(path, selected_adapters=[lora.POLICY_ADAPTER])
+            self.model.save_pretrained(path, selected_adapters=[lora.POLICY_ADAPTER],
+                                       **state)
             return
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, **state)
+
+
+def sub_state(state_dict: Optional[dict], prefix: str) -> dict:
+    """``save_pretrained``'s keyword for a sub-module's part of a full ``state_dict`` (keys
+    under ``prefix``, stripped), or none without one."""
+    if state_dict is None:
+        return {}
+    return {"state_dict": {k[len(prefix):]: v for k, v in state_dict.items()
+                           if k.startswith(prefix)}}
 
 
 def head_values(head: nn.Linear, hidden: torch.Tensor, with_after: bool):
@@ -295,10 +312,12 @@ class ValueModel(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path, state_dict: Optional[dict] = None) -> None:
+        """``state_dict``: as :meth:`PolicyLogprobs.save_pretrained`."""
         path = Path(path)
-        self.backbone.save_pretrained(path)
-        torch.save(self.head.state_dict(), path / "value_head.pt")
+        self.backbone.save_pretrained(path, **sub_state(state_dict, "backbone."))
+        head = sub_state(state_dict, "head.").get("state_dict") or self.head.state_dict()
+        torch.save(head, path / "value_head.pt")
         (path / "value_model.json").write_text(json.dumps({"head": "value_head.pt"}))
 
     @classmethod

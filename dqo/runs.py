@@ -150,7 +150,7 @@ def run_custom(args: TrainConfig) -> Dict:
     if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     join_launcher_group(args.engine)
-    tok, policy = load_policy(args.model)
+    tok, policy = load_policy(args.model, args.precision())
     # the data's own decoding settings (dqo.sample writes them beside it): its stop tokens
     # decide which rows finished, its length limit is the evaluation's
     decoding = find_decoding(sidecar(args.data))
