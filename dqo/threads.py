@@ -92,7 +92,6 @@ class ThreadFitter:
 
 
 _fitter: Optional[ThreadFitter] = None
-_chosen: Optional[int] = None
 
 
 def fit_threads(threads: int, recorded: Optional[int] = None, adaptive: bool = False) -> int:
@@ -101,7 +100,7 @@ def fit_threads(threads: int, recorded: Optional[int] = None, adaptive: bool = F
     of cores), else every core the process may use (on a GPU machine: torch's count, as the
     launcher set it). ``adaptive`` (``--adapt-threads``): refit it to the free cores from now
     on (CPU machines only; the results then depend on the machine's load)."""
-    global _fitter, _chosen
+    global _fitter
     _fitter = None
     cores = usable_cores()
     if threads > 0:
@@ -121,7 +120,6 @@ def fit_threads(threads: int, recorded: Optional[int] = None, adaptive: bool = F
     else:
         n = torch.get_num_threads()
     torch.set_num_threads(n)
-    _chosen = n
     if adaptive and not torch.cuda.is_available() and cores is not None:
         log.warning("--adapt-threads: the thread count follows the machine's load; results "
                     "are not reproducible bit for bit")
@@ -131,9 +129,9 @@ def fit_threads(threads: int, recorded: Optional[int] = None, adaptive: bool = F
 
 
 def run_threads() -> int:
-    """The count the run fixed at its start (what checkpoints record): :func:`fit_threads`'s,
-    or torch's when the run did not call it (the library used directly)."""
-    return _chosen if _chosen is not None else torch.get_num_threads()
+    """The count the run fixed at its start (what checkpoints record): torch's, or under
+    ``--adapt-threads`` the count it started with."""
+    return _fitter.max_threads if _fitter is not None else torch.get_num_threads()
 
 
 def adapt() -> None:

@@ -13,7 +13,6 @@ def restore_threads():
     yield
     torch.set_num_threads(n)
     threads._fitter = None
-    threads._chosen = None
 
 
 def fake_clock(monkeypatch, readings):
@@ -111,6 +110,7 @@ def test_adapting_to_the_load_is_opt_in(monkeypatch, restore_threads):
     monkeypatch.setattr(threads.time, "monotonic", lambda: float(next(ticks)))
     assert threads.fit_threads(0, adaptive=True) == 2  # the run's count, as recorded
     assert torch.get_num_threads() == 1  # then fitted to the (simulated) busy machine
+    assert threads.run_threads() == 2  # what its checkpoints record
 
 
 def test_a_resume_restores_the_recorded_count(monkeypatch, restore_threads, caplog):
