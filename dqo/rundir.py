@@ -85,6 +85,8 @@ class RunDir:
 
 
 _HELD: Dict[str, RunDir] = {}
+_NOTHING_TO_RESUME = ("--resume: {out} holds no checkpoint and no run to resume (a mistyped "
+                      "--out?); leave --resume out to start one there")
 
 
 def launcher_rank() -> int:
@@ -163,8 +165,7 @@ def _check_resume(out: Path, args, ckpt: Optional[Path], state: Dict) -> None:
         saved, source = yaml.safe_load((out / "config.yaml").read_text()) or {}, "config.yaml"
     else:
         if ckpt is None and not (out / RECORD_FILE).is_file():
-            raise CheckpointError(f"--resume: {out} holds no checkpoint and no run to resume "
-                                  f"(a mistyped --out?); leave --resume out to start one there")
+            raise CheckpointError(_NOTHING_TO_RESUME.format(out=out))
         return
     diffs = changed_options(saved, to_dict(args), source)
     if diffs and not getattr(args, "resume_force", False):
@@ -187,6 +188,8 @@ def _clear(out: Path) -> None:
 def _open(args, check: bool) -> RunDir:
     check_out(args.out)
     out = Path(args.out).expanduser()
+    if args.resume and check and not out.is_dir():
+        raise CheckpointError(_NOTHING_TO_RESUME.format(out=out))
     out.mkdir(parents=True, exist_ok=True)
     rank0 = launcher_rank() == 0
     fd = _lock(out) if rank0 else None
@@ -213,8 +216,7 @@ def _open(args, check: bool) -> RunDir:
             run.record()
         return run
     except BaseException:
-        if fd is not None:
-            os.close(fd)
+        RunDir(out, "", lock_fd=fd).release()  # a refused run leaves the lock as it found it
         raise
 
 

@@ -13,6 +13,7 @@ module is their command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -108,8 +109,9 @@ def _main(argv=None) -> None:
         return
     t0 = time.time()
     with claim(args) as run:  # before config.yaml is rewritten: --resume compares with it
-        if rank() == 0:
-            write_config(args, Path(args.out) / "config.yaml")
+        if rank() == 0:  # what the run is; not what this command did to the directory
+            write_config(dataclasses.replace(args, resume=False, resume_force=False,
+                                             overwrite=False), Path(args.out) / "config.yaml")
         if args.data is None:
             log.info("the embedded default: %s", ", ".join(f"{k}={getattr(args, k)}"
                                                             for k in EMBEDDED_DEFAULT))

@@ -115,11 +115,15 @@ def test_a_rerun_into_the_same_out_is_refused_unless_overwrite(tmp_path, monkeyp
     code, err = cli(argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"--out {out} holds another run" in err and "--overwrite" in err
+    assert (out / ".lock").read_text() == ""  # a refused run leaves no stale lock behind
     assert (out / "checkpoints" / "step-0000032").is_dir()  # untouched
     assert cli([*argv, "--overwrite"], capsys)[0] == 0
     assert not (out / "checkpoints").exists()
     assert "--overwrite: removed the previous run's run.json, checkpoints" in caplog.text
     assert cli([*argv, "--resume"], capsys)[0] == 0
+    # config.yaml, which --config reads back into another --out, neither resumes nor overwrites
+    again = train_cli.parse_args(["--config", str(out / "config.yaml")])
+    assert not (again.resume or again.overwrite or again.resume_force)
 
 
 @pytest.mark.parametrize("flag,first,now,diff", [
@@ -160,6 +164,7 @@ def test_resume_into_a_directory_without_a_run_is_an_error(tmp_path, monkeypatch
     code, err = cli(["--out", str(tmp_path / "typo"), "--resume", "--no-progress"], capsys)
     assert code == 2
     assert f"--resume: {tmp_path / 'typo'} holds no checkpoint and no run to resume" in err
+    assert not (tmp_path / "typo").exists()
     with pytest.raises(CheckpointError, match="no run to resume"):
         with rundir.claim(TrainConfig(out=str(tmp_path / "empty"), resume=True)):
             pass
