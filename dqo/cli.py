@@ -18,8 +18,10 @@ from .errors import USER_ERRORS, UsageError
 from .options import ARGPARSE_KEYS, field_type, flag, to_dict
 
 
-def run(main: Callable, argv=None, prog: str = "dqo"):
-    """``main(argv)``, with a user error turned into one line on stderr and exit code 2."""
+def run(main: Callable, argv=None, prog: str = "dqo", interrupted: str = ""):
+    """``main(argv)``, with a user error turned into one line on stderr and exit code 2, and
+    Ctrl-C (SIGINT) into one line (``prog: interrupted; <interrupted>``) and exit code 130,
+    the shell's code for it."""
     try:
         return main(argv)
     except USER_ERRORS as exc:
@@ -27,6 +29,12 @@ def run(main: Callable, argv=None, prog: str = "dqo"):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("DQO_DEBUG", "0") == "1":
+            raise
+        print(f"{prog}: interrupted" + (f"; {interrupted}" if interrupted else ""),
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def check_file(flag: str, value: Optional[str]) -> None:

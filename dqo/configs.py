@@ -276,17 +276,38 @@ class RunConfig(Options):
     eval_samples: int = opt(4, "sampled responses a problem in evaluation (0: greedy only)",
                             ge=0)
     save_every: int = opt(0, "steps between checkpoints (0: none)", ge=0)
-    keep_checkpoints: int = opt(2, "checkpoints kept (the most recent)", ge=1)
-    resume: bool = opt(False, "continue from the last complete checkpoint in --out")
+    keep_checkpoints: int = opt(2, "checkpoints of this run kept (its most recent; another "
+                                "run's are never deleted)", ge=1)
+    resume: bool = opt(False, "continue the run in --out from its last complete checkpoint "
+                       "(refused if options that change the run differ from its recorded "
+                       "ones)")
+    resume_force: bool = opt(False, "with --resume: continue even though such options differ "
+                             "(each is logged; the optimizer's saved state keeps the "
+                             "checkpoint's learning rates)")
+    overwrite: bool = opt(False, "a new run into an --out that holds another run: remove that "
+                          "run's checkpoints/, metrics.jsonl, final/ first (without it, or "
+                          "--resume, the run is refused)")
     report_to: str = opt("none", "every metrics row (and the final evaluations) to TensorBoard "
                          "(<out>/tensorboard) or W&B, from rank 0", choices=REPORT_TO)
     max_skipped_steps: int = opt(3, "consecutive steps with non-finite gradients before "
                                  "training stops", ge=1)
-    threads: int = opt(0, "CPU threads; 0 fits them to the cores other processes leave free, "
-                       "checked every few seconds", ge=0)
+    threads: int = opt(0, "CPU threads, fixed for the whole run (0: every core the process may"
+                       " use; a --resume restores the run's count)", ge=0)
+    adapt_threads: bool = opt(False, "refit the CPU threads every few seconds to the cores other"
+                              " processes leave free: faster beside busy processes, but the "
+                              "results then depend on the machine's load (not bit for bit "
+                              "reproducible, nor a --resume)")
     progress: bool = opt(True, "progress bars")
     dry_run: bool = opt(False, "print the per-GPU memory plan (python -m dqo.memory) for these "
                         "options and stop, before any weight is loaded")
+
+    def check(self) -> None:
+        super().check()
+        if self.overwrite and self.resume:
+            raise UsageError("--overwrite: removes the run in --out, --resume continues it; "
+                             "give one")
+        if self.resume_force and not self.resume:
+            raise UsageError("--resume-force: only with --resume")
 
 
 @dataclass

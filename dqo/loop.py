@@ -35,7 +35,9 @@ from .errors import TrainingError
 from .modeling import PolicyLogprobs, check_packing
 from .options import to_dict
 from .rng import seed_stage, stage_rng
+from .rundir import RunDir, claim
 from .threads import adapt as adapt_threads
+from .threads import run_threads
 from .tracking import Tracker, make_tracker
 
 log = logging.getLogger("dqo.train")  # the trainer's log lines, as python -m dqo.train prints them
@@ -151,7 +153,16 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
     """The training loop of ``args.algo`` (see :mod:`dqo.algos`). ``examples`` carry
     ``ref_logp`` where the algorithm needs it; ``value`` is None for policy-only algorithms;
     ``decoding`` is saved with the final policy; every metrics row also goes to ``tracker``
-    (default: ``--report-to``'s, closed at the end). Returns the last evaluation (if any)."""
+    (default: ``--report-to``'s, closed at the end). Returns the last evaluation (if any).
+    ``args.out`` is locked for the call (:func:`dqo.rundir.claim`; already held when the
+    command line claimed it), and checkpoints carry the run's id and thread count."""
+    with claim(args, check=False) as run:
+        return _train(args, run, tokenizer, policy, value, examples, eval_fn, decoding, tracker)
+
+
+def _train(args: TrainConfig, run: RunDir, tokenizer, policy, value, examples: List[Example],
+           eval_fn: Optional[Callable[[], Dict]], decoding: Optional[DecodingConfig],
+           tracker: Optional[Tracker]) -> Dict:
     own_tracker = tracker is None
     if own_tracker:
         tracker = open_tracker(args, Path(args.out))
@@ -191,8 +202,13 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
 
     start = 0
     if args.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        start = load_checkpoint(ckpt, engines)["step"]
+        state = load_checkpoint(ckpt, engines)
+        start = state["step"]
         log.info("resumed from %s at step %d", ckpt, start)
+        if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            log.warning("the run used %d CPU threads until this checkpoint, this process %d: "
+                        "sums round differently than in an uninterrupted run",
+                        state["threads"], torch.get_num_threads())
     else:
         seed_stage(args.seed, "train")
     metrics_path = out_dir / "metrics.jsonl"
@@ -261,8 +277,9 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
                     f"{last if last is not None else 'none (--save-every 0)'}. Lower --lr, or "
                     f"check the data; --max-skipped-steps allows more")
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total):
-            save_checkpoint(out_dir, step + 1, engines, {"args": to_dict(args)},
-                            keep=args.keep_checkpoints)
+            save_checkpoint(out_dir, step + 1, engines,
+                            {"args": to_dict(args), "run_id": run.run_id,
+                             "threads": run_threads()}, keep=args.keep_checkpoints)
     save_final(out_dir, engines, tokenizer, decoding)
     if rank() == 0:
         draw_curves(out_dir)

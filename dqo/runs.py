@@ -34,6 +34,7 @@ from .prompts import apply_template, with_template
 from .reference_logps import compute_ref_logps
 from .rewards import load_reward, task_reward
 from .rng import seed_stage, stage_rng
+from .rundir import claim
 
 log = logging.getLogger("dqo.train")  # the trainer's log lines, as python -m dqo.train prints them
 
@@ -81,6 +82,13 @@ def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None)
 
 
 def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Dict:
+    """The embedded default into ``args.out``, claimed first (:func:`dqo.rundir.claim`: a
+    used directory, or a ``--resume`` with other options, is refused before the warm-up)."""
+    with claim(args):
+        return _run_default(args, pipe)
+
+
+def _run_default(args: TrainConfig, pipe: Optional[DefaultPipeline]) -> Dict:
     pipe = pipe or DefaultPipeline()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +154,13 @@ def truncated_examples(args: TrainConfig, examples: List[Example]) -> List[Examp
 
 
 def run_custom(args: TrainConfig) -> Dict:
-    """``--model PATH --data FILE``: train a real model on an offline dataset."""
+    """``--model PATH --data FILE``: train a real model on an offline dataset, into
+    ``args.out`` claimed first (:func:`dqo.rundir.claim`)."""
+    with claim(args):
+        return _run_custom(args)
+
+
+def _run_custom(args: TrainConfig) -> Dict:
     if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     join_launcher_group(args.engine)

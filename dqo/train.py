@@ -13,6 +13,7 @@ module is their command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from .engine import leave_process_group, rank, resolve_engine_kind
 from .errors import RewardError, UsageError
 from .options import flag
 from .rewards import load_reward
+from .rundir import check_out, claim
 from .runs import run_custom, run_default
 from .threads import fit_threads
 
@@ -57,6 +59,7 @@ def check_command_line(a: TrainConfig) -> None:
     if a.model is not None and a.data is None:
         raise UsageError("--model needs --data: sample an offline dataset with "
                          "python -m dqo.sample first")
+    check_out(a.out)
     check_model("--model", a.model)
     check_model("--value-model", a.value_model)
     check_data("--data", a.data)
@@ -89,7 +92,8 @@ def print_memory_plan(args: TrainConfig) -> None:
 
 
 def main(argv=None) -> None:
-    run_cli(_main, argv, prog="python -m dqo.train")
+    run_cli(_main, argv, prog="python -m dqo.train",
+            interrupted="the checkpoints written so far are intact; --resume continues")
 
 
 def _main(argv=None) -> None:
@@ -103,16 +107,18 @@ def _main(argv=None) -> None:
     if args.dry_run:
         print_memory_plan(args)
         return
-    if rank() == 0:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_config(args, Path(args.out) / "config.yaml")
-    if args.data is None:
-        log.info("the embedded default: %s", ", ".join(f"{k}={getattr(args, k)}"
-                                                        for k in EMBEDDED_DEFAULT))
-    fit_threads(args.threads)
     t0 = time.time()
-    res = run_default(args) if args.data is None else run_custom(args)
-    leave_process_group()
+    with claim(args) as run:  # before config.yaml is rewritten: --resume compares with it
+        if rank() == 0:  # what the run is; not what this command did to the directory
+            write_config(dataclasses.replace(args, resume=False, resume_force=False,
+                                             overwrite=False), Path(args.out) / "config.yaml")
+        if args.data is None:
+            log.info("the embedded default: %s", ", ".join(f"{k}={getattr(args, k)}"
+                                                            for k in EMBEDDED_DEFAULT))
+        run.record(threads=fit_threads(args.threads, recorded=run.threads if args.resume
+                                       else None, adaptive=args.adapt_threads))
+        res = run_default(args) if args.data is None else run_custom(args)
+        leave_process_group()
     if res["before"]:
         print("\naccuracy on held-out problems   greedy   sampled")
         for name in ("before", "after"):

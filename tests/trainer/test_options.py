@@ -200,7 +200,7 @@ def test_a_run_records_its_resolved_config_at_start(tmp_path, monkeypatch):
         return {"before": {}, "after": {}}
 
     monkeypatch.setattr(train_cli, "run_custom", stub)
-    monkeypatch.setattr(train_cli, "fit_threads", lambda n: None)
+    monkeypatch.setattr(train_cli, "fit_threads", lambda *a, **k: 1)
     argv = ["--model", "org/m", "--data", str(tmp_path / "d.jsonl"), "--out", str(out),
             "--lam", "0.8", "--no-progress"]
     train_cli.main(argv)
