@@ -66,6 +66,8 @@ class RewardConfig(Options):
                                    "columns: the prompt rows' other fields)", metavar="SPEC")
     correct_threshold: float = opt(1.0, "a response is correct when its reward is at least this",
                                    gt=-inf, lt=inf)
+    reward_timeout: float = opt(60.0, "seconds a call of --reward-fn may take before the run "
+                                "stops with an error naming it (0: no limit)", ge=0, lt=inf)
 
 
 @dataclass
