@@ -300,6 +300,9 @@ class SampleSection(Options):
     process_reward_total: float = opt(0.5, "the most a failed response earns from its steps, as "
                                       "a share of a correct answer's reward (each of its K steps"
                                       " judged correct earns total/K)", ge=0, lt=1)
+    resume: bool = opt(False, "continue the interrupted run that writes --out (its rows kept in "
+                       "OUT.partial/) with the same options; the result is the file an "
+                       "uninterrupted run writes")
 
 
 @dataclass
