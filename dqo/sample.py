@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import replace
 
 from .cli import check_data, check_model, parse_config
@@ -50,7 +51,12 @@ log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> None:
-    run_cli(_main, argv, prog="python -m dqo.sample")
+    try:
+        run_cli(_main, argv, prog="python -m dqo.sample")
+    except KeyboardInterrupt:  # the rows so far are on disk (the log line says where)
+        print("python -m dqo.sample: interrupted; rerun with --resume to continue",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _main(argv=None) -> None:

@@ -67,7 +67,7 @@ class PartialRows:
                     diff = sorted(k for k in set(state) | set(old or {})
                                   if (old or {}).get(k) != state.get(k))
                     raise UsageError(f"{flag}: the rows in {d} were sampled with other settings "
-                                     f"({', '.join(diff) or 'state.json unreadable'} differ); "
+                                     f"(changed: {', '.join(diff) or 'state.json unreadable'}); "
                                      f"rerun with the same ones, or delete {d} to start over")
                 size = rows_path.stat().st_size
                 if offsets[-1:] != [size] and size:
