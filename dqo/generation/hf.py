@@ -81,7 +81,7 @@ class RowSampler:
             scores = w(input_ids, scores)
         probs = torch.softmax(scores.float(), dim=-1)
         cdf = probs.cumsum(-1)
-        u = self.u[:, input_ids.shape[1] - self.width].to(cdf.device).unsqueeze(1)
+        u = self.u[:, input_ids.shape[1] - self.width].unsqueeze(1)
         picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
         # u * total can round up to the total: never past the last token that can be drawn
         last = probs.shape[1] - 1 - (probs > 0).flip(1).int().argmax(1, keepdim=True)
@@ -125,7 +125,7 @@ def sample_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
             kw = {}
             if seeded:
                 u = uniforms([sample_seed(seeds[i], k) for i, k in batch],
-                             decoding.max_new_tokens)
+                             decoding.max_new_tokens).to(device)
                 from transformers import LogitsProcessorList
                 kw["logits_processor"] = LogitsProcessorList([RowSampler(decoding, u, width)])
             with own_generation_config(model):

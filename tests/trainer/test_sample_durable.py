@@ -207,3 +207,53 @@ def test_the_row_sampler_draws_from_transformers_distribution():
     want = torch.softmax(want, -1)[0]
     assert freq[want == 0].sum() == 0
     torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
+
+
+class SeededSampler:
+    """A stand-in engine (vLLM's interface): each prompt's samples from its seed alone."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, tokenizer, prompts, *, decoding, n=1, greedy=False, prefixes=None,
+                 seeds=None):
+        from dqo.generation import Sample
+        self.calls.append(len(prompts))
+        out = []
+        for s in seeds:
+            g = torch.Generator().manual_seed(s)
+            out.append([Sample(str(d), [int(d), 2], [-0.5, -0.25], True)
+                        for d in torch.randint(3, 9, (n,), generator=g).tolist()])
+        return out
+
+
+def test_a_sampler_engine_resumes_by_whole_prompts(tok, tmp_path, monkeypatch):
+    """An engine that generates itself (vLLM) gets whole prompts (batch size // n of them) and
+    a seed for each; a run stopped after two of its calls resumes to the same bytes."""
+    from dqo.generation.dataset import SampleJob, sample_dataset
+    from dqo.rewards import task_reward
+
+    rows = [dict(prompt=p.prompt, answer=p.answer) for p in arithmetic.make_problems(5, 4)]
+    prompts = [r["prompt"] for r in rows]
+    d = DecodingConfig(max_new_tokens=4, stop_ids=[2])
+
+    def run(out, **kw):
+        engine = SeededSampler()
+        job = SampleJob(out=str(out), n=2, batch_size=4, seed=1, source="p.jsonl")
+        sample_dataset(engine, tok, rows, prompts, task_reward("arithmetic"), d, job, **kw)
+        return engine.calls
+
+    assert run(tmp_path / "ref.jsonl") == [2, 2, 1]
+    real_append = PartialRows.append
+
+    def append(self, new_rows):
+        if self.n_rows == 8:
+            raise KeyboardInterrupt
+        real_append(self, new_rows)
+
+    monkeypatch.setattr(PartialRows, "append", append)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "data.jsonl")
+    monkeypatch.setattr(PartialRows, "append", real_append)
+    assert run(tmp_path / "data.jsonl", resume=True) == [1]  # the last prompt only
+    assert (tmp_path / "data.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
