@@ -10,10 +10,12 @@ batch in flight and ``--resume`` ends with the bytes an uninterrupted run writes
   generator the batch shares, so what is drawn for a prompt does not depend on where a run was
   cut. A resumed run redoes the generation batch in which the first missing prompt began, so
   that every batch has the composition it had in the uninterrupted run: with the same options
-  (model, prompts, ``n``, batch size, decoding, seed, reward) the file is byte for byte the
-  same. Another batch size draws the same random numbers, but a sample can still change where
-  padding moves a logit by a rounding error across a draw's boundary, and the recorded
-  log-probs in their last bits: bit-exactness is guaranteed for the same options only.
+  (model, prompts, ``n``, batch size, decoding, seed, reward), on the same machine (device,
+  or CPU thread count: reductions split over other threads round differently), the file is
+  byte for byte the same. Another batch size draws the same random numbers, but a sample can
+  still change where padding moves a logit by a rounding error across a draw's boundary, and
+  the recorded log-probs in their last bits: bit-exactness is guaranteed for the same options
+  only.
 - Monte-Carlo process rewards (``process_n``) are computed per batch of completed prompts,
   seeded from (``seed``, first prompt of the batch).
 """

@@ -43,7 +43,14 @@ REWARDS = textwrap.dedent("""
 
 
 @pytest.fixture
-def setup(tok, policy, tmp_path):
+def setup(tok, policy, tmp_path, monkeypatch):
+    # one thread here and in the subprocesses: CPU reductions split over another number of
+    # threads round differently (a dqo.train test before this one may have fitted the count)
+    import dqo.threads
+    monkeypatch.setattr(dqo.threads, "_fitter", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model = tmp_path / "base"
     policy.save_pretrained(model)
     tok.save_pretrained(model)
@@ -51,7 +58,8 @@ def setup(tok, policy, tmp_path):
     D.write_jsonl(prompts, [dict(prompt=p.prompt, answer=p.answer)
                             for p in arithmetic.make_problems(6, 3)])
     (tmp_path / "rewards.py").write_text(REWARDS)
-    return tmp_path
+    yield tmp_path
+    torch.set_num_threads(threads)
 
 
 def argv(tmp_path, out, fn="flaky", *extra):
