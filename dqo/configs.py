@@ -66,6 +66,8 @@ class RewardConfig(Options):
                                    "columns: the prompt rows' other fields)", metavar="SPEC")
     correct_threshold: float = opt(1.0, "a response is correct when its reward is at least this",
                                    gt=-inf, lt=inf)
+    reward_timeout: float = opt(60.0, "seconds a call of --reward-fn may take before the run "
+                                "stops with an error naming it (0: no limit)", ge=0, lt=inf)
 
 
 @dataclass
@@ -362,6 +364,9 @@ class SampleSection(Options):
     process_reward_total: float = opt(0.5, "the most a failed response earns from its steps, as "
                                       "a share of a correct answer's reward (each of its K steps"
                                       " judged correct earns total/K)", ge=0, lt=1)
+    resume: bool = opt(False, "continue the interrupted run that writes --out (its rows kept in "
+                       "OUT.partial/) with the same options; the result is the file an "
+                       "uninterrupted run writes")
 
 
 @dataclass

@@ -202,7 +202,8 @@ def _run_custom(args: TrainConfig) -> Dict:
         rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None,
                                 prompt_column=args.prompt_column,
                                 answer_column=args.answer_column)
-        reward = (load_reward(args.reward_fn, args.correct_threshold) if args.reward_fn
+        reward = (load_reward(args.reward_fn, args.correct_threshold, args.reward_timeout)
+                  if args.reward_fn
                   else task_reward(args.task or "arithmetic", args.correct_threshold))
         prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in rows]
         eval_fn = lambda: accuracy(  # noqa: E731

@@ -22,6 +22,7 @@ from typing import Dict
 from .cli import check_data, check_model, parse_config, write_config
 from .cli import run as run_cli
 from .configs import EMBEDDED_DEFAULT, TRAIN_SECTIONS, TrainConfig
+from .decoding import sidecar
 from .engine import leave_process_group, rank, resolve_engine_kind
 from .errors import RewardError, UsageError
 from .options import flag
@@ -65,11 +66,27 @@ def check_command_line(a: TrainConfig) -> None:
     check_data("--data", a.data)
     check_data("--eval-data", a.eval_data)
     check_data("--sft-data", a.sft_data)
+    check_decoding_record(a)
     if a.reward_fn:
         try:
             load_reward(a.reward_fn, a.correct_threshold)
         except RewardError as exc:
             raise UsageError(str(exc)) from None
+
+
+def check_decoding_record(a: TrainConfig) -> None:
+    """Evaluating (``--eval-data``) decodes as the data were sampled, read from the decoding
+    record ``dqo.sample`` writes beside them (before the rows): without one, every setting the
+    evaluation uses must be given, never silently taken from the defaults (a record lost to a
+    full disk, data copied without it)."""
+    if a.data is None or a.eval_data is None or sidecar(a.data).is_file():
+        return
+    used = ["max_new_tokens"] + (["temperature", "top_p", "top_k"] if a.eval_samples else [])
+    unset = [flag(f) for f in used if getattr(a, f) is None]
+    if unset:
+        raise UsageError(f"--data: no decoding record {sidecar(a.data)} beside it (dqo.sample "
+                         f"writes it), so --eval-data does not know how the data were decoded; "
+                         f"put the record beside the data, or give {', '.join(unset)}")
 
 
 def print_memory_plan(args: TrainConfig) -> None:

@@ -113,7 +113,11 @@ ANSWER_COLUMNS = ("answer", "solution")
 def prompt_row(obj: Dict, where: str, *, prompt_column: Optional[str] = None,
                answer_column: Optional[str] = None, require_answer: bool = True) -> Dict:
     """One prompt row in our fields: ``prompt``, ``answer``, ``solution`` (strings) and every
-    other field as it is. Columns: ``prompt_column``, else the first of prompt, question
+    other field as it is. The prompt must be a non-empty string: a null or a number would be
+    sampled as the text "None" or "42", an empty one fails inside ``generate``; either is a
+    DataError naming the row and the column.
+
+    Columns: ``prompt_column``, else the first of prompt, question
     (GSM8K), problem (MATH); ``answer_column``, else answer, else solution. A worked answer
     (GSM8K's, ending in ``#### N``; MATH's, with a last ``\\boxed{N}``) gives answer N and
     becomes the prompt's canonical ``solution``."""
@@ -129,8 +133,13 @@ def prompt_row(obj: Dict, where: str, *, prompt_column: Optional[str] = None,
     if require_answer and (ac is None or ac not in obj or obj[ac] is None):
         raise DataError(f"{where}: no answer column ({answer_column or ', '.join(ANSWER_COLUMNS)}"
                         f"); found {sorted(obj)}; name it with --answer-column")
+    prompt = obj[pc]
+    if not isinstance(prompt, str) or not prompt.strip():
+        got = (f"{type(prompt).__name__} {prompt!r}" if not isinstance(prompt, str)
+               else f"{prompt!r}")
+        raise DataError(f"{where}: column {pc!r}: expected a non-empty string prompt, got {got}")
     row = {k: v for k, v in obj.items() if k not in (pc, ac)}
-    row["prompt"] = str(obj[pc])
+    row["prompt"] = prompt
     if ac is not None and obj.get(ac) is not None:
         text = str(obj[ac])
         worked = extract_hash_answer(text) if "####" in text else last_boxed(text)
@@ -200,10 +209,15 @@ def sft_rows(rows: Sequence[Dict], source: str) -> List[Dict]:
     return out
 
 
+def row_line(row: Dict) -> str:
+    """A row as one line of a jsonl file (its ``_``-prefixed bookkeeping fields left out)."""
+    return json.dumps({k: v for k, v in row.items() if not k.startswith("_")}) + "\n"
+
+
 def write_jsonl(path, rows: Iterable[Dict]) -> None:
     """Write rows atomically (a partial file is never left under ``path``)."""
     def write(f):
         for r in rows:
-            f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n")
+            f.write(row_line(r))
 
     atomic_write(path, write)
