@@ -36,20 +36,54 @@ def split_steps(response: str) -> List[str]:
 
 
 def step_end_tokens(tokenizer, steps: Sequence[str], response_ids: Sequence[int]) -> List[int]:
-    """Index (in ``response_ids``) of the token that ends every step: the last token starting
-    before the step's last character (an empty step borrows the token before it)."""
+    """Index (in ``response_ids``) of the token that ends every step: the token that completes
+    the step's last character (of a character split over byte tokens, the last piece; an empty
+    step borrows the token before it, the first step's the first token).
+
+    The tokens' character spans come from the tokenizer's own offsets (a fast tokenizer, when
+    encoding the steps gives ``response_ids`` again), else from decoding growing prefixes of
+    the ids. Decoding one token at a time would drift: SentencePiece decoders strip a lone
+    token's leading space, and a byte token of a split character decodes to U+FFFD."""
     ends, pos = [], 0
     for s in steps:
         pos += len(s)
-        ends.append(pos)
+        ends.append(pos)  # the character offset just past the step's last character
         pos += 1  # the newline
-    # Character offset at which every token starts. From the ids themselves (what is trained
-    # on), decoding token by token: exact for text whose characters do not straddle tokens.
-    starts, pos = [], 0
-    for t in response_ids:
-        starts.append(pos)
-        pos += len(tokenizer.decode([t], skip_special_tokens=True))
-    return [max((i for i, a in enumerate(starts) if a < e), default=0) for e in ends]
+    token_ends = (_offset_ends(tokenizer, "\n".join(steps), response_ids)
+                  or _prefix_ends(tokenizer, response_ids))
+    out = []
+    for e in ends:
+        # the first token whose text reaches e; an empty prefix (e = 0) is the first token's
+        k = next((i for i, t in enumerate(token_ends) if t is not None and t >= e),
+                 len(response_ids) - 1)
+        out.append(max(k, 0))
+    return out
+
+
+def _offset_ends(tokenizer, text: str, ids: Sequence[int]) -> Optional[List[Optional[int]]]:
+    """Where every token's text ends, from a fast tokenizer's offsets of ``text``; None when
+    the tokenizer is slow or ``text`` does not encode to ``ids`` (sampled ids)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(ids):
+        return None
+    spans = enc["offset_mapping"]
+    # the pieces of a character split over byte tokens share its span: only the last one
+    # completes it
+    return [None if i + 1 < len(spans) and spans[i + 1][0] < end else end
+            for i, (_, end) in enumerate(spans)]
+
+
+def _prefix_ends(tokenizer, ids: Sequence[int]) -> List[Optional[int]]:
+    """Where every token's text ends: the length of the decoded prefix up to it, None when that
+    prefix is not a prefix of the whole decoding (it ends in part of a character)."""
+    full = tokenizer.decode(list(ids), skip_special_tokens=True)
+    out = []
+    for k in range(len(ids)):
+        prefix = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=True)
+        out.append(len(prefix) if full.startswith(prefix) else None)
+    return out
 
 
 def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
