@@ -7,7 +7,7 @@ import logging
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..decoding import encode_prompt
+from ..decoding import encode_prompt, end_of_turn_ids
 from ..errors import DataError
 from .schema import Example
 
@@ -86,10 +86,19 @@ def _prefix_ends(tokenizer, ids: Sequence[int]) -> List[Optional[int]]:
     return out
 
 
+def text_end_id(tokenizer) -> int:
+    """The token a finished text row ends with: the chat template's end of turn when there is
+    one (what a chat model emits after its answer: Gemma's ``<end_of_turn>``, not its
+    ``<eos>``), else the tokenizer's EOS."""
+    return (end_of_turn_ids(tokenizer) or [tokenizer.eos_token_id])[0]
+
+
 def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
-                 stop_ids: Optional[Sequence[int]] = None) -> Example:
+                 stop_ids: Optional[Sequence[int]] = None,
+                 end_id: Optional[int] = None) -> Example:
     """One row as token ids, per-token rewards and behaviour log-probs (see the module
     docstring). ``stop_ids``: the tokens that end a response (default: the tokenizer's EOS).
+    ``end_id``: the token a finished text row ends with (default: :func:`text_end_id`).
     A row over ``max_length`` keeps its whole prompt and as much of its response as fits, and
     is then unfinished; a prompt that alone does not fit is a DataError."""
     where = row.get("_source", "row")
@@ -110,15 +119,16 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
     else:
         body = _tokenized(where, "response", lambda: _encode(tokenizer, row["response"]))
         finished = row.get("finished", True)
-        response_ids = body + [eos] if finished else list(body)
+        end = text_end_id(tokenizer) if end_id is None else end_id
+        response_ids = body + [end] if finished else list(body)
         if not response_ids:
             raise DataError(f"{where}: the response tokenizes to nothing and did not finish")
     behavior = row.get("behavior_logp")
     if behavior is not None and len(behavior) != len(response_ids):
         raise DataError(f"{where}: 'behavior_logp' has {len(behavior)} entries but the "
                         f"response has {len(response_ids)} tokens"
-                        + (" (with the EOS of a finished text row)" if "response_ids" not in row
-                           and finished else "")
+                        + (" (with the end token of a finished text row)"
+                           if "response_ids" not in row and finished else "")
                         + "; store 'response_ids' with it (dqo.sample does)")
     rewards = [0.0] * len(response_ids)
     rewards[-1] += float(row["reward"])
@@ -145,9 +155,11 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
 def tokenize_rows(rows: Sequence[Dict], tokenizer, *, max_length=None, strict=False,
                   stop_ids=None):
     out, errors = [], []
+    end_id = text_end_id(tokenizer)  # once: it renders the chat template
     for row in rows:
         try:
-            out.append(tokenize_row(row, tokenizer, max_length=max_length, stop_ids=stop_ids))
+            out.append(tokenize_row(row, tokenizer, max_length=max_length, stop_ids=stop_ids,
+                                    end_id=end_id))
         except DataError as e:
             if strict:
                 raise
