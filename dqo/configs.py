@@ -99,6 +99,8 @@ class DecodingArgs(Options):
     temperature: Optional[float] = opt(None, "sampling temperature (paper: 1.0)")
     top_p: Optional[float] = opt(None, "nucleus sampling (paper: 0.9)")
     top_k: Optional[int] = opt(None, "top-k sampling, 0: off (paper: 16)")
+    min_p: Optional[float] = opt(None, "min-p sampling: tokens below min-p x the top token's "
+                                 "probability are cut, 0: off (paper's third setting: 0.01)")
     max_new_tokens: Optional[int] = opt(None, "length limit of a response (default: 512)")
 
     def check(self) -> None:

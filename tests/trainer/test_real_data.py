@@ -145,6 +145,36 @@ def test_decoding_config_round_trips_and_is_checked(tmp_path):
         DecodingConfig.load(tmp_path / "bad.json")
 
 
+def test_min_p_is_a_decoding_option_on_record_and_applied(tok, policy, tmp_path):
+    """The paper's third sampling setting ("threshold=0.01", a min-p cut): --min-p reaches
+    generate (a cut at 0.99 of the top token leaves the top token: sampling is greedy) and is
+    recorded with the data."""
+    from dqo.cli import parse_config
+    from dqo.configs import SAMPLE_SECTIONS, SampleConfig
+    from dqo.errors import UsageError
+    base = ["--model", "m", "--prompts", "p", "--out", "o"]
+    cfg = parse_config(SampleConfig, SAMPLE_SECTIONS, base + ["--min-p", "0.01"], prog="s")
+    d = cfg.decoding_config().with_stop_ids(tok, policy)
+    assert d.min_p == 0.01 and d.generation_config(tok).min_p == 0.01
+    d.save(tmp_path / "d.json")
+    assert DecodingConfig.load(tmp_path / "d.json").min_p == 0.01
+    assert d.generation_config(tok, greedy=True).min_p is None
+    assert dec(4).min_p == 0 and dec(4).with_stop_ids(tok).generation_config(tok).min_p is None
+    with pytest.raises(UsageError, match=r"--min-p: expected a value in \[0, 1\)"):
+        parse_config(SampleConfig, SAMPLE_SECTIONS, base + ["--min-p", "1"], prog="s")
+    with torch.no_grad():  # top logits apart by more than the random model's ~0.05
+        policy.get_output_embeddings().weight.mul_(20)
+    prompts = [p.prompt for p in arithmetic.make_problems(3, 5)]
+    greedy = generate(policy, tok, prompts, decoding=dec(6).with_stop_ids(tok), greedy=True)
+
+    def sampled(**kw):
+        torch.manual_seed(0)
+        return [s.ids for c in generate(policy, tok, prompts, n=2, decoding=dec(
+            6, **kw).with_stop_ids(tok)) for s in c]
+    assert sampled(min_p=0.99) == [g[0].ids for g in greedy for _ in range(2)]
+    assert sampled() != sampled(min_p=0.99)  # without the cut, sampling is not greedy here
+
+
 # ---- data -------------------------------------------------------------------------------------
 
 
