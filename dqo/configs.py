@@ -28,6 +28,9 @@ from .tracking import REPORT_TO
 inf = math.inf
 # The algorithms on the same offline samples (dqo.algos registers one class each).
 ALGOS = ("dqo", "dro", "sft", "rs", "dpo", "kto")
+# The value model's default learning rate over the policy's, measured on the embedded default
+# (experiments/README.md, "The critic's learning rate").
+VALUE_LR_RATIO = 10.0
 
 
 @dataclass
@@ -98,6 +101,8 @@ class DecodingArgs(Options):
     temperature: Optional[float] = opt(None, "sampling temperature (paper: 1.0)")
     top_p: Optional[float] = opt(None, "nucleus sampling (paper: 0.9)")
     top_k: Optional[int] = opt(None, "top-k sampling, 0: off (paper: 16)")
+    min_p: Optional[float] = opt(None, "min-p sampling: tokens below min-p x the top token's "
+                                 "probability are cut, 0: off (paper's third setting: 0.01)")
     max_new_tokens: Optional[int] = opt(None, "length limit of a response (default: 512)")
 
     def check(self) -> None:
@@ -176,8 +181,14 @@ class OptimizationConfig(Options):
     batch_size: int = opt(64, "examples per optimizer step and rank", ge=1)
     micro_batch: int = opt(16, "examples per forward", ge=1)
     lr: float = opt(5e-7, "learning rate of the policy", gt=0, lt=inf)
-    value_lr: Optional[float] = opt(None, "learning rate of the value model (default: --lr)",
-                                    gt=0, lt=inf)
+    value_lr: Optional[float] = opt(None, "learning rate of the value model (default: --lr x "
+                                    "--value-lr-ratio)", gt=0, lt=inf)
+    value_lr_ratio: float = opt(VALUE_LR_RATIO, "the value model's learning rate as a multiple"
+                                " of --lr, when --value-lr is not given (a critic learns faster "
+                                "than its policy; docs/trainer.md, the critic)", gt=0, lt=inf)
+    value_init: str = opt("mean-return", "the value head's start: mean-return (V = the "
+                          "training rows' mean discounted return everywhere) or zero",
+                          choices=("mean-return", "zero"))
     warmup_steps: int = opt(0, "linear warm-up steps of the learning rates", ge=0)
     grad_clip: float = opt(1.0, "gradient norm clip (0: none)", ge=0, lt=inf)
     engine: str = opt("auto", "auto: DeepSpeed on GPU, plain PyTorch on a CPU-only machine",
@@ -194,6 +205,11 @@ class OptimizationConfig(Options):
     fp16: bool = opt(False, "fp16 weights with dynamic loss scaling, for GPUs without bf16 "
                      "(V100, T4)")
     seed: int = opt(0, "seed of the data order, sampling and initialisation")
+
+    @property
+    def value_learning_rate(self) -> float:
+        """The value model's learning rate: ``--value-lr``, else ``--lr x --value-lr-ratio``."""
+        return self.value_lr if self.value_lr is not None else self.lr * self.value_lr_ratio
 
     def check(self) -> None:
         super().check()

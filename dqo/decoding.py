@@ -31,6 +31,9 @@ class DecodingConfig:
     temperature: float = 1.0
     top_p: float = PAPER_TOP_P
     top_k: int = PAPER_TOP_K  # 0: no top-k truncation
+    # tokens below min_p x the top token's probability are cut; 0: off (the paper's third
+    # setting, "threshold=0.01", is 0.01)
+    min_p: float = 0.0
     max_new_tokens: int = 512
     stop_ids: Optional[List[int]] = None  # None: stop_token_ids() of the tokenizer and model
     # the text around each prompt ({prompt}: the problem), dqo.prompts; None: prompts as stored
@@ -58,7 +61,7 @@ class DecodingConfig:
         # greedy: the sampling knobs stay unset (transformers warns about set ones it ignores);
         # with the model's own config set aside they can only take the global defaults
         sampling = {} if greedy else dict(temperature=self.temperature, top_p=self.top_p,
-                                          top_k=self.top_k)
+                                          top_k=self.top_k, min_p=self.min_p or None)
         return GenerationConfig(
             do_sample=not greedy, num_beams=1, max_new_tokens=self.max_new_tokens,
             min_new_tokens=0, eos_token_id=list(self.stop_ids), pad_token_id=pad,
@@ -96,6 +99,8 @@ def check_decoding(d: DecodingConfig) -> None:
         raise ValueError(f"top_p: expected a value in (0, 1], got {d.top_p!r}")
     if not (isinstance(d.top_k, int) and d.top_k >= 0):
         raise ValueError(f"top_k: expected an integer >= 0 (0: off), got {d.top_k!r}")
+    if not (isinstance(d.min_p, (int, float)) and 0 <= d.min_p < 1):
+        raise ValueError(f"min_p: expected a value in [0, 1) (0: off), got {d.min_p!r}")
     if not (isinstance(d.max_new_tokens, int) and d.max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens: expected an integer >= 1, got {d.max_new_tokens!r}")
     if d.prompt_template is not None and not (isinstance(d.prompt_template, str)

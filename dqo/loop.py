@@ -28,6 +28,7 @@ from . import algos
 from .atomic import atomic_write, replace_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .configs import TrainConfig
+from .critic import ExplainedVarianceWatch
 from .data import Example
 from .decoding import DecodingConfig
 from .engine import OptimConfig, barrier, make_engine, rank, resolve_engine_kind, world_size
@@ -190,7 +191,7 @@ def _train(args: TrainConfig, run: RunDir, tokenizer, policy, value, examples: L
     engines = {"policy": make_engine(policy_module, OptimConfig(lr=args.lr, **common), kind,
                                      **ds)}
     if algo.needs_value:
-        engines["value"] = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
+        engines["value"] = make_engine(value, OptimConfig(lr=args.value_learning_rate, **common),
                                        kind, **ds)
     policy_engine = engines["policy"]
     assert world == world_size(), (world, world_size())
@@ -216,6 +217,7 @@ def _train(args: TrainConfig, run: RunDir, tokenizer, policy, value, examples: L
         trim_metrics(metrics_path, start)
     last_eval: Dict = {}
     skipped_in_a_row = 0
+    watch_critic = ExplainedVarianceWatch(total)
     steps = range(start, total)
     if args.progress:
         from tqdm.auto import tqdm
@@ -264,6 +266,7 @@ def _train(args: TrainConfig, run: RunDir, tokenizer, policy, value, examples: L
                         "training forward's (sampler noise: bf16, KV cache, padding), or the "
                         "data come from another policy; if --model sampled the data, use "
                         "--behavior-logp reference", row["is_weight_mean"])
+        watch_critic(row)
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped:
             log.warning("step %d: the gradient is not finite (loss %s); the update was skipped "

@@ -13,6 +13,7 @@ import torch
 
 from . import algos, lora
 from .configs import TrainConfig
+from .critic import init_value_head, mean_return
 from .data import (
     Example,
     apply_truncated_policy,
@@ -47,11 +48,14 @@ def behavior_source(mode: str, sampled_by: Optional[str], model: str) -> str:
     return "reference" if sampled_by is not None and sampled_by == model_id(model) else "recorded"
 
 
-def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None):
+def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None,
+                   examples: Optional[List[Example]] = None):
     """(policy, value) as the options say: LoRA adapters (the base frozen), the value model on
-    a copy of the backbone or on the policy's base (``--value-backbone shared``), activation
-    checkpointing of both. ``value`` is None for the algorithms without one. Call it after
-    the reference log-probs: the reference is the policy as loaded."""
+    a copy of the backbone or on the policy's base (``--value-backbone shared``), its head
+    starting at the mean return of ``examples`` (``--value-init``; a ``value_model`` loaded
+    from disk keeps its own), activation checkpointing of both. ``value`` is None for the
+    algorithms without one. Call it after the reference log-probs: the reference is the policy
+    as loaded."""
     needs_value = algos.REGISTRY[args.algo].needs_value
     value = None
     if needs_value and args.value_backbone == "separate":  # before the policy's adapter
@@ -74,6 +78,11 @@ def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None)
         log.info("LoRA r=%d on %s: %.2fM trainable parameters of the policy", args.lora_r,
                  args.lora_target_modules,
                  sum(p.numel() for p in lora.policy_parameters(policy)) / 1e6)
+    if value is not None and examples and args.value_init == "mean-return" and not value_model:
+        start = mean_return(examples, args.gamma)
+        init_value_head(value, start)
+        log.info("value head: starts at the training rows' mean return %.4f (--value-init)",
+                 start)
     if args.gradient_checkpointing:
         enable_checkpointing(policy)
         if isinstance(value, ValueModel):
@@ -117,7 +126,7 @@ def _run_default(args: TrainConfig, pipe: Optional[DefaultPipeline]) -> Dict:
     compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
     # a LoRA adapter names its base: the warmed-up one on disk, so final/policy loads alone
     policy.name_or_path = str((out_dir / "base").resolve())
-    policy, value = prepare_models(args, policy)
+    policy, value = prepare_models(args, policy, examples=examples)
     tracker = open_tracker(args, out_dir)
     train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0),
           decoding=decoding, tracker=tracker)
@@ -196,7 +205,7 @@ def _run_custom(args: TrainConfig) -> Dict:
     if algos.REGISTRY[args.algo].needs_ref:
         compute_ref_logps(policy, examples, tok.pad_token_id,
                           cache_dir=str(Path(args.out) / "cache"))
-    policy, value = prepare_models(args, policy, args.value_model)
+    policy, value = prepare_models(args, policy, args.value_model, examples)
     eval_fn = None
     if args.eval_data:
         rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None,

@@ -18,7 +18,8 @@ The outcome ``reward`` goes on the last response token.
 decided) or was cut at a length limit. Rows with ``response_ids`` are trained on exactly those
 tokens; without ``finished`` they count as finished when their last id is a stop token (EOS,
 the generation config's, the chat template's end of turn). Text-only rows are finished unless
-they say otherwise, and a finished text row gets the EOS its text leaves implicit. Nothing else
+they say otherwise, and a finished text row gets the end token its text leaves implicit (the
+chat template's end of turn, else EOS). Nothing else
 is ever appended: a cut response has no EOS action, its last token is not terminal, and the
 trainer bootstraps its return from ``V`` of the state after it (``--truncated``).
 

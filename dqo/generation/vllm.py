@@ -68,7 +68,8 @@ def sampling_params(decoding: DecodingConfig, n: int, greedy: bool, seed: Option
         n=n, temperature=0.0 if greedy else decoding.temperature,
         top_p=1.0 if greedy else decoding.top_p,
         top_k=-1 if greedy or decoding.top_k == 0 else decoding.top_k,
-        min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        min_p=0.0 if greedy else decoding.min_p, repetition_penalty=1.0, presence_penalty=0.0,
+        frequency_penalty=0.0,
         max_tokens=decoding.max_new_tokens, stop_token_ids=list(decoding.stop_ids),
         ignore_eos=False, logprobs=0, skip_special_tokens=True,
         **({} if seed is None else {"seed": seed}))
