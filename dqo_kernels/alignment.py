@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .logprobs import linear_logprobs, token_logprobs
+from .validation import check_token_ids
 
 
 def response_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,7 @@ def action_targets(input_ids: torch.Tensor, mask: torch.Tensor,
     if input_ids.shape != mask.shape:
         raise ValueError(f"mask: expected shape {tuple(input_ids.shape)} (input_ids'), got "
                          f"{tuple(mask.shape)}")
+    check_token_ids("input_ids", input_ids)  # before ignore_index is written into them
     return input_ids[:, 1:].masked_fill(~mask[:, 1:].bool(), ignore_index)
 
 
@@ -78,6 +80,7 @@ def action_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch
         raise ValueError(f"mask: expected the shape of input_ids and of hidden's first two "
                          f"dimensions, got mask {tuple(mask.shape)}, input_ids "
                          f"{tuple(input_ids.shape)}, hidden {tuple(hidden.shape)}")
+    check_token_ids("input_ids", input_ids)
     B, T = mask.shape
     rows = action_rows(mask)
     # row r predicts token r + 1 of the flattened batch (never across rows: t - 1 < T - 1)
