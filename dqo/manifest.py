@@ -156,7 +156,8 @@ def verify_model_dir(path) -> None:
     """:func:`verify` for a model directory about to be loaded (``--model``); a hub id or a
     directory that another tool wrote is not expected to have a manifest."""
     if os.path.isdir(path):
-        verify(path, "model", missing="warn" if written_by_dqo(path) else "info")
+        verify(path, "model", missing="warn" if written_by_dqo(path) else "info",
+               hint=lambda: f"if you edited it on purpose, delete {Path(path) / MANIFEST}")
 
 
 def check_weights(named: Iterable[Tuple[str, torch.Tensor]], where, *,

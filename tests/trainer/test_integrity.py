@@ -118,7 +118,8 @@ def test_a_flipped_bit_in_a_final_model_is_refused_on_load(tok, policy, tmp_path
     load_policy(str(final / "policy"))  # intact: loads
     weights = final / "policy" / "model.safetensors"
     flip_exponent(weights, policy.state_dict()[TENSOR])
-    with pytest.raises(CheckpointError, match=rf"{weights}: sha256"):
+    with pytest.raises(CheckpointError, match=rf"{weights}: sha256.*if you edited it on purpose, "
+                                              rf"delete {final / 'policy' / manifest.MANIFEST}"):
         load_policy(str(final / "policy"))
     # without the manifest (an older run): the weights check still refuses it
     (final / "policy" / manifest.MANIFEST).unlink()
