@@ -23,6 +23,7 @@ import torch
 from .atomic import atomic_write, safe_load
 from .engine import barrier, rank
 from .errors import CheckpointError
+from .manifest import check_weights, verify_checkpoint, write_manifest
 from .rng import rng_state, set_rng_state
 
 RNG_FILE = "rng_state.pt"
@@ -45,6 +46,7 @@ def save_checkpoint(out_dir, step: int, engines: Dict[str, object], state: Dict,
             torch.save(rng_state(), tmp / RNG_FILE)
             atomic_write(tmp / "trainer_state.json",
                          lambda f: f.write(json.dumps(dict(state, step=step))))
+            write_manifest(tmp)  # every file's digest, checked by load_checkpoint
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
     except BaseException:
@@ -108,8 +110,10 @@ def latest_checkpoint(out_dir) -> Optional[Path]:
 
 def load_checkpoint(path, engines: Dict[str, object]) -> Dict:
     path = Path(path)
+    verify_checkpoint(path)  # a damaged file: an error naming it and the last intact step
     for name, engine in engines.items():
         engine.load_checkpoint(path / name)
+        check_weights(engine.module.named_parameters(), path / name)
     state = json.loads((path / "trainer_state.json").read_text())
     if "torch_rng" in state:  # written before RNG_FILE existed
         torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))

@@ -33,6 +33,7 @@ from .data import Example
 from .decoding import DecodingConfig
 from .engine import OptimConfig, barrier, make_engine, rank, resolve_engine_kind, world_size
 from .errors import TrainingError
+from .manifest import write_manifest
 from .modeling import PolicyLogprobs, check_packing
 from .options import to_dict
 from .rng import seed_stage, stage_rng
@@ -138,6 +139,8 @@ def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingCon
         tokenizer.save_pretrained(tmp / "policy")
         if decoding is not None:
             decoding.save(tmp / "policy" / "decoding.json")
+        for name in engines:  # each model directory checkable on its own (dqo.evaluate)
+            write_manifest(tmp / name)
         replace_dir(tmp, final)
     barrier()
 

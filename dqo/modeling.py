@@ -25,6 +25,7 @@ from dqo_kernels import position_ids as packed_positions
 
 from . import lora
 from .errors import UsageError
+from .manifest import check_weights, verify_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,13 @@ def load_policy(path: str, precision: Optional[str] = None):
         tok.pad_token = tok.eos_token
     on_gpu = torch.cuda.is_available()
     dtype = DTYPES[precision] if precision else torch.bfloat16 if on_gpu else torch.float32
+    verify_model_dir(path)  # a damaged weights file is an error, never a 0.000 accuracy
     if lora.is_adapter_dir(path):  # a LoRA policy: its base + the adapter
         model = lora.require_peft().AutoPeftModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation()).merge_and_unload()
     else:
         model = build_policy(path=path, dtype=dtype)
+    check_weights(model.named_parameters(), path)
     return tok, model.cuda() if on_gpu else model
 
 
@@ -324,10 +327,12 @@ class ValueModel(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32) -> "ValueModel":
         from transformers import AutoModel
 
+        verify_model_dir(path)
         backbone = AutoModel.from_pretrained(path, dtype=dtype,
                                              attn_implementation=attn_implementation())
         model = cls(backbone)
         model.head.load_state_dict(torch.load(Path(path) / "value_head.pt", weights_only=True))
+        check_weights(model.named_parameters(), path)
         return model
 
 
