@@ -1,6 +1,7 @@
 """A tiny chat model on disk for the Trainer's tests and examples: a BPE tokenizer trained here
 on a few sentences, with a ChatML chat template, and a Qwen2 model from a config (tied
-embeddings by default). Nothing is downloaded."""
+embeddings by default). Nothing is downloaded. Two trainings of the tokenizer may break ties
+between merges differently: tests read the saved one back."""
 from pathlib import Path
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"

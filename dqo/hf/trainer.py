@@ -116,10 +116,9 @@ class DQOTrainer(Trainer):
             pad = (processing_class.pad_token_id if processing_class is not None
                    else getattr(module.config, "pad_token_id", None))
             data_collator = DQOCollator(pad or 0)
+        # the rows replace the raw datasets below, once the models are on their device
         super().__init__(model=module, args=args, data_collator=data_collator,
-                         train_dataset=raw["train_dataset"] if examples["train_dataset"] is None
-                         else None, eval_dataset=raw["eval_dataset"]
-                         if examples["eval_dataset"] is None else None,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         # the loss is normalised by num_items_in_batch here: no 1 / accumulation steps
         self.model_accepts_loss_kwargs = True
