@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from ..configs import DQOLossConfig, TrainDataConfig
 from ..errors import UsageError
-from ..options import Options, check_field, opt
+from ..options import FieldMetadata, Options, all_metadata, check_field, opt
 from ..prompts import resolve_template
 
 inf = math.inf
@@ -28,10 +28,11 @@ def same_as(section, name: str, **changes):
     """A field declared as ``section``'s field ``name`` (its default, help and bounds), so an
     option shared with the command line is declared once."""
     f = next(f for f in dataclasses.fields(section) if f.name == name)
-    meta = dict(f.metadata)
+    meta = all_metadata(f)  # the bounds too
     if "help" in changes:
         meta["help"] = changes.pop("help")
-    return dataclasses.field(default=changes.pop("default", f.default), metadata=meta)
+    return dataclasses.field(default=changes.pop("default", f.default),
+                             metadata=FieldMetadata(meta))
 
 
 @dataclass

@@ -291,3 +291,37 @@ def test_metric_store_averages_the_interval():
     mask = torch.tensor([[False, True, True]])
     want = ((math.exp(-1) - 1 + 1) + (math.exp(1) - 1 - 1)) / 2
     assert float(kl_estimate(logp, ref, mask)) == pytest.approx(want)
+
+
+def test_config_parses_with_hf_argument_parser(tmp_path):
+    """As TRL's scripts parse their configs: every DQO option a flag, checked when built."""
+    from transformers import HfArgumentParser
+
+    from dqo.hf import DQOConfig
+    parser = HfArgumentParser(DQOConfig)
+    args, = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--beta", "0.3", "--is_policy", "false",
+        "--truncated", "drop", "--max_length", "64", "--value_learning_rate", "1e-4"])
+    assert (args.beta, args.is_policy, args.truncated, args.max_length,
+            args.value_learning_rate) == (0.3, False, "drop", 64, 1e-4)
+    with pytest.raises(UsageError, match=r"DQOConfig\.beta: expected a value in \(0, inf\)"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--beta", "-1"])
+
+
+def test_render_prompt_keeps_turns_and_wraps_the_last_user_turn(tiny):
+    from dqo.prompts import render_prompt
+    tok = tokenizer(tiny)
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    got = render_prompt(tok, chat, system_prompt="ignored: the chat has one",
+                        template="{prompt}!")
+    assert got == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n"
+                   "<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc!<|im_end|>\n"
+                   "<|im_start|>assistant\n")
+    assert render_prompt(tok, "q", system_prompt="S") == render_prompt(tok, chat[:1] + [
+        {"role": "user", "content": "q"}])
+    tok.chat_template = None
+    assert render_prompt(tok, "q", template="Q: {prompt}") == "Q: q"
+    for bad in (chat, [{"role": "user"}]):
+        with pytest.raises(UsageError, match="prompt: "):
+            render_prompt(tok, bad)
