@@ -20,10 +20,10 @@ def chat_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=300, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>",
-                                  eos_token="<|im_end|>")
+    # an EOS that is not the end of turn (as Gemma's): a chat completion ends with the latter
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

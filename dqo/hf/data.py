@@ -10,6 +10,9 @@ Two row formats, told apart by their columns:
 - the rows ``dqo.sample`` writes (docs/data-format.md): ``prompt``, ``response``, ``reward``
   and ``response_ids``, ``behavior_logp``, ``finished``, trained on exactly as recorded.
 
+A completion given as text ends with the chat template's end-of-turn token (what sampling
+stops at), or with the EOS where the tokenizer has no chat template.
+
 Rows already tokenized (``input_ids``, ``prompt_length``: :mod:`dqo.hf.modules`) are left as
 they are. A bad row is a :class:`~dqo.errors.DataError` naming it (the dataset and its index).
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from ..data import Example, apply_truncated_policy, check_row, split_steps, tokenize_row
-from ..decoding import encode_prompt
+from ..decoding import encode_prompt, end_of_turn_ids
 from ..errors import DataError, UsageError
 from ..prompts import check_messages
 
@@ -74,6 +77,7 @@ def tokenize_dataset(dataset, tokenizer, args, *, stop_ids: Optional[Sequence[in
     ``system_prompt``, ``prompt_template``, ``max_prompt_length``, ``truncated``);
     ``max_length``: its ``max_length`` or the model's context."""
     template = args.template_text()
+    end_turn = end_of_turn_ids(tokenizer)  # [] without a chat template: the EOS ends a text row
     examples = []
     for i, raw in enumerate(dataset):
         where = f"{name}[{i}]"
@@ -92,6 +96,13 @@ def tokenize_dataset(dataset, tokenizer, args, *, stop_ids: Optional[Sequence[in
         # the format's checks on everything but the prompt, which is encoded already
         checked = check_row(dict(row, prompt=tokenizer.decode(prompt_ids) or "?"), where)
         checked["prompt"] = prompt
+        if end_turn and checked.get("response_ids") is None and checked.get("finished", True):
+            # a chat model ends its turn with the template's token, which sampling stops at
+            try:
+                body = tokenizer(checked["response"], add_special_tokens=False)["input_ids"]
+            except Exception as e:  # tokenizers raise many types
+                raise DataError(f"{where}: the tokenizer failed on the completion ({e})") from None
+            checked.update(response_ids=body + end_turn, finished=True)
         examples.append(tokenize_row(checked, tokenizer, max_length=max_length,
                                      stop_ids=stop_ids, prompt_ids=prompt_ids))
     if not examples:
