@@ -41,8 +41,9 @@ def ref_logps(model, examples: Sequence[Example], pad_id: int, *, batch_size: in
     """The log-prob of every response token of every example under ``model`` (the reference
     policy), from the cache if valid; the examples are left as they are. ``progress``: a tqdm
     bar over the batches."""
-    key = fingerprint(model, examples)
-    path = Path(cache_dir) / f"ref_logps-{key}.pt" if cache_dir else None
+    # the fingerprint reads every weight: only for a cache
+    path = (Path(cache_dir) / f"ref_logps-{fingerprint(model, examples)}.pt" if cache_dir
+            else None)
     if path is not None and path.is_file():
         cached = torch.load(path, weights_only=True)
         log.info("reference log-probs loaded from %s", path)

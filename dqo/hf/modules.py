@@ -80,12 +80,8 @@ class PolicyWithValue(nn.Module):
     def load_weights(self, path) -> None:
         """The weights :meth:`save_pretrained` wrote, into these models (a Trainer's resume)."""
         path = Path(path)
-        if getattr(self.policy, "peft_config", None):
-            from peft import set_peft_model_state_dict
-            set_peft_model_state_dict(self.policy, load_weights_file(path, "adapter_model"))
-        else:
-            load_into(self.policy, load_weights_file(path, "model"), path)
-        load_into(self.value.backbone, load_weights_file(path / "value", "model"), path / "value")
+        load_model_weights(self.policy, path)
+        load_model_weights(self.value.backbone, path / "value")
         self.value.head.load_state_dict(safe_load(path / "value" / "value_head.pt"))
 
     def forward(self, input_ids, attention_mask, action_mask, **_):
@@ -94,6 +90,16 @@ class PolicyWithValue(nn.Module):
         last = last_action(action_mask)
         end_value = after[torch.arange(len(last), device=last.device), last]
         return logp, values, end_value
+
+
+def load_model_weights(model: nn.Module, path: Path) -> None:
+    """What ``model.save_pretrained(path)`` wrote, into ``model``: a peft model's adapter, or
+    a transformers model's weights."""
+    if getattr(model, "peft_config", None):
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_weights_file(path, "adapter_model"))
+    else:
+        load_into(model, load_weights_file(path, "model"), path)
 
 
 def load_weights_file(path: Path, stem: str) -> Dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 from dqo_kernels import fused_dqo_loss
 
+from .. import lora
 from ..configs import DQOLossConfig
 from ..data import trainer_rows
 from ..data.collate import trainer_row
@@ -136,12 +137,16 @@ class DQOTrainer(Trainer):
     @staticmethod
     def _build_models(model, value_model, peft_config) -> PolicyWithValue:
         policy = build_policy(path=model) if isinstance(model, str) else model
-        if isinstance(value_model, str):
-            value = load_value_model(value_model)
-        elif value_model is None:
-            value = ValueModel.from_policy(policy)  # before an adapter: a copy of the base
-        elif isinstance(value_model, ValueModel):
-            value = value_model
+        if isinstance(value_model, ValueModel):
+            value = value_model  # as it is, adapter or not: the caller's choice
+        elif isinstance(value_model, str) or value_model is None:
+            # a copy of the base taken before the policy's adapter
+            value = (load_value_model(value_model) if value_model
+                     else ValueModel.from_policy(policy))
+            if peft_config is not None and not getattr(value.backbone, "peft_config", None):
+                # an adapter of its own, as the command line's --lora-r gives it: no optimizer
+                # state for a whole second model
+                value.backbone = lora.add_backbone_adapter(value.backbone, peft_config)
         else:
             raise UsageError(f"value_model: expected a dqo.modeling.ValueModel, a path or None, "
                              f"got {type(value_model).__name__}")
@@ -149,17 +154,14 @@ class DQOTrainer(Trainer):
             if getattr(policy, "peft_config", None):
                 raise UsageError("peft_config: the model already has an adapter; give a plain "
                                  "model with peft_config, or the peft model alone")
-            from ..lora import require_peft
-            policy = require_peft().get_peft_model(policy, peft_config)
+            policy = lora.require_peft().get_peft_model(policy, peft_config)
         return PolicyWithValue(policy, value)
 
     @staticmethod
     def _tokenizer_of(model, policy):
         from transformers import AutoTokenizer
         path = model if isinstance(model, str) else getattr(policy, "name_or_path", "")
-        if path and Path(path).exists() or isinstance(model, str):
-            return AutoTokenizer.from_pretrained(path)
-        return None
+        return AutoTokenizer.from_pretrained(path) if path else None
 
     def _tokenize(self, dataset, tokenizer, policy, name):
         """The dataset's examples, or None for rows already tokenized (used as they are)."""

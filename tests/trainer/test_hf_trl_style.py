@@ -94,7 +94,15 @@ def test_peft_policy_tied_embeddings_checkpoints_load_resume_and_log_metrics(tin
     assert loaded.config.tie_word_embeddings
     lora_b = [v for k, v in loaded.state_dict().items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # the trained adapter
-    assert ValueModel.from_pretrained(ckpt / "value").head.weight.abs().sum() > 0
+    # the value model: a copy of the base with an adapter of its own (as --lora-r gives it)
+    value = t.model.value
+    assert (ckpt / "value" / "adapter_config.json").is_file()
+    trained = [n for n, p in value.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n or n.startswith("head.") for n in trained)
+    final = ValueModel.from_pretrained(tmp_path / "a" / "checkpoint-3" / "value").eval()
+    ids = torch.tensor([[1, 5, 9, 13]])
+    torch.testing.assert_close(final(ids, torch.ones_like(ids)),
+                               value.eval()(ids, torch.ones_like(ids)))
 
     logs = [h for h in t.state.log_history if "loss" in h]
     assert len(logs) == 3
