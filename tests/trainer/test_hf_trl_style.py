@@ -333,3 +333,27 @@ def test_render_prompt_keeps_turns_and_wraps_the_last_user_turn(tiny):
     for bad in (chat, [{"role": "user"}]):
         with pytest.raises(UsageError, match="prompt: "):
             render_prompt(tok, bad)
+
+
+def test_lengths_and_step_rewards(tiny, tmp_path):
+    """max_prompt_length keeps a prompt's last tokens; max_length cuts the completion, which is
+    then unfinished (its return bootstraps); step_rewards land on the ends of the lines."""
+    from dqo.decoding import encode_prompt
+    from dqo.hf import DQOTrainer
+    tok = tokenizer(tiny)
+    rows = [dict(prompt="What is 2 + 3?", completion="It is 5.\nThe answer is 5.",
+                 step_rewards=[0.25, 0.5], reward=1.0)]
+    t = DQOTrainer(str(tiny), args=config(tmp_path, max_prompt_length=6), train_dataset=rows)
+    row = t.train_dataset[0]
+    full = encode_prompt(tok, "What is 2 + 3?")
+    assert row["prompt_length"] == 6 and row["input_ids"][:6] == full[-6:]
+    response = row["input_ids"][6:]
+    first_line = len(tok("It is 5.", add_special_tokens=False)["input_ids"])
+    want = [0.0] * len(response)
+    want[first_line - 1] += 0.25
+    want[-2] += 0.5  # the last line ends before the end-of-turn token
+    want[-1] += 1.0
+    assert row["rewards"] == want and row["finished"]
+    cut = DQOTrainer(str(tiny), args=config(tmp_path, max_length=len(full) + 3),
+                     train_dataset=rows).train_dataset[0]
+    assert len(cut["input_ids"]) == len(full) + 3 and not cut["finished"]
