@@ -42,6 +42,16 @@ from .modules import DQOCollator, PolicyWithValue, load_value_model
 LOSS_OPTIONS = tuple(f.name for f in fields(DQOLossConfig))
 
 
+def backbone_config(peft_config):
+    """A peft model's config for the value model's backbone: peft resolved its target modules
+    to names under the causal LM (``model.layers.0.self_attn.q_proj``), which the backbone
+    (``layers.0...``) matches by their last part."""
+    cfg = copy.copy(peft_config)
+    if cfg.target_modules is not None and not isinstance(cfg.target_modules, str):
+        cfg.target_modules = sorted({t.split(".")[-1] for t in cfg.target_modules})
+    return cfg
+
+
 class DQOTrainer(Trainer):
     """A ``transformers.Trainer`` that trains a policy and its value model with the fused DQO
     loss.
@@ -140,13 +150,19 @@ class DQOTrainer(Trainer):
         if isinstance(value_model, ValueModel):
             value = value_model  # as it is, adapter or not: the caller's choice
         elif isinstance(value_model, str) or value_model is None:
-            # a copy of the base taken before the policy's adapter
-            value = (load_value_model(value_model) if value_model
-                     else ValueModel.from_policy(policy))
-            if peft_config is not None and not getattr(value.backbone, "peft_config", None):
+            adapters = getattr(policy, "peft_config", None)  # a peft model given as the model
+            if value_model:
+                value = load_value_model(value_model)
+            elif adapters:  # its backbone as it computes: the adapter merged into a copy
+                value = ValueModel.from_policy(copy.deepcopy(policy).merge_and_unload())
+            else:  # a copy of the base, taken before the policy gets its adapter
+                value = ValueModel.from_policy(policy)
+            adapter = peft_config or (backbone_config(next(iter(adapters.values())))
+                                      if adapters else None)
+            if adapter is not None and not getattr(value.backbone, "peft_config", None):
                 # an adapter of its own, as the command line's --lora-r gives it: no optimizer
                 # state for a whole second model
-                value.backbone = lora.add_backbone_adapter(value.backbone, peft_config)
+                value.backbone = lora.add_backbone_adapter(value.backbone, adapter)
         else:
             raise UsageError(f"value_model: expected a dqo.modeling.ValueModel, a path or None, "
                              f"got {type(value_model).__name__}")
@@ -300,6 +316,13 @@ class DQOTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
         write_model_card(output_dir, self._policy, self.args, self.loss_config, self.value_lr)
+
+    def create_model_card(self, *_, **__):
+        """The card :meth:`_save` writes (``push_to_hub`` asks for one): DQO and the
+        hyper-parameters, in ``output_dir``."""
+        if self.is_world_process_zero():
+            write_model_card(self.args.output_dir, self._policy, self.args, self.loss_config,
+                             self.value_lr)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         (model or self.model).load_weights(resume_from_checkpoint)

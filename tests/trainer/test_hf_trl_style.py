@@ -357,3 +357,25 @@ def test_lengths_and_step_rewards(tiny, tmp_path):
     cut = DQOTrainer(str(tiny), args=config(tmp_path, max_length=len(full) + 3),
                      train_dataset=rows).train_dataset[0]
     assert len(cut["input_ids"]) == len(full) + 3 and not cut["finished"]
+
+
+def test_a_peft_model_given_as_the_model(tiny, tmp_path):
+    """A policy the user wrapped with peft: its adapter trains, the reference is its base, and
+    the value model is a plain copy of its backbone with an adapter of its own (none of the
+    policy's LoRA layers inside it)."""
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dqo.hf import DQOTrainer
+    torch.manual_seed(0)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), lora())
+    t = DQOTrainer(policy, args=config(tmp_path, max_steps=2), train_dataset=conversations(),
+                   processing_class=tokenizer(tiny))
+    value = t.model.value.backbone
+    assert value.peft_config and value.base_model.model is not policy.get_base_model().model
+    names = [n for n, _ in value.named_parameters()]
+    assert sum(".lora_A." in n for n in names) == sum(
+        ".lora_A." in n for n, _ in policy.named_parameters())  # one adapter, not two
+    t.train()
+    assert any(h.get("kl", 0) > 0 for h in t.state.log_history)
