@@ -39,11 +39,10 @@ def fingerprint(model, examples: Sequence[Example]) -> str:
 def ref_logps(model, examples: Sequence[Example], pad_id: int, *, batch_size: int = 32,
               cache_dir: Optional[str] = None, progress: bool = False) -> List[List[float]]:
     """The log-prob of every response token of every example under ``model`` (the reference
-    policy), from the cache if valid; the examples are left as they are. ``progress``: a tqdm
-    bar over the batches."""
-    # the fingerprint reads every weight: only for a cache
-    path = (Path(cache_dir) / f"ref_logps-{fingerprint(model, examples)}.pt" if cache_dir
-            else None)
+    policy), from the cache if valid; the examples are left as they are. ``progress``: a
+    progress bar on rank 0."""
+    key = fingerprint(model, examples)
+    path = Path(cache_dir) / f"ref_logps-{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
         cached = torch.load(path, weights_only=True)
         log.info("reference log-probs loaded from %s", path)
@@ -58,7 +57,7 @@ def ref_logps(model, examples: Sequence[Example], pad_id: int, *, batch_size: in
     starts = range(0, len(mine), batch_size)
     if progress:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="reference log-probs", unit="batch", disable=r != 0)
+        starts = tqdm(starts, desc="reference log-probs", leave=False, disable=r != 0 or None)
     for start in starts:
         adapt_threads()
         idx = mine[start:start + batch_size]
