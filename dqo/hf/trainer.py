@@ -88,10 +88,12 @@ class DQOTrainer(Trainer):
             args = DQOConfig(output_dir=f"{name}-DQO", **options)
             options = {}
         if isinstance(args, DQOConfig):
-            if options or loss is not None or value_lr is not None:
+            given = [*options, *(["loss"] if loss is not None else []),
+                     *(["value_lr"] if value_lr is not None else [])]
+            if given:
                 raise TypeError(f"DQOTrainer: with a DQOConfig give the loss options and "
                                 f"value_learning_rate in it, not as arguments "
-                                f"({', '.join([*options, *(['loss'] if loss else [])])})")
+                                f"({', '.join(given)})")
             self.loss_config, self.data_args = args.section(DQOLossConfig), args
             value_lr = args.value_learning_rate
         else:

@@ -379,3 +379,10 @@ def test_a_peft_model_given_as_the_model(tiny, tmp_path):
         ".lora_A." in n for n, _ in policy.named_parameters())  # one adapter, not two
     t.train()
     assert any(h.get("kl", 0) > 0 for h in t.state.log_history)
+
+
+def test_options_belong_in_the_config(tiny, tmp_path):
+    from dqo.hf import DQOTrainer
+    with pytest.raises(TypeError, match=r"give the loss options .* in it.*\(beta, value_lr\)"):
+        DQOTrainer(str(tiny), args=config(tmp_path), train_dataset=conversations(), beta=0.2,
+                   value_lr=1e-3)
