@@ -10,8 +10,8 @@ of ``--help``:
 - :class:`SampleConfig` (``python -m dqo.sample``) and :class:`EvalConfig`
   (``python -m dqo.evaluate``) share the reward, column, generation and decoding sections.
 
-``dqo.hf.DQOTrainer`` takes :class:`DQOLossConfig`'s fields, so the loss has the same options,
-bounds and defaults wherever it is used.
+``dqo.hf.DQOConfig`` inherits :class:`DQOLossConfig`'s fields, so the loss has the same
+options, bounds and defaults wherever it is used.
 """
 import math
 from dataclasses import dataclass, fields

@@ -200,12 +200,12 @@ def own_generation_config(model) -> Iterator[None]:
         model.generation_config = saved
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: wrapped in the chat template when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    return prompt
+def format_prompt(tokenizer, prompt, **render) -> str:
+    """The prompt as the model sees it: wrapped in the chat template when there is one
+    (:func:`dqo.prompts.render_prompt`: ``prompt`` text or messages, ``system_prompt``,
+    ``template``)."""
+    from .prompts import render_prompt
+    return render_prompt(tokenizer, prompt, **render)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -215,11 +215,11 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("")["input_ids"][:1] == [bos]
 
 
-def encode_prompt(tokenizer, prompt: str, prefix: str = "") -> List[int]:
+def encode_prompt(tokenizer, prompt, prefix: str = "", **render) -> List[int]:
     """Token ids of a prompt (and an optional response prefix), as in sampling and training:
     the chat template's text when there is one (it carries its own BOS), else the prompt with
-    BOS in front where the tokenizer adds one."""
-    ids = tokenizer(format_prompt(tokenizer, prompt) + prefix,
+    BOS in front where the tokenizer adds one. ``render``: :func:`format_prompt`'s options."""
+    ids = tokenizer(format_prompt(tokenizer, prompt, **render) + prefix,
                     add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     if (not getattr(tokenizer, "chat_template", None) and adds_bos(tokenizer)

@@ -70,3 +70,44 @@ def with_template(decoding, given: Optional[str], task: Optional[str]):
     from dataclasses import replace
     return replace(decoding, prompt_template=choose_template(given, decoding.prompt_template,
                                                              task))
+
+
+def render_prompt(tokenizer, prompt, system_prompt: Optional[str] = None,
+                  template: Optional[str] = None) -> str:
+    """A prompt as the model sees it, the one rule of sampling, training and evaluation.
+
+    ``prompt`` is text (one user turn) or a conversation (a list of ``{"role", "content"}``
+    messages, system turns kept). ``template`` (a :data:`TEMPLATES` text with one ``{prompt}``)
+    wraps the text, or the last user turn's content; ``system_prompt`` becomes a first system
+    turn when the conversation has none. With a chat template the conversation is rendered by
+    it, ending in the assistant's generation prompt; without one a text prompt is used as it is,
+    and a conversation or a system prompt is a UsageError (it is never stringified)."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": apply_template(template, prompt)}]
+    else:
+        messages = check_messages(prompt)
+        if template is not None:
+            last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+            if last is None:
+                raise UsageError("prompt_template: the conversation has no user turn to wrap")
+            messages[last] = dict(messages[last],
+                                  content=apply_template(template, messages[last]["content"]))
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    raise UsageError("prompt: a conversation (or a system prompt) needs a tokenizer with a chat "
+                     "template, and this one has none")
+
+
+def check_messages(messages) -> list:
+    """A conversation: a non-empty list of ``{"role": str, "content": str}``; a copy of it."""
+    if not (isinstance(messages, (list, tuple)) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)):
+        raise UsageError(f"prompt: expected text or a non-empty list of {{'role', 'content'}} "
+                         f"messages, got {str(messages)[:80]!r}")
+    return [dict(m) for m in messages]

@@ -95,14 +95,18 @@ def text_end_id(tokenizer) -> int:
 
 def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
                  stop_ids: Optional[Sequence[int]] = None,
-                 end_id: Optional[int] = None) -> Example:
+                 end_id: Optional[int] = None,
+                 prompt_ids: Optional[Sequence[int]] = None) -> Example:
     """One row as token ids, per-token rewards and behaviour log-probs (see the module
     docstring). ``stop_ids``: the tokens that end a response (default: the tokenizer's EOS).
     ``end_id``: the token a finished text row ends with (default: :func:`text_end_id`).
+    ``prompt_ids``: the prompt's ids when the caller encoded it (default: ``encode_prompt``).
     A row over ``max_length`` keeps its whole prompt and as much of its response as fits, and
     is then unfinished; a prompt that alone does not fit is a DataError."""
     where = row.get("_source", "row")
-    prompt_ids = _tokenized(where, "prompt", lambda: encode_prompt(tokenizer, row["prompt"]))
+    if prompt_ids is None:
+        prompt_ids = _tokenized(where, "prompt", lambda: encode_prompt(tokenizer, row["prompt"]))
+    prompt_ids = list(prompt_ids)
     if not prompt_ids:
         raise DataError(f"{where}: the prompt tokenizes to nothing")
     eos = tokenizer.eos_token_id
