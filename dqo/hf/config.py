@@ -41,8 +41,8 @@ class DQODataArgs(Options):
 
     _argument_group_name = "DQO data"
     value_learning_rate: Optional[float] = opt(
-        None, "learning rate of the value model (default: learning_rate, as the command "
-        "line's --value-lr)", gt=0, lt=inf)
+        None, "learning rate of the value model (default: learning_rate x "
+        "dqo.configs.VALUE_LR_RATIO, as the command line's --value-lr-ratio)", gt=0, lt=inf)
     max_length: Optional[int] = same_as(
         TrainDataConfig, "max_length", help="tokens of prompt + completion; longer completions "
         "are cut to fit (unfinished, see truncated); default: no limit")

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainingArguments
 from dqo_kernels import fused_dqo_loss
 
 from .. import lora
-from ..configs import DQOLossConfig
+from ..configs import VALUE_LR_RATIO, DQOLossConfig
 from ..data import trainer_rows
 from ..data.collate import trainer_row
 from ..decoding import stop_token_ids
@@ -240,14 +240,17 @@ class DQOTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         """The Trainer's optimizer, with the value model's parameters in groups of their
-        own at ``value_lr`` (a critic learns at a larger rate than the policy)."""
+        own at ``value_lr``, by default ``learning_rate x VALUE_LR_RATIO`` as on the command
+        line (a critic learns at a larger rate than the policy; docs/trainer.md)."""
         opt = super().create_optimizer(*args, **kwargs)
-        if self.value_lr is None:
-            return opt
         value = getattr(self.model, "value", None)
         if value is None:
+            if self.value_lr is None:
+                return opt
             raise ValueError("value_lr: the model has no value model (expected a "
                              "PolicyWithValue)")
+        value_lr = (self.value_lr if self.value_lr is not None
+                    else self.args.learning_rate * VALUE_LR_RATIO)
         ids = {id(p) for p in value.parameters()}
         moved = []
         for g in opt.param_groups:
@@ -255,7 +258,7 @@ class DQOTrainer(Trainer):
             if mine:
                 g["params"] = [p for p in g["params"] if id(p) not in ids]
                 moved.append({**{k: v for k, v in g.items() if k != "params"},
-                              "params": mine, "lr": self.value_lr})
+                              "params": mine, "lr": value_lr})
         opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
         for g in moved:
             opt.add_param_group(g)
