@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
+from .prompts import render_prompt
+
 # the paper's sampling settings (appendix A): the data, and its sampled evaluation
 PAPER_TOP_P, PAPER_TOP_K = 0.9, 16
 
@@ -37,6 +39,8 @@ class DecodingConfig:
     prompt_template: Optional[str] = None
     # the model that sampled the data (dqo.sample's --model): its log-probs are the behaviour's
     sampled_by: Optional[str] = None
+    # the system turn in front of every prompt that has none (--system-prompt); None: none
+    system_prompt: Optional[str] = None
 
     def __post_init__(self):
         check_decoding(self)
@@ -102,6 +106,8 @@ def check_decoding(d: DecodingConfig) -> None:
                                               and d.prompt_template.count("{prompt}") == 1):
         raise ValueError(f"prompt_template: expected text with one {{prompt}} placeholder, got "
                          f"{d.prompt_template!r}")
+    if d.system_prompt is not None and not isinstance(d.system_prompt, str):
+        raise ValueError(f"system_prompt: expected text, got {d.system_prompt!r}")
     if d.stop_ids is not None and not (isinstance(d.stop_ids, list) and d.stop_ids and all(
             isinstance(i, int) and i >= 0 for i in d.stop_ids)):
         raise ValueError(f"stop_ids: expected a non-empty list of token ids, got {d.stop_ids!r}")
@@ -195,12 +201,10 @@ def own_generation_config(model) -> Iterator[None]:
         model.generation_config = saved
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: wrapped in the chat template when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    return prompt
+def format_prompt(tokenizer, prompt, system_prompt: Optional[str] = None) -> str:
+    """The prompt as the model sees it (:func:`dqo.prompts.render_prompt`): a string or a
+    conversation, through the chat template when there is one."""
+    return render_prompt(tokenizer, prompt, system_prompt)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -210,11 +214,13 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("")["input_ids"][:1] == [bos]
 
 
-def encode_prompt(tokenizer, prompt: str, prefix: str = "") -> List[int]:
-    """Token ids of a prompt (and an optional response prefix), as in sampling and training:
-    the chat template's text when there is one (it carries its own BOS), else the prompt with
-    BOS in front where the tokenizer adds one."""
-    ids = tokenizer(format_prompt(tokenizer, prompt) + prefix,
+def encode_prompt(tokenizer, prompt, prefix: str = "",
+                  system_prompt: Optional[str] = None) -> List[int]:
+    """Token ids of a prompt (a string or a list of ``{"role", "content"}`` messages, with an
+    optional response prefix), as in sampling and training: the chat template's text when there
+    is one (it carries its own BOS), else the prompt with BOS in front where the tokenizer adds
+    one. ``system_prompt``: a system turn for a prompt that has none."""
+    ids = tokenizer(format_prompt(tokenizer, prompt, system_prompt) + prefix,
                     add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     if (not getattr(tokenizer, "chat_template", None) and adds_bos(tokenizer)

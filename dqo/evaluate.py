@@ -29,7 +29,7 @@ from .decoding import find_decoding
 from .errors import UsageError
 from .evaluation import accuracy
 from .generation import load_sampler
-from .prompts import apply_template, with_template
+from .prompts import prepare_prompt, with_template
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,15 @@ def _main(argv=None) -> None:
     except ValueError as exc:
         raise UsageError(f"--decoding: {exc}") from None
     decoding = with_template(args.decoding_config(base), args.prompt_template,
-                             None if args.reward_fn else args.task)
+                             None if args.reward_fn else args.task, args.system_prompt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_sampler(args)
     rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None,
                             prompt_column=args.prompt_column, answer_column=args.answer_column)
     decoding = decoding.with_stop_ids(tok, model)
-    prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in rows]
+    prompts = [prepare_prompt(r["prompt"], decoding.prompt_template, decoding.system_prompt)
+               for r in rows]
     res = accuracy(model, tok, prompts, [r.get("answer") for r in rows],
                    reward, samples=args.samples, decoding=decoding,
                    batch_size=args.generation_batch_size,

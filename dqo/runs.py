@@ -30,7 +30,7 @@ from .evaluation import accuracy
 from .loop import open_tracker, report_final, train
 from .modeling import SharedValueModel, ValueModel, enable_checkpointing, load_policy
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
-from .prompts import apply_template, with_template
+from .prompts import prepare_prompt, with_template
 from .reference_logps import compute_ref_logps
 from .rewards import load_reward, task_reward
 from .rng import seed_stage, stage_rng
@@ -159,7 +159,8 @@ def run_custom(args: TrainConfig) -> Dict:
                  "sampling settings for evaluation", sidecar(args.data))
         decoding = DecodingConfig()
     decoding = with_template(args.decoding_config(decoding), args.prompt_template,
-                             None if args.reward_fn else args.task).with_stop_ids(tok, policy)
+                             None if args.reward_fn else args.task,
+                             args.system_prompt).with_stop_ids(tok, policy)
     rows, bad = read_jsonl(args.data, strict=args.strict_data)
     if args.algo == "sft":  # canonical solutions, never the sampled responses
         if args.sft_data:
@@ -169,7 +170,8 @@ def run_custom(args: TrainConfig) -> Dict:
     # fit (and trained as unfinished), never allowed to exhaust memory
     max_length = args.max_length or getattr(policy.config, "max_position_embeddings", None)
     examples, bad_tokens = tokenize_rows(rows, tok, max_length=max_length,
-                                         strict=args.strict_data, stop_ids=decoding.stop_ids)
+                                         strict=args.strict_data, stop_ids=decoding.stop_ids,
+                                         system_prompt=decoding.system_prompt)
     check_bad_rows(args, bad + bad_tokens, len(rows) + len(bad))
     examples = truncated_examples(args, examples)
     source = behavior_source(args.behavior_logp, decoding.sampled_by, args.model)
@@ -190,7 +192,8 @@ def run_custom(args: TrainConfig) -> Dict:
                                 answer_column=args.answer_column)
         reward = (load_reward(args.reward_fn, args.correct_threshold) if args.reward_fn
                   else task_reward(args.task or "arithmetic", args.correct_threshold))
-        prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in rows]
+        prompts = [prepare_prompt(r["prompt"], decoding.prompt_template, decoding.system_prompt)
+                   for r in rows]
         eval_fn = lambda: accuracy(  # noqa: E731
             policy, tok, prompts, [r.get("answer") for r in rows], reward,
             samples=args.eval_samples, decoding=decoding,

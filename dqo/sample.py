@@ -36,7 +36,7 @@ from .configs import SAMPLE_SECTIONS, SampleConfig
 from .data import extra_columns, read_prompt_rows, write_jsonl
 from .decoding import model_id, sidecar
 from .generation import generate, label_samples, load_sampler, mc_process_scores
-from .prompts import apply_template, with_template
+from .prompts import prepare_prompt, with_template
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _main(argv=None) -> None:
                         description=__doc__)
     reward = reward_from_args(args)
     decoding = replace(with_template(args.decoding_config(), args.prompt_template,
-                                     None if args.reward_fn else args.task),
+                                     None if args.reward_fn else args.task, args.system_prompt),
                        sampled_by=model_id(args.model))
     check_model("--model", args.model)
     check_data("--prompts", args.prompts)
@@ -62,7 +62,8 @@ def _main(argv=None) -> None:
     prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None,
                                    prompt_column=args.prompt_column,
                                    answer_column=args.answer_column)
-    prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in prompt_rows]
+    prompts = [prepare_prompt(r["prompt"], decoding.prompt_template, decoding.system_prompt)
+               for r in prompt_rows]
     answers = [r.get("answer") for r in prompt_rows]
     samples = generate(model, tok, prompts, n=args.n, progress=True, decoding=decoding,
                        batch_size=args.generation_batch_size)
