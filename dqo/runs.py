@@ -27,7 +27,7 @@ from .decoding import DecodingConfig, find_decoding, model_id, sidecar
 from .engine import join_launcher_group, resolve_engine_kind
 from .errors import UsageError
 from .evaluation import accuracy
-from .loop import open_tracker, report_final, train
+from .loop import open_tracker, record_start_evaluation, report_final, train
 from .modeling import SharedValueModel, ValueModel, enable_checkpointing, load_policy
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
 from .prompts import prepare_prompt, with_template
@@ -92,6 +92,7 @@ def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Di
     evaluate = Evaluator(tok, splits.test, decoding, samples=args.eval_samples)
     seed_stage(args.seed, "evaluate-before")  # every stage: the same draws after a --resume
     before = evaluate(policy)
+    record_start_evaluation(out_dir, before)
     log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"],
              before.get("sampled", float("nan")))  # --eval-samples 0: greedy only
 
@@ -200,6 +201,7 @@ def run_custom(args: TrainConfig) -> Dict:
             columns=[extra_columns(r) for r in rows])
     seed_stage(args.seed, "evaluate-before")
     before = eval_fn() if eval_fn else {}
+    record_start_evaluation(Path(args.out), before)
     tracker = open_tracker(args, Path(args.out))
     train(args, tok, policy, value, examples, eval_fn=eval_fn, decoding=decoding,
           tracker=tracker)
