@@ -29,6 +29,16 @@ def run(main: Callable, argv=None, prog: str = "dqo"):
         raise SystemExit(2) from None
 
 
+def configure_logging(fmt: str = "%(asctime)s %(name)s %(message)s") -> None:
+    """Log lines on stderr: INFO on rank 0, WARNING and worse on the other ranks, so that a run
+    of N processes prints each line once (the launchers set ``RANK`` before any process group
+    exists)."""
+    import logging
+    logging.basicConfig(format=fmt, datefmt="%H:%M:%S")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.getLogger().setLevel(logging.INFO if rank0 else logging.WARNING)
+
+
 def check_file(flag: str, value: Optional[str]) -> None:
     if value is None:
         return

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,9 @@ from .decoding import find_decoding
 from .errors import UsageError
 from .evaluation import accuracy
 from .generation import load_sampler
+from .optional import check_installed
 from .prompts import prepare_prompt, with_template
+from .restore import decoding_dirs
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,13 @@ def main(argv=None) -> None:
 def _main(argv=None) -> None:
     args = parse_config(EvalConfig, EVAL_SECTIONS, argv, prog="python -m dqo.evaluate",
                         description=__doc__)
+    check_installed(args)
     reward = reward_from_args(args)
     check_model("--model", args.model)
     check_data("--data", args.data)
     check_file("--decoding", args.decoding)
     try:
-        base = find_decoding(args.decoding, args.model if Path(args.model).is_dir() else None)
+        base = find_decoding(args.decoding, *decoding_dirs(args.model))
     except ValueError as exc:
         raise UsageError(f"--decoding: {exc}") from None
     decoding = with_template(args.decoding_config(base), args.prompt_template,
@@ -63,7 +65,7 @@ def _main(argv=None) -> None:
     res = accuracy(model, tok, prompts, [r.get("answer") for r in rows],
                    reward, samples=args.samples, decoding=decoding,
                    batch_size=args.generation_batch_size,
-                   columns=[extra_columns(r) for r in rows])
+                   columns=[extra_columns(r) for r in rows], progress=True)
     print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
                           decoding=json.loads(decoding.to_json()))))
 

@@ -37,9 +37,10 @@ def fingerprint(model, examples: Sequence[Example]) -> str:
 
 @torch.no_grad()
 def ref_logps(model, examples: Sequence[Example], pad_id: int, *, batch_size: int = 32,
-              cache_dir: Optional[str] = None) -> List[List[float]]:
+              cache_dir: Optional[str] = None, progress: bool = False) -> List[List[float]]:
     """The log-prob of every response token of every example under ``model`` (the reference
-    policy), from the cache if valid; the examples are left as they are."""
+    policy), from the cache if valid; the examples are left as they are. ``progress``: a
+    progress bar on rank 0."""
     key = fingerprint(model, examples)
     path = Path(cache_dir) / f"ref_logps-{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
@@ -53,7 +54,11 @@ def ref_logps(model, examples: Sequence[Example], pad_id: int, *, batch_size: in
     mine = list(range(r, len(examples), w))
     log.info("reference log-probs: %d of %d examples on rank %d", len(mine), len(examples), r)
     rows = []  # (example index, log-probs of its response tokens)
-    for start in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="reference log-probs", leave=False, disable=r != 0 or None)
+    for start in starts:
         adapt_threads()
         idx = mine[start:start + batch_size]
         # the tokens alone: behaviour log-probs on some examples and not others are no concern
@@ -76,9 +81,9 @@ def ref_logps(model, examples: Sequence[Example], pad_id: int, *, batch_size: in
 
 
 def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size: int = 32,
-                      cache_dir: Optional[str] = None) -> None:
+                      cache_dir: Optional[str] = None, progress: bool = False) -> None:
     """Fill ``example.ref_logp`` (per response token) for every example: :func:`ref_logps`,
     attached where the trainer's loop and the algorithms' ``setup`` read them."""
     for e, lp in zip(examples, ref_logps(model, examples, pad_id, batch_size=batch_size,
-                                         cache_dir=cache_dir)):
+                                         cache_dir=cache_dir, progress=progress)):
         e.ref_logp = lp

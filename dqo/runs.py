@@ -46,6 +46,17 @@ def behavior_source(mode: str, sampled_by: Optional[str], model: str) -> str:
     return "reference" if sampled_by is not None and sampled_by == model_id(model) else "recorded"
 
 
+def load_value_model(path: str, policy, dtype) -> ValueModel:
+    """``--value-model``: a value model dqo saved, or any transformers checkpoint (a smaller
+    critic; its scalar head starts new) whose vocabulary covers the policy's token ids."""
+    value = ValueModel.from_pretrained(path, dtype=dtype)
+    have, need = value.config.vocab_size, policy.config.vocab_size
+    if have < need:
+        raise UsageError(f"--value-model: {path} has a vocabulary of {have} tokens, the policy "
+                         f"{need}: the critic must use the policy's tokenizer")
+    return value
+
+
 def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None):
     """(policy, value) as the options say: LoRA adapters (the base frozen), the value model on
     a copy of the backbone or on the policy's base (``--value-backbone shared``), activation
@@ -55,7 +66,7 @@ def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None)
     value = None
     if needs_value and args.value_backbone == "separate":  # before the policy's adapter
         dtype, device = next(policy.parameters()).dtype, next(policy.parameters()).device
-        value = (ValueModel.from_pretrained(value_model, dtype=dtype) if value_model
+        value = (load_value_model(value_model, policy, dtype) if value_model
                  else ValueModel.from_policy(policy)).to(device)
     if args.lora_r:
         if needs_value and args.value_backbone == "shared" and resolve_engine_kind(
@@ -107,7 +118,8 @@ def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Di
     log.info("stage 3/4: reference log-probs and %s training", args.algo.upper())
     examples, _ = tokenize_rows(rows, tok, strict=True, stop_ids=decoding.stop_ids)
     examples = truncated_examples(args, examples)
-    compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
+    compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"),
+                      progress=args.progress)
     # a LoRA adapter names its base: the warmed-up one on disk, so final/policy loads alone
     policy.name_or_path = str((out_dir / "base").resolve())
     policy, value = prepare_models(args, policy)
@@ -184,7 +196,7 @@ def run_custom(args: TrainConfig) -> Dict:
         "recorded": "the rows' behavior_logp (recorded by the sampler)"}[source])
     if algos.REGISTRY[args.algo].needs_ref:
         compute_ref_logps(policy, examples, tok.pad_token_id,
-                          cache_dir=str(Path(args.out) / "cache"))
+                          cache_dir=str(Path(args.out) / "cache"), progress=args.progress)
     policy, value = prepare_models(args, policy, args.value_model)
     eval_fn = None
     if args.eval_data:
@@ -198,7 +210,7 @@ def run_custom(args: TrainConfig) -> Dict:
         eval_fn = lambda: accuracy(  # noqa: E731
             policy, tok, prompts, [r.get("answer") for r in rows], reward,
             samples=args.eval_samples, decoding=decoding,
-            columns=[extra_columns(r) for r in rows])
+            columns=[extra_columns(r) for r in rows], progress=args.progress)
     seed_stage(args.seed, "evaluate-before")
     before = eval_fn() if eval_fn else {}
     record_start_evaluation(Path(args.out), before)

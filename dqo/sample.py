@@ -36,6 +36,7 @@ from .configs import SAMPLE_SECTIONS, SampleConfig
 from .data import extra_columns, read_prompt_rows, write_jsonl
 from .decoding import model_id, sidecar
 from .generation import generate, label_samples, load_sampler, mc_process_scores
+from .optional import check_installed
 from .prompts import prepare_prompt, with_template
 from .rewards import reward_from_args
 
@@ -49,6 +50,7 @@ def main(argv=None) -> None:
 def _main(argv=None) -> None:
     args = parse_config(SampleConfig, SAMPLE_SECTIONS, argv, prog="python -m dqo.sample",
                         description=__doc__)
+    check_installed(args)
     reward = reward_from_args(args)
     decoding = replace(with_template(args.decoding_config(), args.prompt_template,
                                      None if args.reward_fn else args.task, args.system_prompt),

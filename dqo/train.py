@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Dict
 
-from .cli import check_data, check_model, parse_config, write_config
+from .cli import check_data, check_model, configure_logging, parse_config, write_config
 from .cli import run as run_cli
 from .configs import EMBEDDED_DEFAULT, TRAIN_SECTIONS, TrainConfig
 from .engine import leave_process_group, rank, resolve_engine_kind
 from .errors import RewardError, UsageError
+from .optional import check_installed
 from .options import flag
 from .rewards import load_reward
 from .runs import run_custom, run_default
@@ -93,8 +94,7 @@ def main(argv=None) -> None:
 
 
 def _main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging()
     for noisy in ("httpx", "transformers", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -103,6 +103,7 @@ def _main(argv=None) -> None:
     if args.dry_run:
         print_memory_plan(args)
         return
+    check_installed(args)
     if rank() == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_config(args, Path(args.out) / "config.yaml")

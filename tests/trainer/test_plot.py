@@ -84,7 +84,24 @@ def test_tensorboard_gets_every_metric(tmp_path):
     assert all(r["response_length"] == 7 for r in rows)  # "#### 2" (6 characters) + EOS
     assert all(r["kl"] >= 0 for r in rows)
     for key in ("loss", "kl", "is_ess", "value_explained_var", "lr"):
-        events = acc.Scalars(key)
+        events = acc.Scalars(f"train/{key}")  # grouped as TRL's trainers write them
         assert [e.step for e in events] == [1, 2]
         for e, row in zip(events, rows):
             assert abs(e.value - row[key]) <= 1e-6 * max(1.0, abs(row[key])), key
+    # the run's options in the hparams plugin, in this run's own events file
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert info.hparams["lr"].number_value == 1e-3 and info.hparams["algo"].string_value == "dqo"
+
+
+def test_tracker_tags_are_grouped():
+    from dqo.tracking import Tracker
+
+    class Spy(Tracker):
+        def _log(self, values, step):
+            self.seen = values
+
+    t = Spy()
+    t.log({"step": 3, "loss": 1.0, "eval_greedy": 0.5, "before_greedy": 0.4, "tag": "x"}, 3)
+    assert t.seen == {"train/loss": 1.0, "eval/greedy": 0.5, "eval/before_greedy": 0.4}
