@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
-from .prompts import render_prompt
-
 # the paper's sampling settings (appendix A): the data, and its sampled evaluation
 PAPER_TOP_P, PAPER_TOP_K = 0.9, 16
 
@@ -201,10 +199,12 @@ def own_generation_config(model) -> Iterator[None]:
         model.generation_config = saved
 
 
-def format_prompt(tokenizer, prompt, system_prompt: Optional[str] = None) -> str:
-    """The prompt as the model sees it (:func:`dqo.prompts.render_prompt`): a string or a
-    conversation, through the chat template when there is one."""
-    return render_prompt(tokenizer, prompt, system_prompt)
+def format_prompt(tokenizer, prompt, **render) -> str:
+    """The prompt as the model sees it: wrapped in the chat template when there is one
+    (:func:`dqo.prompts.render_prompt`: ``prompt`` text or messages, ``system_prompt``,
+    ``template``)."""
+    from .prompts import render_prompt
+    return render_prompt(tokenizer, prompt, **render)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -214,13 +214,11 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("")["input_ids"][:1] == [bos]
 
 
-def encode_prompt(tokenizer, prompt, prefix: str = "",
-                  system_prompt: Optional[str] = None) -> List[int]:
-    """Token ids of a prompt (a string or a list of ``{"role", "content"}`` messages, with an
-    optional response prefix), as in sampling and training: the chat template's text when there
-    is one (it carries its own BOS), else the prompt with BOS in front where the tokenizer adds
-    one. ``system_prompt``: a system turn for a prompt that has none."""
-    ids = tokenizer(format_prompt(tokenizer, prompt, system_prompt) + prefix,
+def encode_prompt(tokenizer, prompt, prefix: str = "", **render) -> List[int]:
+    """Token ids of a prompt (and an optional response prefix), as in sampling and training:
+    the chat template's text when there is one (it carries its own BOS), else the prompt with
+    BOS in front where the tokenizer adds one. ``render``: :func:`format_prompt`'s options."""
+    ids = tokenizer(format_prompt(tokenizer, prompt, **render) + prefix,
                     add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     if (not getattr(tokenizer, "chat_template", None) and adds_bos(tokenizer)

@@ -29,7 +29,7 @@ from .errors import UsageError
 from .evaluation import accuracy
 from .generation import load_sampler
 from .optional import check_installed
-from .prompts import prepare_prompt, with_template
+from .prompts import prepare_prompt, with_system_prompt, with_template
 from .restore import decoding_dirs
 from .rewards import reward_from_args
 
@@ -52,8 +52,9 @@ def _main(argv=None) -> None:
         base = find_decoding(args.decoding, *decoding_dirs(args.model))
     except ValueError as exc:
         raise UsageError(f"--decoding: {exc}") from None
-    decoding = with_template(args.decoding_config(base), args.prompt_template,
-                             None if args.reward_fn else args.task, args.system_prompt)
+    decoding = with_system_prompt(with_template(
+        args.decoding_config(base), args.prompt_template,
+        None if args.reward_fn else args.task), args.system_prompt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_sampler(args)

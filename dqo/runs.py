@@ -30,7 +30,7 @@ from .evaluation import accuracy
 from .loop import open_tracker, record_start_evaluation, report_final, train
 from .modeling import SharedValueModel, ValueModel, enable_checkpointing, load_policy
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
-from .prompts import prepare_prompt, with_template
+from .prompts import prepare_prompt, with_system_prompt, with_template
 from .reference_logps import compute_ref_logps
 from .rewards import load_reward, task_reward
 from .rng import seed_stage, stage_rng
@@ -171,20 +171,22 @@ def run_custom(args: TrainConfig) -> Dict:
         log.info("no %s beside the data: stop tokens from the tokenizer and model, the paper's "
                  "sampling settings for evaluation", sidecar(args.data))
         decoding = DecodingConfig()
-    decoding = with_template(args.decoding_config(decoding), args.prompt_template,
-                             None if args.reward_fn else args.task,
-                             args.system_prompt).with_stop_ids(tok, policy)
+    decoding = with_system_prompt(with_template(
+        args.decoding_config(decoding), args.prompt_template,
+        None if args.reward_fn else args.task), args.system_prompt).with_stop_ids(tok, policy)
     rows, bad = read_jsonl(args.data, strict=args.strict_data)
     if args.algo == "sft":  # canonical solutions, never the sampled responses
         if args.sft_data:
             rows, bad = read_solutions(args.sft_data), []
         rows = sft_rows(rows, args.sft_data or args.data)
+    if decoding.system_prompt is not None:  # the rows' prompts that have no system turn get it
+        rows = [dict(r, prompt=prepare_prompt(r["prompt"], None, decoding.system_prompt))
+                for r in rows]
     # the model's context is the length limit unless the user sets one: a huge row is cut to
     # fit (and trained as unfinished), never allowed to exhaust memory
     max_length = args.max_length or getattr(policy.config, "max_position_embeddings", None)
     examples, bad_tokens = tokenize_rows(rows, tok, max_length=max_length,
-                                         strict=args.strict_data, stop_ids=decoding.stop_ids,
-                                         system_prompt=decoding.system_prompt)
+                                         strict=args.strict_data, stop_ids=decoding.stop_ids)
     check_bad_rows(args, bad + bad_tokens, len(rows) + len(bad))
     examples = truncated_examples(args, examples)
     source = behavior_source(args.behavior_logp, decoding.sampled_by, args.model)

@@ -37,7 +37,7 @@ from .data import extra_columns, read_prompt_rows, write_jsonl
 from .decoding import model_id, sidecar
 from .generation import generate, label_samples, load_sampler, mc_process_scores
 from .optional import check_installed
-from .prompts import prepare_prompt, with_template
+from .prompts import prepare_prompt, with_system_prompt, with_template
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ def _main(argv=None) -> None:
                         description=__doc__)
     check_installed(args)
     reward = reward_from_args(args)
-    decoding = replace(with_template(args.decoding_config(), args.prompt_template,
-                                     None if args.reward_fn else args.task, args.system_prompt),
+    decoding = replace(with_system_prompt(with_template(
+        args.decoding_config(), args.prompt_template, None if args.reward_fn else args.task),
+        args.system_prompt),
                        sampled_by=model_id(args.model))
     check_model("--model", args.model)
     check_data("--prompts", args.prompts)

@@ -65,7 +65,7 @@ class Example:
     response_ids: List[int]
     rewards: List[float]  # per response token
     behavior_logp: Optional[List[float]] = None  # per response token
-    prompt: str = ""  # its text (a conversation: as the chat template renders it)
+    prompt: object = ""  # the row's: text, or a conversation (dqo.prompts.prompt_key groups)
     response: str = ""
     answer: Optional[str] = None
     source: str = ""  # file:line

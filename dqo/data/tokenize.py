@@ -9,7 +9,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..decoding import encode_prompt
 from ..errors import DataError
-from ..prompts import render_prompt
 from .schema import Example
 
 log = logging.getLogger(__name__)
@@ -54,19 +53,13 @@ def step_end_tokens(tokenizer, steps: Sequence[str], response_ids: Sequence[int]
 
 
 def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
-                 stop_ids: Optional[Sequence[int]] = None,
-                 system_prompt: Optional[str] = None) -> Example:
+                 stop_ids: Optional[Sequence[int]] = None) -> Example:
     """One row as token ids, per-token rewards and behaviour log-probs (see the module
     docstring). ``stop_ids``: the tokens that end a response (default: the tokenizer's EOS).
     A row over ``max_length`` keeps its whole prompt and as much of its response as fits, and
-    is then unfinished; a prompt that alone does not fit is a DataError. A prompt is a string
-    or a conversation (:func:`dqo.prompts.render_prompt`); ``system_prompt`` goes in front of
-    one that has no system turn."""
+    is then unfinished; a prompt that alone does not fit is a DataError."""
     where = row.get("_source", "row")
-    text = _tokenized(where, "prompt", lambda: render_prompt(
-        tokenizer, row["prompt"], system_prompt, where=f"{where}: 'prompt'"))
-    prompt_ids = _tokenized(where, "prompt", lambda: encode_prompt(tokenizer, row["prompt"],
-                                                                    system_prompt=system_prompt))
+    prompt_ids = _tokenized(where, "prompt", lambda: encode_prompt(tokenizer, row["prompt"]))
     if not prompt_ids:
         raise DataError(f"{where}: the prompt tokenizes to nothing")
     eos = tokenizer.eos_token_id
@@ -100,8 +93,7 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
         for e, r in zip(ends, row["step_rewards"]):
             rewards[e] += float(r)
     ex = Example(prompt_ids, response_ids, rewards, None if behavior is None else list(behavior),
-                 row["prompt"] if isinstance(row["prompt"], str) else text,
-                 row["response"], row.get("answer"), where,
+                 row["prompt"], row["response"], row.get("answer"), where,
                  reward=float(row["reward"]), labelled_correct=row.get("correct"),
                  finished=bool(finished), truncated=not finished)
     if max_length is not None and len(ex) > max_length:
@@ -117,12 +109,11 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
 
 
 def tokenize_rows(rows: Sequence[Dict], tokenizer, *, max_length=None, strict=False,
-                  stop_ids=None, system_prompt=None):
+                  stop_ids=None):
     out, errors = [], []
     for row in rows:
         try:
-            out.append(tokenize_row(row, tokenizer, max_length=max_length, stop_ids=stop_ids,
-                                    system_prompt=system_prompt))
+            out.append(tokenize_row(row, tokenizer, max_length=max_length, stop_ids=stop_ids))
         except DataError as e:
             if strict:
                 raise

@@ -11,6 +11,7 @@ from dqo.prompts import (
     TEMPLATES,
     apply_template,
     choose_template,
+    prepare_prompt,
     render_prompt,
     resolve_template,
 )
@@ -117,11 +118,20 @@ def test_a_conversation_goes_through_the_chat_template_system_turn_kept():
     assert encode_prompt(t, CONV, system_prompt="Q2") == ids("<s>Q1<u>1+2=?<a>")
     # a template wraps the user's text (the last user turn), never the system turn
     assert render_prompt(t, CONV, template="Q {prompt}#") == "<s>Q1<u>Q 1+2=?#<a>"
+    # the data rows' form (dqo.sample writes it, dqo.train adds --system-prompt with it)
+    assert prepare_prompt("1+2=?", "Q {prompt}#") == "Q 1+2=?#"  # a string stays one
+    assert prepare_prompt("1+2=?", None, "Q2") == [{"role": "system", "content": "Q2"},
+                                                    {"role": "user", "content": "1+2=?"}]
+    assert prepare_prompt(CONV, None, "Q2") == CONV
     # a data row holding a conversation trains on the chat template's tokens
     row = D.check_row({"prompt": CONV, "response": "3", "reward": 1.0}, "d.jsonl:1")
     ex = D.tokenize_row(row, t)
-    assert ex.prompt_ids == ids("<s>Q1<u>1+2=?<a>") and ex.prompt == "<s>Q1<u>1+2=?<a>"
-    assert D.tokenize_row(row, t, system_prompt="Q2").prompt_ids == ex.prompt_ids
+    assert ex.prompt_ids == ids("<s>Q1<u>1+2=?<a>") and ex.prompt == CONV
+    # and groups by prompt (DPO's pairs), a list being no dict key
+    from dqo.algos.dpo import DPO
+    bad = D.tokenize_row(dict(row, reward=0.0, correct=False), t)
+    good = D.tokenize_row(dict(row, correct=True), t)
+    assert len(DPO().items([good, bad])) == 1
 
 
 def test_a_prompt_column_is_kept_as_a_conversation_or_named_as_bad():
