@@ -178,7 +178,12 @@ def parse_config(cls, sections: Sequence[type], argv=None, *, prog: str,
     p.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                    help="options from a YAML file (keys: the options' names, e.g. is_clip: inf);"
                         " flags given beside it override it")
+    # the DeepSpeed launcher appends --local_rank=N to every process's command line; its
+    # environment's LOCAL_RANK says the same, and is what dqo reads
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     given = vars(p.parse_args(argv))
+    given.pop("local_rank", None)
     config = given.pop("config", None)
     values = read_config_file(config, cls) if config else {}
     values.update(given)

@@ -14,6 +14,7 @@ module is their command line.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Dict
@@ -63,6 +64,10 @@ def check_command_line(a: TrainConfig) -> None:
     check_data("--data", a.data)
     check_data("--eval-data", a.eval_data)
     check_data("--sft-data", a.sft_data)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and resolve_engine_kind(a.engine) == "torch":  # N copies of one run otherwise
+        raise UsageError(f"--engine: a launcher started {world} processes (WORLD_SIZE), and the "
+                         f"torch engine trains in one; use --engine deepspeed (docs/scale-out.md)")
     if a.reward_fn:
         try:
             load_reward(a.reward_fn, a.correct_threshold)

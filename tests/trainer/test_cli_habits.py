@@ -161,3 +161,19 @@ def test_logs_come_from_rank_0_only(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     configure_logging()
     assert root.level == logging.INFO
+
+
+def test_a_launcher_with_the_single_process_engine_is_refused(tmp_path, monkeypatch, capsys):
+    from dqo import train as train_cli
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc-per-node 2 ... --engine torch
+    with pytest.raises(SystemExit) as exit:
+        train_cli.main(["--engine", "torch", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--engine deepspeed" in err and "WORLD_SIZE" in err
+
+
+def test_the_deepspeed_launchers_local_rank_is_accepted():
+    from dqo.train import parse_args
+    # deepspeed --module dqo.train ... appends it to each process's arguments
+    assert parse_args(["--local_rank=1", "--max-steps", "2"]).max_steps == 2
+    assert parse_args(["--max-steps", "2", "--local-rank", "0"]).max_steps == 2
