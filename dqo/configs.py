@@ -86,6 +86,10 @@ class ColumnsConfig(Options):
         "one {prompt}; default: the one recorded with the data (or model), else the task's "
         "(gsm8k: paper-gsm8k, math: paper-math, arithmetic and --reward-fn: none)",
         metavar="NAME|FILE")
+    system_prompt: Optional[str] = opt(
+        None, "a system turn in front of every prompt that has none (plain-string prompts; a "
+        "conversation's own system turn is kept); needs a chat template; default: the one "
+        "recorded with the data (or model)", metavar="TEXT")
     answer_column: Optional[str] = opt(None, "the answer column; default: answer, else solution "
                                        "(MATH); a worked answer (#### N, or a last \\boxed{N}) "
                                        "gives N")

@@ -40,6 +40,8 @@ class DecodingConfig:
     prompt_template: Optional[str] = None
     # the model that sampled the data (dqo.sample's --model): its log-probs are the behaviour's
     sampled_by: Optional[str] = None
+    # the system turn in front of every prompt that has none (--system-prompt); None: none
+    system_prompt: Optional[str] = None
 
     def __post_init__(self):
         check_decoding(self)
@@ -107,6 +109,8 @@ def check_decoding(d: DecodingConfig) -> None:
                                               and d.prompt_template.count("{prompt}") == 1):
         raise ValueError(f"prompt_template: expected text with one {{prompt}} placeholder, got "
                          f"{d.prompt_template!r}")
+    if d.system_prompt is not None and not isinstance(d.system_prompt, str):
+        raise ValueError(f"system_prompt: expected text, got {d.system_prompt!r}")
     if d.stop_ids is not None and not (isinstance(d.stop_ids, list) and d.stop_ids and all(
             isinstance(i, int) and i >= 0 for i in d.stop_ids)):
         raise ValueError(f"stop_ids: expected a non-empty list of token ids, got {d.stop_ids!r}")

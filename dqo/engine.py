@@ -70,6 +70,7 @@ class TorchEngine:
         self.global_steps = 0
         self.skipped_steps = 0
         self.last_step_skipped = False
+        self.last_grad_norm = float("nan")  # the last optimizer step's, before clipping
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -83,6 +84,7 @@ class TorchEngine:
             return
         clip = self.cfg.grad_clip if self.cfg.grad_clip and self.cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.last_grad_norm = float(norm)  # before clipping: what the curves show
         self.last_step_skipped = not bool(torch.isfinite(norm))
         if self.last_step_skipped:  # a non-finite gradient never reaches the weights
             self.skipped_steps += 1
@@ -247,6 +249,7 @@ class DeepSpeedEngine:
         # check_grad_overflow); without ZeRO only fp16's loss scaler would
         self.skips_non_finite = zero_stage > 0
         self.last_step_skipped = False
+        self.last_grad_norm = float("nan")  # the last optimizer step's, before clipping
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -258,6 +261,8 @@ class DeepSpeedEngine:
         before = self.engine.skipped_steps
         self.engine.step()
         self.last_step_skipped = self.engine.skipped_steps > before
+        norm = self.engine.get_global_grad_norm()  # None until an optimizer step computed one
+        self.last_grad_norm = float("nan") if norm is None else float(norm)
 
     @property
     def global_steps(self):

@@ -85,6 +85,16 @@ def merge_stats(parts: List[Dict]) -> Dict:
     return out
 
 
+def step_shape(engines, batches) -> Dict[str, float]:
+    """This rank's mean response length (action tokens a row) and each engine's gradient norm
+    before clipping (``policy_grad_norm``, ``value_grad_norm``): what the curves show."""
+    rows = sum(len(b.action_mask) for b in batches)
+    out = {"response_length": float(sum(b.action_mask.sum() for b in batches)) / max(1, rows)}
+    out.update({f"{name}_grad_norm": getattr(e, "last_grad_norm", float("nan"))
+                for name, e in engines.items()})
+    return out
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """Keep the rows of ``metrics.jsonl`` up to ``step`` (the later ones are redone). A cut
     last line, left by a process killed mid-write, is dropped with a warning."""
@@ -102,6 +112,27 @@ def trim_metrics(path: Path, step: int) -> None:
         if row["step"] <= step:
             kept.append(line)
     atomic_write(path, lambda f: f.writelines(line + "\n" for line in kept))
+
+
+def _is_step(line: str, step: int) -> bool:
+    try:
+        return json.loads(line).get("step") == step
+    except (ValueError, AttributeError):  # a cut line: trim_metrics reports it
+        return False
+
+
+def record_start_evaluation(out_dir: Path, res: Dict) -> None:
+    """The evaluation before training as ``metrics.jsonl``'s step-0 row (``eval_*`` keys, as
+    ``--eval-every`` logs them), replacing the one an earlier start wrote: the first point of
+    the accuracy curve. Rank 0 writes; nothing for an empty ``res``."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if rank() != 0 or not res:
+        return
+    lines = path.read_text().splitlines() if path.exists() else []
+    rest = [x for x in lines if x.strip() and not _is_step(x, 0)]
+    head = json.dumps({"step": 0, **{f"eval_{k}": v for k, v in res.items()
+                                     if isinstance(v, (int, float))}})
+    atomic_write(path, lambda f: f.write("\n".join([head] + rest) + "\n"))
 
 
 def report_final(tracker: Optional[Tracker], res: Dict) -> None:
@@ -249,7 +280,7 @@ def _train(args: TrainConfig, run: RunDir, tokenizer, policy, value, examples: L
         skipped = any(e.last_step_skipped for e in engines.values())
         row = dict(step=step + 1, epoch=epoch, lr=policy_engine.get_lr()[0],
                    step_time=time.perf_counter() - t0, **stats, skipped=skipped,
-                   padded_share=padded)
+                   padded_share=padded, **step_shape(engines, batches))
         if eval_fn is not None and args.eval_every and (step + 1) % args.eval_every == 0:
             with stage_rng(args.seed, f"evaluate-step-{step + 1}"):  # training's RNG untouched
                 last_eval = eval_fn()

@@ -21,13 +21,8 @@ POLICY_ADAPTER, VALUE_ADAPTER = "default", "value"
 
 
 def require_peft():
-    try:
-        import peft
-    except ImportError:
-        from .errors import UsageError
-        raise UsageError("--lora-r: LoRA needs peft (pip install 'dqo-kernels[lora]' or "
-                         "pip install peft)") from None
-    return peft
+    from .optional import require
+    return require("peft", "--lora-r (LoRA)")
 
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules: str):
@@ -82,8 +77,11 @@ def checkpoint_context(model: nn.Module):
 
 
 def add_policy_adapter(policy: nn.Module, cfg) -> nn.Module:
-    """The policy as a ``PeftModel`` with a fresh adapter (the base frozen)."""
-    return require_peft().get_peft_model(policy, cfg)
+    """The policy as a ``PeftModel`` with a fresh adapter (the base frozen). ``cfg`` is left
+    as it is: peft resolves ``all-linear`` into the policy's module names in the config it is
+    given, names a separate value backbone (no ``model.`` prefix) would not have."""
+    import copy
+    return require_peft().get_peft_model(policy, copy.deepcopy(cfg))
 
 
 def add_backbone_adapter(backbone: nn.Module, cfg) -> nn.Module:

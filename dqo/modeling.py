@@ -325,13 +325,21 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "ValueModel":
+        """A value model this class saved (its ``value_head.pt`` beside the backbone), or the
+        backbone of any transformers checkpoint (a smaller critic than the policy, a Hub id):
+        its scalar head then starts as a new one does."""
         from transformers import AutoModel
 
         verify_model_dir(path)
         backbone = AutoModel.from_pretrained(path, dtype=dtype,
                                              attn_implementation=attn_implementation())
         model = cls(backbone)
-        model.head.load_state_dict(torch.load(Path(path) / "value_head.pt", weights_only=True))
+        head = Path(path) / "value_head.pt"
+        if head.is_file():
+            model.head.load_state_dict(torch.load(head, weights_only=True))
+        else:
+            log.info("%s: no value_head.pt (a plain checkpoint): its scalar head starts new",
+                     path)
         check_weights(model.named_parameters(), path)
         return model
 

@@ -120,9 +120,9 @@ def ref_logps(model, examples: Sequence[Example], pad_id: int, *, batch_size: in
 
 
 def compute_ref_logps(model, examples: List[Example], pad_id: int, *, batch_size: int = 32,
-                      cache_dir: Optional[str] = None) -> None:
+                      cache_dir: Optional[str] = None, progress: bool = False) -> None:
     """Fill ``example.ref_logp`` (per response token) for every example: :func:`ref_logps`,
     attached where the trainer's loop and the algorithms' ``setup`` read them."""
     for e, lp in zip(examples, ref_logps(model, examples, pad_id, batch_size=batch_size,
-                                         cache_dir=cache_dir)):
+                                         cache_dir=cache_dir, progress=progress)):
         e.ref_logp = lp

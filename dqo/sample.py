@@ -44,7 +44,8 @@ from .data import read_prompt_rows
 from .decoding import model_id, sidecar
 from .generation import load_sampler
 from .generation.dataset import SampleJob, sample_dataset
-from .prompts import apply_template, with_template
+from .optional import check_installed
+from .prompts import prepare_prompt, with_system_prompt, with_template
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,11 @@ def main(argv=None) -> None:
 def _main(argv=None) -> None:
     args = parse_config(SampleConfig, SAMPLE_SECTIONS, argv, prog="python -m dqo.sample",
                         description=__doc__)
+    check_installed(args)
     reward = reward_from_args(args)
-    decoding = replace(with_template(args.decoding_config(), args.prompt_template,
-                                     None if args.reward_fn else args.task),
+    decoding = replace(with_system_prompt(with_template(
+        args.decoding_config(), args.prompt_template, None if args.reward_fn else args.task),
+        args.system_prompt),
                        sampled_by=model_id(args.model))
     check_model("--model", args.model)
     check_data("--prompts", args.prompts)
@@ -74,7 +77,8 @@ def _main(argv=None) -> None:
     prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None,
                                    prompt_column=args.prompt_column,
                                    answer_column=args.answer_column)
-    prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in prompt_rows]
+    prompts = [prepare_prompt(r["prompt"], decoding.prompt_template, decoding.system_prompt)
+               for r in prompt_rows]
     tok, model = load_sampler(args)
     job = SampleJob(out=args.out, n=args.n, batch_size=args.generation_batch_size,
                     seed=args.seed, grade_truncated=args.grade_truncated,

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Dict
 
-from .cli import check_data, check_model, parse_config, write_config
+from .cli import check_data, check_model, configure_logging, parse_config, write_config
 from .cli import run as run_cli
 from .configs import EMBEDDED_DEFAULT, TRAIN_SECTIONS, TrainConfig
 from .decoding import sidecar
 from .engine import leave_process_group, rank, resolve_engine_kind
 from .errors import RewardError, UsageError
+from .optional import check_installed
 from .options import flag
 from .rewards import load_reward
 from .rundir import check_out, claim
@@ -67,6 +69,10 @@ def check_command_line(a: TrainConfig) -> None:
     check_data("--eval-data", a.eval_data)
     check_data("--sft-data", a.sft_data)
     check_decoding_record(a)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and resolve_engine_kind(a.engine) == "torch":  # N copies of one run otherwise
+        raise UsageError(f"--engine: a launcher started {world} processes (WORLD_SIZE), and the "
+                         f"torch engine trains in one; use --engine deepspeed (docs/scale-out.md)")
     if a.reward_fn:
         try:
             load_reward(a.reward_fn, a.correct_threshold)
@@ -114,8 +120,7 @@ def main(argv=None) -> None:
 
 
 def _main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging()
     for noisy in ("httpx", "transformers", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -124,6 +129,7 @@ def _main(argv=None) -> None:
     if args.dry_run:
         print_memory_plan(args)
         return
+    check_installed(args)
     t0 = time.time()
     with claim(args) as run:  # before config.yaml is rewritten: --resume compares with it
         if rank() == 0:  # what the run is; not what this command did to the directory
