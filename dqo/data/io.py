@@ -135,11 +135,9 @@ def prompt_row(obj: Dict, where: str, *, prompt_column: Optional[str] = None,
         raise DataError(f"{where}: no answer column ({answer_column or ', '.join(ANSWER_COLUMNS)}"
                         f"); found {sorted(obj)}; name it with --answer-column")
     prompt = obj[pc]
-    if not isinstance(prompt, (str, list, tuple)) or isinstance(prompt, str) and not prompt.strip():
-        got = (f"{type(prompt).__name__} {prompt!r}" if not isinstance(prompt, str)
-               else f"{prompt!r}")
-        raise DataError(f"{where}: column {pc!r}: expected a non-empty string prompt, got {got} "
-                        f"(or a list of {{role, content}} messages)")
+    if isinstance(prompt, str) and not prompt.strip():  # generate() would fail on it
+        raise DataError(f"{where}: prompt column {pc!r}: expected a non-empty string or a list "
+                        f"of {{role, content}} messages, got {prompt!r}")
     row = {k: v for k, v in obj.items() if k not in (pc, ac)}
     # a conversation stays one (never its Python repr); anything else is named with its row
     row["prompt"] = check_prompt(prompt, f"{where}: prompt column {pc!r}")

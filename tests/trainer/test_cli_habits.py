@@ -50,8 +50,10 @@ def test_evaluate_loads_any_checkpoint_the_trainer_wrote(tok, tmp_path, capsys, 
     prompts = tmp_path / "prompts.jsonl"
     D.write_jsonl(prompts, [dict(prompt=p.prompt, answer=p.answer) for p in probs])
     data = tmp_path / "data.jsonl"
-    D.write_jsonl(data, [dict(prompt=p.prompt, response=f"#### {p.answer}", reward=1.0)
-                         for p in probs])
+    # mixed rewards: with every reward 1 the value head's start (the mean return) fits every
+    # return exactly, and the first steps have no gradient at all
+    D.write_jsonl(data, [dict(prompt=p.prompt, response=f"#### {p.answer}", reward=float(i % 2))
+                         for i, p in enumerate(probs)])
     out = tmp_path / "run"
     train_cli.main(["--model", str(base), "--data", str(data), "--task", "arithmetic",
                     "--max-steps", "2", "--batch-size", "4", "--micro-batch", "4", "--lr", "1e-2",

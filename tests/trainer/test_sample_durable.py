@@ -157,8 +157,8 @@ def test_null_numeric_and_empty_prompts_stop_before_sampling(setup, monkeypatch,
     rows[2]["question"] = prompt
     D.write_jsonl(setup / "prompts.jsonl", rows)
     monkeypatch.setattr(sample, "load_sampler", lambda args: pytest.fail("model loaded"))
-    with pytest.raises(DataError, match=rf"prompts.jsonl:3: column 'question': expected a "
-                                        rf"non-empty string prompt, got {got}"):
+    with pytest.raises(DataError, match=rf"prompts.jsonl:3: prompt column 'question': expected "
+                                        rf"a .*string or a list of .*, got {got}"):
         sample._main(argv(setup, setup / "data.jsonl"))
 
 
