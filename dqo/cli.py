@@ -135,9 +135,13 @@ def option_parser(sections: Sequence[type], **kwargs) -> argparse.ArgumentParser
             HfArgumentParser._parse_dataclass_field(_DashedOnly(parser), f)
 
     p = OptionParser(sections, formatter_class=_HelpFormatter, **kwargs)
+    optional_bools = {f.name for section in sections for f in dataclasses.fields(section)
+                      if f.default is None and f.type in ("Optional[bool]", Optional[bool])}
     for action in p._actions:
         if action.dest != "help":
             action.default = argparse.SUPPRESS
+        if action.dest in optional_bools:  # --bf16 alone means true, as for a plain bool
+            action.nargs, action.const = "?", True
     return p
 
 
