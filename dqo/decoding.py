@@ -70,7 +70,7 @@ class DecodingConfig:
             repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
             length_penalty=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
             diversity_penalty=0.0, renormalize_logits=False, remove_invalid_values=False,
-            output_logits=True, return_dict_in_generate=True, use_cache=True, **sampling)
+            return_dict_in_generate=True, use_cache=True, **sampling)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -1,7 +1,10 @@
 """Sampling with a Hugging Face model: ``n`` responses to every prompt, each with the
-behaviour log-prob of every generated token, read from ``generate``'s raw logits through the
+behaviour log-prob of every generated token, read from the model's raw logits through the
 fused log-prob op (``log_softmax(logits / temperature)``; the top-k/top-p truncation is not
 included: with temperature 1 this is exactly the reference policy the paper reweights against).
+Each step's logits are read as the step runs (:class:`StepLogprobs`), so memory does not grow
+with the response length (``generate(output_logits=True)`` would keep fp32 ``[b, V]`` logits of
+every step: 10-20 GB at batch 32-64, 512 tokens, V = 152k).
 
 A response ends at the first stop token (EOS, the generation config's EOS ids, the chat
 template's end of turn), which is kept in its ids (the policy chose it) and left out of its
@@ -74,6 +77,9 @@ class RowSampler:
             self.warpers.append(TopKLogitsWarper(decoding.top_k))
         if decoding.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(decoding.top_p))
+        if decoding.min_p:  # after top-p, in transformers' order
+            from transformers import MinPLogitsWarper
+            self.warpers.append(MinPLogitsWarper(decoding.min_p))
         self.u, self.width = u, width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -87,6 +93,39 @@ class RowSampler:
         last = probs.shape[1] - 1 - (probs > 0).flip(1).int().argmax(1, keepdim=True)
         picked = torch.minimum(picked, last)
         return torch.full_like(scores, -torch.inf).scatter_(1, picked, 0.0)
+
+
+class StepLogprobs:
+    """The log-prob of each token ``generate`` picks, read from the model's raw logits while
+    it runs: a forward hook keeps the last position's fp32 logits of one call and, at the next
+    call (whose input is the token picked from them), reads the picked token's log-prob through
+    the fused op; :meth:`finish` reads the last one. One ``[b, V]`` step alive at a time."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        # a peft model generates through the transformers model it wraps: hook that one
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.temperature, self.last, self.steps = temperature, None, []
+        self.handle = causal_lm.register_forward_hook(self._read, with_kwargs=True)
+
+    def _read(self, module, args, kwargs, output) -> None:
+        ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        if self.last is not None:
+            self.steps.append(self._logp(ids[:, -1]))
+        self.last = output.logits[:, -1, :].float()
+
+    def _logp(self, tokens: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(self.last, tokens, temperature=self.temperature).cpu()
+
+    def finish(self, new: torch.Tensor) -> torch.Tensor:
+        """``[b, L]`` log-probs of the ``L`` generated tokens ``new``."""
+        self.close()
+        if new.shape[1]:
+            self.steps.append(self._logp(new[:, -1]))
+        self.last = None
+        return torch.stack(self.steps, 1) if self.steps else torch.zeros(new.shape)
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 def sample_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
@@ -128,15 +167,16 @@ def sample_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
                              decoding.max_new_tokens).to(device)
                 from transformers import LogitsProcessorList
                 kw["logits_processor"] = LogitsProcessorList([RowSampler(decoding, u, width)])
-            with own_generation_config(model):
-                res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                     generation_config=gen_config, **kw)
+            reader = StepLogprobs(model, 1.0 if greedy else decoding.temperature)
+            try:
+                with own_generation_config(model):
+                    res = model.generate(input_ids=ids.to(device),
+                                         attention_mask=attn.to(device),
+                                         generation_config=gen_config, **kw)
+            finally:
+                reader.close()
             new = res.sequences[:, width:]
-            temp = 1.0 if greedy else decoding.temperature
-            # One [b, V] step at a time through the fused op: no [b, L, V] fp32 stack, no full
-            # log_softmax output, just the taken tokens' log-probs.
-            logp = torch.stack([token_logprobs(step_logits, new[:, j], temperature=temp)
-                                for j, step_logits in enumerate(res.logits)], dim=1).cpu()
+            logp = reader.finish(new)
             new = new.cpu()
             out = []
             for r, (i, _) in enumerate(batch):

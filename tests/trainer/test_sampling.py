@@ -98,3 +98,33 @@ def test_chat_template_wraps_prompts_in_data_and_sampling(policy):
                                  do_sample=False, max_new_tokens=3,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     assert s.ids == [t for t in manual[0, ids.shape[1]:].tolist()][:len(s.ids)]
+
+
+@pytest.mark.parametrize("peft_wrapped", [False, True])
+def test_behaviour_logprobs_read_step_by_step_keep_no_logits(tok, policy, peft_wrapped):
+    """Sampling reads each step's log-prob as it goes: generate keeps no logits (memory flat in
+    the response length), and the log-probs are the ones generate's kept logits would give,
+    through a peft wrapper too (the hook sits on the transformers model it wraps)."""
+    from dqo.generation.hf import StepLogprobs
+    from dqo_kernels import token_logprobs
+    decoding = DecodingConfig(max_new_tokens=10, temperature=0.8).with_stop_ids(tok, policy)
+    assert not decoding.generation_config(tok).output_logits
+    model = policy
+    if peft_wrapped:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(policy, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ids = torch.tensor([tok("1+2=", add_special_tokens=False)["input_ids"]] * 3)
+    cfg = decoding.generation_config(tok)
+    cfg.output_logits = True  # the old way, as the oracle
+    torch.manual_seed(0)
+    reader = StepLogprobs(model, 0.8)
+    with torch.no_grad():
+        res = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             generation_config=cfg)
+    new = res.sequences[:, ids.shape[1]:]
+    got = reader.finish(new)
+    kept = torch.stack([token_logprobs(step.float(), new[:, j], temperature=0.8)
+                        for j, step in enumerate(res.logits)], 1)
+    assert got.shape == new.shape
+    torch.testing.assert_close(got, kept, rtol=0, atol=0)
+    assert reader.last is None and not reader.handle.hooks_dict_ref()  # nothing left behind
