@@ -18,6 +18,7 @@ import torch.nn as nn
 from dqo_kernels import action_logprobs, action_logprobs_from_logits, to_actions
 
 from . import lora
+from .atomic import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def load_policy(path: str):
     GPU when there is one (the current device), fp32 on CPU."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(lora.tokenizer_source(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     on_gpu = torch.cuda.is_available()
@@ -163,10 +164,22 @@ class PolicyLogprobs(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def save_pretrained(self, path) -> None:
-        if getattr(self.model, "peft_config", None):  # the policy's adapter, in peft's format
-            self.model.save_pretrained(path, selected_adapters=[lora.POLICY_ADAPTER])
+        if self.has_adapters:  # the policy's adapter, in peft's format
+            self.save_adapters(path)
             return
         self.model.save_pretrained(path)
+
+    # With LoRA a checkpoint holds what training changes in peft's format (the engines'
+    # ``save_checkpoint``): the same files as final/policy, read back by ``load_adapters``.
+    @property
+    def has_adapters(self) -> bool:
+        return bool(getattr(self.model, "peft_config", None))
+
+    def save_adapters(self, path) -> None:
+        lora.save_adapter(self.model, path, lora.POLICY_ADAPTER)
+
+    def load_adapters(self, path) -> None:
+        lora.load_adapter(self.model, path, lora.POLICY_ADAPTER)
 
 
 def head_values(head: nn.Linear, hidden: torch.Tensor, with_after: bool):
@@ -219,9 +232,22 @@ class ValueModel(nn.Module):
 
     def save_pretrained(self, path) -> None:
         path = Path(path)
-        self.backbone.save_pretrained(path)
+        self.backbone.save_pretrained(path)  # with LoRA: the backbone's adapter (peft's format)
         torch.save(self.head.state_dict(), path / "value_head.pt")
         (path / "value_model.json").write_text(json.dumps({"head": "value_head.pt"}))
+
+    @property
+    def has_adapters(self) -> bool:
+        """A LoRA backbone: checkpoints hold its adapter and the head
+        (:meth:`save_pretrained`'s files), read back by :meth:`load_adapters`."""
+        return bool(getattr(self.backbone, "peft_config", None))
+
+    def save_adapters(self, path) -> None:
+        self.save_pretrained(path)
+
+    def load_adapters(self, path) -> None:
+        lora.load_adapter(self.backbone, path, lora.POLICY_ADAPTER)  # peft's name: default
+        self.head.load_state_dict(safe_load(Path(path) / "value_head.pt"))
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "ValueModel":
@@ -269,10 +295,20 @@ class SharedValueModel(nn.Module):
         return self
 
     def save_pretrained(self, path) -> None:
-        """The value adapter in peft's format and the head, beside each other."""
+        """The value adapter in peft's format (on the policy's base, which its
+        ``adapter_config.json`` names) and the head, beside each other."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.shared.save_pretrained(path, selected_adapters=[self.adapter_name])
+        lora.save_adapter(self.shared, path, self.adapter_name)
         torch.save(self.head.state_dict(), path / "value_head.pt")
         (path / "value_model.json").write_text(json.dumps(
             {"head": "value_head.pt", "adapter": self.adapter_name, "backbone": "shared"}))
+
+    has_adapters = True
+
+    def save_adapters(self, path) -> None:
+        self.save_pretrained(path)
+
+    def load_adapters(self, path) -> None:
+        lora.load_adapter(self.shared, path, self.adapter_name)
+        self.head.load_state_dict(safe_load(Path(path) / "value_head.pt"))

@@ -9,6 +9,7 @@ from dqo import data as D
 from dqo.modeling import (
     PolicyLogprobs,
     SharedValueModel,
+    ValueModel,
     build_policy,
     enable_checkpointing,
     load_policy,
@@ -23,9 +24,15 @@ from dqo.lora import (  # noqa: E402
     POLICY_ADAPTER,
     VALUE_ADAPTER,
     adapter_parameters,
+    add_backbone_adapter,
     add_policy_adapter,
     lora_config,
 )
+
+
+def load_file(path):
+    from safetensors.torch import load_file
+    return load_file(path)
 
 
 def examples(tok, policy, n=16):
@@ -38,15 +45,18 @@ def examples(tok, policy, n=16):
     return exs
 
 
-def lora_models(tok, base_dir, shared=True, seed=0):
+def lora_models(tok, base_dir, shared=True, seed=0, separate_value=False):
     torch.manual_seed(seed)
     base = build_policy(path=str(base_dir))
+    value = ValueModel.from_policy(base) if separate_value else None
     policy = add_policy_adapter(base, lora_config(4, 8, 0.0, "all-linear"))
-    if shared:
+    if separate_value:
+        value.backbone = add_backbone_adapter(value.backbone, lora_config(4, 8, 0.0, "all-linear"))
+    elif shared:
         value = SharedValueModel(policy, lora_config(4, 8, 0.0, "all-linear"))
+    if value is not None:
         torch.nn.init.normal_(value.head.weight, std=0.1)
-        return policy, value
-    return policy, None
+    return policy, value
 
 
 @pytest.fixture
@@ -83,6 +93,8 @@ def test_shared_base_trains_two_adapters_and_leaves_the_base_alone(tok, base_dir
     assert (final / "policy" / "adapter_config.json").is_file()
     assert not (final / "policy" / "model.safetensors").exists()  # the adapter, not the base
     assert json.loads((final / "value" / "value_model.json").read_text())["backbone"] == "shared"
+    value_adapter = json.loads((final / "value" / "adapter_config.json").read_text())
+    assert value_adapter["base_model_name_or_path"] == str(base_dir)  # on the policy's base
     tok2, loaded = load_policy(str(final / "policy"))  # dqo.evaluate's loader: base + adapter
     ids = torch.tensor([exs[0].prompt_ids + exs[0].response_ids])
     with torch.no_grad():
@@ -103,15 +115,18 @@ def test_checkpointing_with_two_adapters_gives_the_same_update(tok, base_dir, tm
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
+def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, monkeypatch, separate):
+    """Checkpoints hold the adapters in peft's format (and the value head), their one copy;
+    resume reads them back bit for bit, whichever backbone the value model has."""
     from dqo.algos.dqo import DQO
-    policy, value = lora_models(tok, base_dir)
+    policy, value = lora_models(tok, base_dir, separate_value=separate)
     exs = examples(tok, policy)
     train(args(tmp_path / "a", max_steps=4), tok, policy, value, exs)
     straight = [p.detach().clone() for p in policy.parameters()] + [
         p.detach().clone() for p in value.parameters()]
 
-    policy, value = lora_models(tok, base_dir)
+    policy, value = lora_models(tok, base_dir, separate_value=separate)
     real_step, calls = DQO.step, []
 
     def killed_in_step_3(*a, **k):  # 2 micro-batches a step: the 5th call is in step 3
@@ -125,10 +140,13 @@ def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, monkeypat
         train(args(tmp_path / "b", max_steps=4, save_every=2), tok, policy, value, exs)
     monkeypatch.setattr(DQO, "step", real_step)
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "step-0000002"
-    for name in ("policy", "value"):  # adapters (and the head), no copy of the base
-        saved = torch.load(ckpt / name / "engine.pt", weights_only=True)["module"]
-        assert saved and all("lora_" in k or k.startswith(("adapter.", "head.")) for k in saved)
-    policy, value = lora_models(tok, base_dir)  # a new process: a fresh adapter, then resume
+    for name in ("policy", "value"):  # adapters in peft's format (and the head), no base
+        assert "module" not in torch.load(ckpt / name / "engine.pt", weights_only=True)
+        saved = load_file(ckpt / name / "adapter_model.safetensors")
+        assert saved and all("lora_" in k for k in saved)
+    assert (ckpt / "value" / "value_head.pt").is_file()
+    # a new process: fresh adapters, then resume
+    policy, value = lora_models(tok, base_dir, separate_value=separate)
     train(args(tmp_path / "b", max_steps=4, save_every=2, resume=True), tok, policy, value, exs)
     resumed = [p.detach() for p in policy.parameters()] + [p.detach() for p in value.parameters()]
     for a, b in zip(straight, resumed):
@@ -182,12 +200,18 @@ def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tm
     finally:
         DQO.step = real_step
     ckpt = out / "checkpoints" / "step-0000002"
-    saved = torch.load(ckpt / "policy" / "engine.pt", weights_only=True)["module"]
+    saved = load_file(ckpt / "policy" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)  # the adapter, not the base
+    # the checkpoint's adapter loads with peft alone, on the base its config names
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen")
+    at_2 = peft.PeftModel.from_pretrained(base, ckpt / "policy")
+    lora_a = next(k for k in saved if "lora_A" in k)
+    torch.testing.assert_close(at_2.state_dict()[lora_a.replace(".weight", ".default.weight")],
+                               saved[lora_a], rtol=0, atol=0)
     train_cli.main(argv(out, "--resume"))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    from safetensors.torch import load_file
     adapter = "final/policy/adapter_model.safetensors"
     a, b = load_file(tmp_path / "straight" / adapter), load_file(out / adapter)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -218,3 +242,18 @@ def test_embedded_default_with_lora_on_a_shared_base(tmp_path):
         "base_model_name_or_path"] == str((tmp_path / "d" / "base").resolve())
     _, loaded = load_policy(str(final))
     assert loaded.config.vocab_size > 0
+
+
+def test_a_checkpoint_of_another_rank_is_a_clear_error(tok, base_dir, tmp_path):
+    from dqo.engine import OptimConfig, TorchEngine
+    from dqo.errors import CheckpointError
+    engine = TorchEngine(PolicyLogprobs(lora_models(tok, base_dir, shared=False)[0]),
+                         OptimConfig())
+    engine.save_checkpoint(tmp_path / "ckpt")
+    other = add_policy_adapter(build_policy(path=str(base_dir)),
+                               lora_config(8, 8, 0.0, "all-linear"))
+    with pytest.raises(CheckpointError, match="--lora-r"):
+        TorchEngine(PolicyLogprobs(other), OptimConfig()).load_checkpoint(tmp_path / "ckpt")
+    fewer = add_policy_adapter(build_policy(path=str(base_dir)), lora_config(4, 8, 0.0, "q_proj"))
+    with pytest.raises(CheckpointError, match="--lora-target-modules"):
+        TorchEngine(PolicyLogprobs(fewer), OptimConfig()).load_checkpoint(tmp_path / "ckpt")
