@@ -84,15 +84,18 @@ def checkpoint_context(model: nn.Module):
 
 
 def add_policy_adapter(policy: nn.Module, cfg) -> nn.Module:
-    """The policy as a ``PeftModel`` with a fresh adapter (the base frozen)."""
-    return require_peft().get_peft_model(policy, cfg)
+    """The policy as a ``PeftModel`` with a fresh adapter (the base frozen). ``cfg`` is left
+    as it is (peft resolves ``all-linear`` in the config it is given, to the policy's module
+    names, which a separate value backbone does not have)."""
+    import copy
+    return require_peft().get_peft_model(policy, copy.deepcopy(cfg))
 
 
 def add_backbone_adapter(backbone: nn.Module, cfg) -> nn.Module:
     """A separate value model's backbone (no LM head) with an adapter of its own."""
     import copy
     peft = require_peft()
-    cfg = copy.copy(cfg)
+    cfg = copy.deepcopy(cfg)
     cfg.task_type = None
     return peft.get_peft_model(backbone, cfg)
 
@@ -157,6 +160,19 @@ def tokenizer_source(path) -> str:
     return cfg.get("base_model_name_or_path") or str(path)
 
 
+def load_merged(path, **kwargs) -> nn.Module:
+    """The LoRA policy in ``path`` as one transformers model: the base its
+    ``adapter_config.json`` names (``from_pretrained`` with ``kwargs``), the adapter merged in.
+    The base keeps its embeddings as they are (peft's ``AutoPeftModelForCausalLM`` resizes
+    them to a tokenizer beside the adapter that counts more tokens, with new random rows)."""
+    from transformers import AutoModelForCausalLM
+
+    peft = require_peft()
+    cfg = peft.PeftConfig.from_pretrained(str(path))
+    base = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, **kwargs)
+    return peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+
+
 def save_merged(adapter_dir, out) -> None:
     """The policy in ``adapter_dir`` (base + adapter) merged into one transformers model in
     ``out`` (``AutoModelForCausalLM.from_pretrained`` loads it; no peft needed), with the
@@ -167,12 +183,8 @@ def save_merged(adapter_dir, out) -> None:
 
     from transformers import AutoTokenizer
 
-    peft = require_peft()
     adapter_dir, out = Path(adapter_dir), Path(out)
-    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype="auto",
-                                                          device_map="cpu")
-    merged = model.merge_and_unload()
-    merged.save_pretrained(out)
+    load_merged(adapter_dir, dtype="auto", device_map="cpu").save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir)).save_pretrained(out)
     if (adapter_dir / "decoding.json").is_file():
         shutil.copy(adapter_dir / "decoding.json", out / "decoding.json")

@@ -68,8 +68,7 @@ def load_policy(path: str):
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
     if lora.is_adapter_dir(path):  # a LoRA policy: its base + the adapter
-        model = lora.require_peft().AutoPeftModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation()).merge_and_unload()
+        model = lora.load_merged(path, dtype=dtype, attn_implementation=attn_implementation())
     else:
         model = build_policy(path=path, dtype=dtype)
     return tok, model.cuda() if on_gpu else model

@@ -203,12 +203,14 @@ def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tm
     saved = load_file(ckpt / "policy" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)  # the adapter, not the base
     # the checkpoint's adapter loads with peft alone, on the base its config names
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen")
     at_2 = peft.PeftModel.from_pretrained(base, ckpt / "policy")
     lora_a = next(k for k in saved if "lora_A" in k)
     torch.testing.assert_close(at_2.state_dict()[lora_a.replace(".weight", ".default.weight")],
                                saved[lora_a], rtol=0, atol=0)
+    ckpt_tok, _ = load_policy(str(ckpt / "policy"))  # no tokenizer there: the base's
+    assert ckpt_tok.get_vocab() == AutoTokenizer.from_pretrained(tmp_path / "qwen").get_vocab()
     train_cli.main(argv(out, "--resume"))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -221,6 +223,78 @@ def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tm
                    "--max-new-tokens", "4"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 4 and 0 <= res["greedy"] <= 1
+    assert not (out / "final" / "policy-merged").exists()  # only on request
+
+
+def same_greedy_evaluation(adapter_dir, merged_dir, test_data, capsys):
+    """dqo.evaluate on the adapter and on the merged model: the same greedy results, and the
+    same greedy texts from the same prompts."""
+    from dqo import evaluate
+    from dqo.decoding import DecodingConfig
+    from dqo.generation import generate
+    results = []
+    for model in (adapter_dir, merged_dir):
+        capsys.readouterr()
+        evaluate.main(["--model", str(model), "--data", str(test_data), "--task",
+                       "arithmetic", "--samples", "0", "--max-new-tokens", "6"])
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        results.append({k: v for k, v in res.items() if k != "model"})
+    assert results[0] == results[1]
+    prompts = [json.loads(x)["prompt"] for x in test_data.read_text().splitlines()]
+    texts = []
+    for model in (adapter_dir, merged_dir):
+        tok, m = load_policy(str(model))
+        texts.append([s.text for ss in generate(m, tok, prompts, n=1, greedy=True,
+                                                decoding=DecodingConfig(max_new_tokens=6))
+                      for s in ss])
+    assert texts[0] == texts[1]
+
+
+def test_save_merged_writes_a_plain_model_that_evaluates_as_the_adapter(tok, tmp_path, capsys):
+    """--save-merged: final/policy-merged loads with transformers alone (no adapter
+    files), gives the adapter's logits, and dqo.evaluate's greedy results."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dqo import train as train_cli
+    torch.manual_seed(0)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        max_position_embeddings=128)).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    probs = arithmetic.make_problems(8, 3)
+    D.write_jsonl(tmp_path / "data.jsonl", [
+        dict(prompt=p.prompt, response=f"#### {p.answer if i % 2 else 0}", reward=float(i % 2))
+        for i, p in enumerate(probs)])
+    D.write_jsonl(tmp_path / "test.jsonl", [dict(prompt=p.prompt, answer=p.answer)
+                                            for p in probs[:4]])
+    out = tmp_path / "run"
+    train_cli.main(["--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "data.jsonl"),
+                    "--lora-r", "4", "--engine", "torch", "--threads", "1", "--batch-size", "4",
+                    "--micro-batch", "4", "--max-steps", "2", "--lr", "1e-2", "--save-merged",
+                    "--out", str(out), "--no-progress"])
+    merged = out / "final" / "policy-merged"
+    assert not (merged / "adapter_config.json").exists()
+    assert (merged / "decoding.json").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert AutoTokenizer.from_pretrained(merged).get_vocab() == AutoTokenizer.from_pretrained(
+        out / "final" / "policy").get_vocab()
+    _, with_adapter = load_policy(str(out / "final" / "policy"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen")
+    ids = tok(probs[0].prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = plain(ids).logits
+        torch.testing.assert_close(logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
+        assert (logits - base(ids).logits).abs().max() > 1e-3  # the adapter trained
+    same_greedy_evaluation(out / "final" / "policy", merged, tmp_path / "test.jsonl", capsys)
+
+
+def test_save_merged_needs_lora():
+    from dqo.errors import UsageError
+    with pytest.raises(UsageError, match="--save-merged: needs --lora-r"):
+        TrainConfig(save_merged=True).check()
 
 
 def test_embedded_default_with_lora_on_a_shared_base(tmp_path):
