@@ -331,3 +331,52 @@ def test_a_checkpoint_of_another_rank_is_a_clear_error(tok, base_dir, tmp_path):
     fewer = add_policy_adapter(build_policy(path=str(base_dir)), lora_config(4, 8, 0.0, "q_proj"))
     with pytest.raises(CheckpointError, match="--lora-target-modules"):
         TorchEngine(PolicyLogprobs(fewer), OptimConfig()).load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_with_deepspeed_trains_saves_and_resumes(tok, base_dir, tmp_path, monkeypatch,
+                                                      stage):
+    """--lora-r with --engine deepspeed (CPU, gloo, one process): the adapters train, each
+    checkpoint carries the policy adapter in peft's format beside DeepSpeed's files, and a run
+    killed in step 3 resumes to the same adapters as a straight run."""
+    pytest.importorskip("deepspeed")
+    from dqo.algos.dqo import DQO
+    kw = dict(engine="deepspeed", zero_stage=stage, max_steps=4, save_every=2)
+    policy, value = lora_models(tok, base_dir, separate_value=True)
+    exs = examples(tok, policy)
+    before = [p.detach().clone() for p in adapter_parameters(policy, POLICY_ADAPTER)]
+    train(args(tmp_path / "a", **kw), tok, policy, value, exs)
+    straight = [p.detach().clone() for p in adapter_parameters(policy, POLICY_ADAPTER)]
+    assert any(not torch.equal(p, q) for p, q in zip(before, straight))
+
+    policy, value = lora_models(tok, base_dir, separate_value=True)
+    real_step, calls = DQO.step, []
+
+    def killed_in_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(DQO, "step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(args(tmp_path / "b", **kw), tok, policy, value, exs)
+    monkeypatch.setattr(DQO, "step", real_step)
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "step-0000002" / "policy"
+    at_2 = load_file(ckpt / "adapter_model.safetensors")
+    assert at_2 and all("lora_" in k for k in at_2)
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 4
+    policy, value = lora_models(tok, base_dir, separate_value=True)
+    train(args(tmp_path / "b", resume=True, **kw), tok, policy, value, exs)
+    for a, b in zip(straight, adapter_parameters(policy, POLICY_ADAPTER)):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+    final = load_file(tmp_path / "b" / "run" / "final" / "policy" / "adapter_model.safetensors")
+    assert final.keys() == at_2.keys()
+
+
+def test_shared_value_backbone_with_deepspeed_is_a_usage_error(tok, base_dir):
+    from dqo.errors import UsageError
+    from dqo.runs import prepare_models
+    a = TrainConfig(lora_r=4, value_backbone="shared", engine="deepspeed")
+    with pytest.raises(UsageError, match="--value-backbone shared: runs on --engine torch"):
+        prepare_models(a, build_policy(path=str(base_dir)))
