@@ -17,7 +17,13 @@ process's resident memory before the models were built. The configurations:
 - ``+lora``: and LoRA r=16 on every linear layer (value model: a separate copy);
 - ``+shared``: and the value model as a second adapter on the policy's frozen base.
 
-Results go to ``benchmarks/results/train-step-<tag>.json`` and ``.md``.
+``--padding`` measures instead how much of a step is padding, and what it costs: a step of
+``--batch`` rows in micro-batches of ``--micro-batch``, in the data's order (``padded``), grouped
+by length (``+group``, ``--group-by-length``), or with each micro-batch's real tokens packed into
+one row (``+packing``, ``--packing``), with the ``+head`` model. ``tokens/s`` counts real tokens.
+
+Results go to ``benchmarks/results/train-step-<tag>.json`` and ``.md`` (``--padding``:
+``train-step-padding-<tag>``).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = ("baseline", "+head", "+ckpt", "+lora", "+shared")
+PADDING_CONFIGS = ("padded", "+group", "+packing")
 
 
 def rss_mib() -> float:
@@ -126,6 +133,70 @@ def one(config: str, vocab: int, batch: int, steps: int) -> dict:
                 peak_mib=hwm_mib() - base_rss)
 
 
+def padding_one(config: str, vocab: int, batch: int, micro: int, steps: int) -> dict:
+    """One optimizer step of ``batch`` rows in micro-batches, padded, grouped or packed."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    import dqo.modeling as modeling
+    from dqo.algos.dqo import DQO
+    from dqo.data import Example, collate
+    from dqo.engine import OptimConfig, TorchEngine
+    from dqo.loop import padded_share, step_token_count
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=512, intermediate_size=1376,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                      tie_word_embeddings=False)
+    policy = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    value = modeling.ValueModel.from_policy(policy)
+    packing = config == "+packing"
+    value.packing = packing
+    common = dict(grad_clip=1.0, total_steps=100, grad_accum=batch // micro, micro_batch=micro)
+    engines = {"policy": TorchEngine(modeling.PolicyLogprobs(policy, packing=packing),
+                                     OptimConfig(lr=1e-5, **common)),
+               "value": TorchEngine(value, OptimConfig(lr=1e-4, **common))}
+    for e in engines.values():
+        e.train()
+    exs = [Example(p, r, [0.0] * (len(r) - 1) + [1.0], ref_logp=[-5.0] * len(r),
+                   behavior_logp=[-5.0] * len(r)) for p, r in rows_like_gsm8k(batch, vocab)]
+    if config == "+group":  # as the loop's --group-by-length
+        exs.sort(key=len)
+    batches = [collate(exs[i:i + micro], pad_id=0) for i in range(0, batch, micro)]
+    n_tokens = step_token_count(batches, batch // micro)
+    algo, times = DQO(), []
+    for i in range(steps + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        for b in batches:
+            algo.step(engines, b, n_tokens)
+        if i:
+            times.append(time.perf_counter() - t0)
+    real = sum(int(b.attention_mask.sum()) for b in batches)
+    return dict(config=config, vocab=vocab, batch=batch, micro_batch=micro, tokens=real,
+                padded_share=0.0 if packing else padded_share(batches),
+                layout_padded_share=padded_share(batches),
+                step_s=statistics.median(times),
+                tokens_per_s=real / statistics.median(times))
+
+
+def render_padding(results) -> str:
+    lines = ["| vocab | config | padded share | tokens/s | x padded | padded x 1/(1 - share) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    base = {}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['vocab']} | {r['config']} | error | | | |")
+            continue
+        if r["config"] == "padded":
+            base[r["vocab"]] = r
+        b = base.get(r["vocab"], r)
+        ideal = b["tokens_per_s"] / (1 - b["padded_share"])
+        lines.append(f"| {r['vocab']} | {r['config']} | {r['padded_share']:.1%} | "
+                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / b['tokens_per_s']:.2f} | "
+                     f"{ideal:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,19 +204,25 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8, help="rows a step")
     p.add_argument("--steps", type=int, default=3, help="timed steps a configuration")
     p.add_argument("--tag", default=time.strftime("cpu-%Y-%m-%d"))
+    p.add_argument("--padding", action="store_true",
+                   help="the padding configurations (padded, +group, +packing) instead")
+    p.add_argument("--micro-batch", type=int, default=4, help="rows a micro-batch (--padding)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # CONFIG,VOCAB: run in this process
     a = p.parse_args(argv)
     if a.one:
         config, vocab = a.one.split(",")
-        print(json.dumps(one(config, int(vocab), a.batch, a.steps)))
+        if config in PADDING_CONFIGS:
+            print(json.dumps(padding_one(config, int(vocab), a.batch, a.micro_batch, a.steps)))
+        else:
+            print(json.dumps(one(config, int(vocab), a.batch, a.steps)))
         return
-    vocabs = (32000,) if a.quick else (32000, 151936)
+    vocabs = (32000,) if a.quick or a.padding else (32000, 151936)
     results = []
     for vocab in vocabs:
-        for config in CONFIGS:
+        for config in PADDING_CONFIGS if a.padding else CONFIGS:
             res = subprocess.run([sys.executable, __file__, "--one", f"{config},{vocab}",
-                                  "--batch", str(a.batch), "--steps",
-                                  str(2 if a.quick else a.steps)],
+                                  "--batch", str(a.batch), "--micro-batch", str(a.micro_batch),
+                                  "--steps", str(2 if a.quick else a.steps)],
                                  capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": str(HERE.parent)})
             if res.returncode:
@@ -153,12 +230,15 @@ def main(argv=None) -> None:
             else:
                 results.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
-    out = HERE / "results" / f"train-step-{a.tag}"
+    out = HERE / "results" / f"train-step-{'padding-' if a.padding else ''}{a.tag}"
+    command = " ".join(["python benchmarks/train_step.py", *(argv if argv is not None
+                                                             else sys.argv[1:])])
     out.with_suffix(".json").write_text(json.dumps(dict(
-        command="python benchmarks/train_step.py" + (" --quick" if a.quick else ""),
-        threads=__import__("torch").get_num_threads(), results=results), indent=1) + "\n")
-    out.with_suffix(".md").write_text(render(results))
-    print(render(results))
+        command=command, threads=__import__("torch").get_num_threads(), results=results),
+        indent=1) + "\n")
+    table = render_padding(results) if a.padding else render(results)
+    out.with_suffix(".md").write_text(table)
+    print(table)
 
 
 def render(results) -> str:

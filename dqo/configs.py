@@ -139,6 +139,14 @@ class TrainDataConfig(Options):
     truncated_reward: float = opt(0.0, "--truncated penalize: the reward added to a cut "
                                   "response's last token", gt=-inf, lt=inf)
     padding: str = opt("right", "side the micro-batches are padded on", choices=("right", "left"))
+    group_by_length: bool = opt(False, "order each optimizer step's rows by length before "
+                                "splitting them into micro-batches: less padding; the step's rows "
+                                "and its exact token-mean are unchanged, only which rows share a "
+                                "micro-batch")
+    packing: bool = opt(False, "run the models on each micro-batch's real tokens packed into one "
+                        "row (restarting position ids): no compute on padding. Needs an "
+                        "attention that keeps packed sequences apart (transformers' sdpa, eager "
+                        "or flash_attention_2 on Llama-, Qwen2-, Gemma-style models)")
     behavior_logp: str = opt(
         "auto", "the behaviour log-probs of the importance weights: reference (the reference "
         "forward's own, as when --model sampled the data: no sampler noise from bf16, the KV "

@@ -32,7 +32,7 @@ from .data import Example
 from .decoding import DecodingConfig
 from .engine import OptimConfig, barrier, make_engine, rank, resolve_engine_kind, world_size
 from .errors import TrainingError
-from .modeling import PolicyLogprobs
+from .modeling import PolicyLogprobs, check_packing
 from .options import to_dict
 from .rng import seed_stage, stage_rng
 from .threads import adapt as adapt_threads
@@ -56,6 +56,13 @@ def step_token_count(batches, grad_accum: int) -> torch.Tensor:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(n)
     return n / (world_size() * grad_accum)
+
+
+def padded_share(batches) -> float:
+    """Of the positions the models compute this step, the share that is padding."""
+    real = sum(int(b.attention_mask.sum()) for b in batches)
+    slots = sum(b.attention_mask.numel() for b in batches)
+    return 1.0 - real / max(slots, 1)
 
 
 def merge_stats(parts: List[Dict]) -> Dict:
@@ -169,8 +176,11 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
     total = args.max_steps or args.epochs * steps_per_epoch
     common = dict(weight_decay=0.0, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
                   total_steps=total, grad_accum=grad_accum, micro_batch=args.micro_batch)
-    engines = {"policy": make_engine(PolicyLogprobs(policy, deepspeed=kind == "deepspeed"),
-                                     OptimConfig(lr=args.lr, **common), kind, args.zero_stage)}
+    if value is not None:
+        value.packing = args.packing
+    policy_module = PolicyLogprobs(policy, deepspeed=kind == "deepspeed", packing=args.packing)
+    engines = {"policy": make_engine(policy_module, OptimConfig(lr=args.lr, **common), kind,
+                                     args.zero_stage)}
     if algo.needs_value:
         engines["value"] = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
                                        kind, args.zero_stage)
@@ -199,20 +209,29 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
         steps = tqdm(steps, desc=args.algo, initial=start, total=total, disable=None)
     for engine in engines.values():
         engine.train()
+    if args.packing and start < total:  # once, on the first rows it will train on
+        first = algo.collate([data[j] for j in epoch_order(len(data), args.seed, 0)[:2]],
+                             tokenizer.pad_token_id, args.padding).to(device)
+        check_packing(policy_module, policy_engine, first.input_ids, first.attention_mask,
+                      first.action_mask)
     for step in steps:
         adapt_threads()
         epoch, k = divmod(step, steps_per_epoch)
         lo = k * global_batch + rank() * args.batch_size  # this rank's share of the step
         idx = epoch_order(len(data), args.seed, epoch)[lo:lo + args.batch_size]
+        if args.group_by_length:  # the same rows, neighbours in length share micro-batches
+            idx = sorted(idx, key=lambda j: algo.length(data[j]))
         batches = [algo.collate([data[j] for j in idx[i:i + args.micro_batch]],
                                 tokenizer.pad_token_id, args.padding).to(device)
                    for i in range(0, len(idx), args.micro_batch)]
         num_tokens = step_token_count(batches, grad_accum)
+        padded = 0.0 if args.packing else padded_share(batches)
         t0 = time.perf_counter()
         stats = merge_stats([algo.step(engines, b, num_tokens) for b in batches])
         skipped = any(e.last_step_skipped for e in engines.values())
         row = dict(step=step + 1, epoch=epoch, lr=policy_engine.get_lr()[0],
-                   step_time=time.perf_counter() - t0, **stats, skipped=skipped)
+                   step_time=time.perf_counter() - t0, **stats, skipped=skipped,
+                   padded_share=padded)
         if eval_fn is not None and args.eval_every and (step + 1) % args.eval_every == 0:
             with stage_rng(args.seed, f"evaluate-step-{step + 1}"):  # training's RNG untouched
                 last_eval = eval_fn()

@@ -15,10 +15,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from dqo_kernels import action_logprobs, action_logprobs_from_logits, to_actions
+from dqo_kernels import (
+    action_logprobs,
+    action_logprobs_from_logits,
+    cu_seqlens_from_lengths,
+    to_actions,
+)
+from dqo_kernels import position_ids as packed_positions
 
 from . import lora
 from .atomic import safe_load
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +116,88 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def packed_layout(attention_mask: torch.Tensor):
+    """The real tokens of a padded batch as one packed row: which positions they are (``[B, T]``
+    bool) and their ``cu_seqlens``. Each row's real tokens must be contiguous (left or right
+    padding), as :func:`dqo.data.collate` makes them."""
+    real = attention_mask.bool()
+    return real, cu_seqlens_from_lengths(real.sum(-1)).to(real.device)
+
+
+def unpad(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``[1, N, ...]`` outputs of the packed real tokens -> ``[B, T, ...]``, 0 on padding."""
+    out = packed.new_zeros(*real.shape, *packed.shape[2:])
+    out[real] = packed[0]
+    return out
+
+
+def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    packing: bool = False) -> torch.Tensor:
+    """``[B, T, D]`` last hidden states. With ``packing`` the backbone runs on the real tokens
+    only, every row's end to end in one row with restarting position ids (transformers then
+    keeps the sequences apart: its sdpa, eager and flash-attention paths build the
+    block-diagonal mask from the positions when given no attention mask and no cache), so no
+    compute goes to padding; the states are put back on their padded positions."""
+    if not packing:
+        return backbone(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids(attention_mask)).last_hidden_state
+    real, cu = packed_layout(attention_mask)
+    hidden = backbone(input_ids=input_ids[real][None], position_ids=packed_positions(cu),
+                      use_cache=False).last_hidden_state
+    return unpad(hidden, real)
+
+
 def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    action_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+                    action_mask: torch.Tensor, *, temperature: float = 1.0,
+                    packing: bool = False) -> torch.Tensor:
     """``[B, T]`` fp32 log-probs of the taken tokens on action positions (0 elsewhere),
-    computed from the last hidden states and the lm_head weight without ``[B, T, V]`` logits."""
+    computed from the last hidden states and the lm_head weight without ``[B, T, V]`` logits;
+    ``packing``: the forward on the real tokens only (:func:`backbone_hidden`)."""
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None):
         # Soft-capped logits are not a linear function of the hidden state: go through them.
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids(attention_mask)).logits
-        return action_logprobs_from_logits(logits, input_ids, action_mask,
-                                           temperature=temperature)
-    hidden = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids(attention_mask)).last_hidden_state
+        if not packing:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask)).logits
+            return action_logprobs_from_logits(logits, input_ids, action_mask,
+                                               temperature=temperature)
+        real, cu = packed_layout(attention_mask)
+        ids = input_ids[real][None]
+        logits = model(input_ids=ids, position_ids=packed_positions(cu), use_cache=False).logits
+        logp = action_logprobs_from_logits(logits, ids, action_mask[real][None],
+                                           temperature=temperature, cu_seqlens=cu)
+        return unpad(logp, real)
+    hidden = backbone_hidden(backbone_of(model), input_ids, attention_mask, packing)
     return action_logprobs(hidden, head.weight, input_ids, action_mask,
                            bias=getattr(head, "bias", None), temperature=temperature)
+
+
+def check_packing(policy: "PolicyLogprobs", forward, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, action_mask: torch.Tensor,
+                  tolerance: float = 0.1) -> None:
+    """A UsageError if the policy's attention does not keep packed sequences apart: the packed
+    and the padded ``forward`` (the policy's engine, so that ZeRO-3 gathers its parameters) of
+    the batch's first rows must give the same log-probs up to ``tolerance`` nats (bf16 noise),
+    as transformers' sdpa, eager and flash-attention paths do; an attention that ignored the
+    restarting positions would mix the sequences and train on wrong log-probs without a word."""
+    rows = slice(0, min(2, input_ids.shape[0]))
+    args = (input_ids[rows], attention_mask[rows], action_mask[rows])
+    packing = policy.packing
+    try:
+        with torch.no_grad():
+            policy.packing = False
+            padded = forward(*args)
+            policy.packing = True
+            packed = forward(*args)
+    finally:
+        policy.packing = packing
+    gap = float((padded - packed).abs().max()) if padded.numel() else 0.0
+    if not gap <= tolerance:
+        impl = getattr(policy.config, "_attn_implementation", "?")
+        raise UsageError(f"--packing: this model's attention ({impl}) does not keep packed "
+                         f"sequences apart (packed and padded log-probs differ by {gap:.3g}); "
+                         f"use attn_implementation sdpa, eager or flash_attention_2, or drop "
+                         f"--packing")
 
 
 class PolicyLogprobs(nn.Module):
@@ -134,10 +208,11 @@ class PolicyLogprobs(nn.Module):
     registered as an external parameter of this module: under ZeRO-3 DeepSpeed then gathers it
     for this forward (and reduces its gradient) like any of its own parameters."""
 
-    def __init__(self, model, deepspeed: bool = False):
+    def __init__(self, model, deepspeed: bool = False, packing: bool = False):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.packing = packing
         if not deepspeed:
             return
         # A no-op below ZeRO-3; must happen before deepspeed.initialize partitions.
@@ -151,9 +226,11 @@ class PolicyLogprobs(nn.Module):
 
     def forward(self, input_ids, attention_mask, action_mask):
         if not getattr(self.model, "peft_config", None):
-            return policy_logprobs(self.model, input_ids, attention_mask, action_mask)
+            return policy_logprobs(self.model, input_ids, attention_mask, action_mask,
+                                   packing=self.packing)
         with lora.use_adapter(self.model, lora.POLICY_ADAPTER):  # a value adapter may share it
-            return policy_logprobs(self.model, input_ids, attention_mask, action_mask)
+            return policy_logprobs(self.model, input_ids, attention_mask, action_mask,
+                                   packing=self.packing)
 
     def trainable_parameters(self):
         """What the policy's optimizer trains: with LoRA its own adapter alone (a value
@@ -193,6 +270,8 @@ def head_values(head: nn.Linear, hidden: torch.Tensor, with_after: bool):
 class ValueModel(nn.Module):
     """A transformers backbone with a scalar head: ``V(s_t)`` for every position t."""
 
+    packing = False  # the forward on the real tokens only (backbone_hidden); set by the trainer
+
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
@@ -214,8 +293,7 @@ class ValueModel(nn.Module):
         also ``after`` [B, T]: V of the state after token t, i.e. ``values`` shifted left by one
         and completed by the state after the last column, which a response cut at the length
         limit bootstraps from."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask)).last_hidden_state
+        hidden = backbone_hidden(self.backbone, input_ids, attention_mask, self.packing)
         return head_values(self.head, hidden, with_after)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **extra):
@@ -266,6 +344,8 @@ class SharedValueModel(nn.Module):
     reachable but not registered here), so its optimizer and gradient clipping see nothing
     of the policy's."""
 
+    packing = False  # as ValueModel.packing
+
     def __init__(self, peft_policy: nn.Module, adapter_cfg, adapter: str = lora.VALUE_ADAPTER):
         super().__init__()
         peft_policy.add_adapter(adapter, adapter_cfg)
@@ -283,9 +363,8 @@ class SharedValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 with_after: bool = False):
         with lora.use_adapter(self.shared, self.adapter_name):
-            hidden = backbone_of(self.shared)(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask)).last_hidden_state
+            hidden = backbone_hidden(backbone_of(self.shared), input_ids, attention_mask,
+                                     self.packing)
         return head_values(self.head, hidden, with_after)
 
     def train(self, mode: bool = True):

@@ -12,6 +12,7 @@ from .alignment import (
     action_logprobs,
     action_logprobs_from_logits,
     action_targets,
+    packed_response_mask,
     response_mask,
     to_actions,
 )
@@ -22,6 +23,7 @@ from .dqo_loss.naive import dqo_scan_reference
 from .logprobs import linear_logprobs, token_logprobs
 from .logprobs.cpu_pool import empty_cache
 from .logprobs.naive import linear_logprobs_reference, token_logprobs_reference
+from .packing import cu_seqlens_from_lengths, position_ids
 from .validation import check_pending, set_data_checks
 
 __version__ = "0.1.0"
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "check_pending",
+    "cu_seqlens_from_lengths",
     "DQOLossOutput",
     "LOSS_AGGS",
     "action_logprobs",
@@ -40,6 +43,8 @@ __all__ = [
     "fused_dqo_loss",
     "linear_logprobs",
     "linear_logprobs_reference",
+    "packed_response_mask",
+    "position_ids",
     "resolve_backend",
     "response_mask",
     "row_scale",

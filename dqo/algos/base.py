@@ -43,6 +43,11 @@ class Algorithm:
     def collate(self, chunk: Sequence, pad_id: int, padding: str = "right") -> Batch:
         return collate(chunk, pad_id, padding=padding)
 
+    @staticmethod
+    def length(item) -> int:
+        """Tokens of an item's longest row (what --group-by-length orders by)."""
+        return max(len(x) for x in item) if isinstance(item, tuple) else len(item)
+
     def setup(self, items: List, policy, pad_id: int, cache_dir: str) -> None:
         """Work before the first update, while ``policy`` is still the reference."""
 

@@ -18,6 +18,7 @@ import torch
 
 from ..backends import resolve_backend
 from ..dtypes import acc_dtype
+from ..packing import check_cu_seqlens, pack, unpack
 from ..validation import (
     DeferredChecks,
     PendingChecks,
@@ -80,6 +81,7 @@ def fused_dqo_loss(
     target_grad: bool = False,
     loss_agg: str = "token-mean",
     num_tokens: Optional[Union[int, float, torch.Tensor]] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> DQOLossOutput:
     """DQO policy (soft-Q) and value losses over padded ``[B, T]`` token sequences.
@@ -109,6 +111,10 @@ def fused_dqo_loss(
         loss_agg: ``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum``.
         num_tokens: global action-token count for ``token-mean`` across micro-batches
             (finite, >= 1; a fraction such as tokens / ranks is fine).
+        cu_seqlens: ``[S + 1]`` boundaries of packed sequences (:mod:`dqo_kernels.packing`):
+            the ``[B, T]`` tensors hold S sequences end to end in row-major order (usually
+            ``B = 1``), and no recurrence crosses a boundary; ``bootstrap`` is then ``[S]`` and
+            the ``seq-mean-*`` aggregations average over sequences. None: one sequence a row.
         backend: None (auto: triton on CUDA, the native kernel on CPU), "triton", "cpp",
             "torch".
 
@@ -118,6 +124,12 @@ def fused_dqo_loss(
     check_tensor("logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"logp: expected a [B, T] tensor, got shape {tuple(logp.shape)}")
+    if cu_seqlens is not None:
+        return _packed_loss(
+            cu_seqlens, logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
+            dict(beta=beta, lam=lam, gamma=gamma, is_clip=is_clip, is_policy=is_policy,
+                 is_value=is_value, target_grad=target_grad, loss_agg=loss_agg,
+                 num_tokens=num_tokens, backend=backend))
     shape, device = tuple(logp.shape), logp.device
     compiling = torch.compiler.is_compiling()
     checking = data_checks_enabled()
@@ -200,6 +212,32 @@ def fused_dqo_loss(
         metrics=LazyMetrics(metrics),
         pending_checks=pending,
     )
+
+
+def _packed_loss(cu_seqlens, logp, ref_logp, values, rewards, mask, behavior_logp, bootstrap,
+                 options) -> DQOLossOutput:
+    """:func:`fused_dqo_loss` on packed sequences: the backends run on the sequences laid out
+    one a row (:func:`~dqo_kernels.packing.unpack`), whose per-token outputs are packed back;
+    the gradients reach the packed ``logp`` and ``values`` through the layout's gather."""
+    shape, device = tuple(logp.shape), logp.device
+    for name, x in (("ref_logp", ref_logp), ("values", values), ("rewards", rewards),
+                    ("behavior_logp", behavior_logp)):
+        if x is not None:
+            check_tensor(name, x, shape=shape, device=device)
+    check_tensor("mask", mask, shape=shape, floating=False, device=device)
+    cu = check_cu_seqlens(cu_seqlens, logp.numel(), device)
+    if bootstrap is not None:
+        check_tensor("bootstrap", bootstrap, shape=(cu.numel() - 1,), device=device)
+
+    def rows(x, fill=0):
+        return None if x is None else unpack(x, cu, fill)
+
+    out = fused_dqo_loss(rows(logp), rows(ref_logp), rows(values), rows(rewards),
+                         rows(mask, False), behavior_logp=rows(behavior_logp),
+                         bootstrap=bootstrap, **options)
+    out.returns, out.weights, out.td_error = (
+        pack(x, cu, shape) for x in (out.returns, out.weights, out.td_error))
+    return out
 
 
 def dro_loss(
