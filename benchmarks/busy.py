@@ -35,10 +35,10 @@ def busy():
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def timed_default() -> float:
+def timed_default(extra=()) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dqo.train", "--no-progress",
-                    "--out", "runs/busy-default"], check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "dqo.train", "--no-progress", "--overwrite",
+                    "--out", "runs/busy-default", *extra], check=True, capture_output=True,
                    cwd=Path(__file__).resolve().parent.parent)
     return time.perf_counter() - t0
 
@@ -46,6 +46,8 @@ def timed_default() -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--default", action="store_true", help="also time python -m dqo.train")
+    p.add_argument("--adapt-threads", action="store_true",
+                   help="time python -m dqo.train --adapt-threads (threads fitted to the load)")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -68,10 +70,11 @@ def main(argv=None):
         print(f"{op:16s} {str(shape):20s} quiet {quiet:9.3f} ms  beside a busy process "
               f"{loaded:9.3f} ms  x{loaded / quiet:.2f}", flush=True)
     if args.default:
-        quiet = timed_default()
+        extra = ["--adapt-threads"] if args.adapt_threads else []
+        quiet = timed_default(extra)
         hog = busy()
         try:
-            loaded = timed_default()
+            loaded = timed_default(extra)
         finally:
             hog.kill()
             hog.wait()

@@ -18,8 +18,10 @@ from .errors import USER_ERRORS, UsageError
 from .options import ARGPARSE_KEYS, field_type, flag, to_dict
 
 
-def run(main: Callable, argv=None, prog: str = "dqo"):
-    """``main(argv)``, with a user error turned into one line on stderr and exit code 2."""
+def run(main: Callable, argv=None, prog: str = "dqo", interrupted: str = ""):
+    """``main(argv)``, with a user error turned into one line on stderr and exit code 2, and
+    Ctrl-C (SIGINT) into one line (``prog: interrupted; <interrupted>``) and exit code 130,
+    the shell's code for it."""
     try:
         return main(argv)
     except USER_ERRORS as exc:
@@ -27,6 +29,22 @@ def run(main: Callable, argv=None, prog: str = "dqo"):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("DQO_DEBUG", "0") == "1":
+            raise
+        print(f"{prog}: interrupted" + (f"; {interrupted}" if interrupted else ""),
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def configure_logging(fmt: str = "%(asctime)s %(name)s %(message)s") -> None:
+    """Log lines on stderr: INFO on rank 0, WARNING and worse on the other ranks, so that a run
+    of N processes prints each line once (the launchers set ``RANK`` before any process group
+    exists)."""
+    import logging
+    logging.basicConfig(format=fmt, datefmt="%H:%M:%S")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.getLogger().setLevel(logging.INFO if rank0 else logging.WARNING)
 
 
 def check_file(flag: str, value: Optional[str]) -> None:
@@ -168,7 +186,12 @@ def parse_config(cls, sections: Sequence[type], argv=None, *, prog: str,
     p.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                    help="options from a YAML file (keys: the options' names, e.g. is_clip: inf);"
                         " flags given beside it override it")
+    # the DeepSpeed launcher appends --local_rank=N to every process's command line; its
+    # environment's LOCAL_RANK says the same, and is what dqo reads
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     given = vars(p.parse_args(argv))
+    given.pop("local_rank", None)
     config = given.pop("config", None)
     values = read_config_file(config, cls) if config else {}
     values.update(given)

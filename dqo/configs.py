@@ -10,8 +10,8 @@ of ``--help``:
 - :class:`SampleConfig` (``python -m dqo.sample``) and :class:`EvalConfig`
   (``python -m dqo.evaluate``) share the reward, column, generation and decoding sections.
 
-``dqo.hf.DQOTrainer`` takes :class:`DQOLossConfig`'s fields, so the loss has the same options,
-bounds and defaults wherever it is used.
+``dqo.hf.DQOConfig`` inherits :class:`DQOLossConfig`'s fields, so the loss has the same
+options, bounds and defaults wherever it is used.
 """
 import math
 from dataclasses import dataclass, fields
@@ -28,6 +28,9 @@ from .tracking import REPORT_TO
 inf = math.inf
 # The algorithms on the same offline samples (dqo.algos registers one class each).
 ALGOS = ("dqo", "dro", "sft", "rs", "dpo", "kto")
+# The value model's default learning rate over the policy's, measured on the embedded default
+# (experiments/README.md, "The critic's learning rate").
+VALUE_LR_RATIO = 10.0
 
 
 @dataclass
@@ -66,6 +69,8 @@ class RewardConfig(Options):
                                    "columns: the prompt rows' other fields)", metavar="SPEC")
     correct_threshold: float = opt(1.0, "a response is correct when its reward is at least this",
                                    gt=-inf, lt=inf)
+    reward_timeout: float = opt(60.0, "seconds a call of --reward-fn may take before the run "
+                                "stops with an error naming it (0: no limit)", ge=0, lt=inf)
 
 
 @dataclass
@@ -81,6 +86,10 @@ class ColumnsConfig(Options):
         "one {prompt}; default: the one recorded with the data (or model), else the task's "
         "(gsm8k: paper-gsm8k, math: paper-math, arithmetic and --reward-fn: none)",
         metavar="NAME|FILE")
+    system_prompt: Optional[str] = opt(
+        None, "a system turn in front of every prompt that has none (plain-string prompts; a "
+        "conversation's own system turn is kept); needs a chat template; default: the one "
+        "recorded with the data (or model)", metavar="TEXT")
     answer_column: Optional[str] = opt(None, "the answer column; default: answer, else solution "
                                        "(MATH); a worked answer (#### N, or a last \\boxed{N}) "
                                        "gives N")
@@ -96,6 +105,8 @@ class DecodingArgs(Options):
     temperature: Optional[float] = opt(None, "sampling temperature (paper: 1.0)")
     top_p: Optional[float] = opt(None, "nucleus sampling (paper: 0.9)")
     top_k: Optional[int] = opt(None, "top-k sampling, 0: off (paper: 16)")
+    min_p: Optional[float] = opt(None, "min-p sampling: tokens below min-p x the top token's "
+                                 "probability are cut, 0: off (paper's third setting: 0.01)")
     max_new_tokens: Optional[int] = opt(None, "length limit of a response (default: 512)")
 
     def check(self) -> None:
@@ -174,20 +185,66 @@ class OptimizationConfig(Options):
     batch_size: int = opt(64, "examples per optimizer step and rank", ge=1)
     micro_batch: int = opt(16, "examples per forward", ge=1)
     lr: float = opt(5e-7, "learning rate of the policy", gt=0, lt=inf)
-    value_lr: Optional[float] = opt(None, "learning rate of the value model (default: --lr)",
-                                    gt=0, lt=inf)
+    value_lr: Optional[float] = opt(None, "learning rate of the value model (default: --lr x "
+                                    "--value-lr-ratio)", gt=0, lt=inf)
+    value_lr_ratio: float = opt(VALUE_LR_RATIO, "the value model's learning rate as a multiple"
+                                " of --lr, when --value-lr is not given (a critic learns faster "
+                                "than its policy; docs/trainer.md, the critic)", gt=0, lt=inf)
+    value_init: str = opt("mean-return", "the value head's start: mean-return (V = the "
+                          "training rows' mean discounted return everywhere) or zero",
+                          choices=("mean-return", "zero"))
     warmup_steps: int = opt(0, "linear warm-up steps of the learning rates", ge=0)
     grad_clip: float = opt(1.0, "gradient norm clip (0: none)", ge=0, lt=inf)
     engine: str = opt("auto", "auto: DeepSpeed on GPU, plain PyTorch on a CPU-only machine",
                       choices=("auto", "deepspeed", "torch"))
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    deepspeed: Optional[str] = opt(None, "a DeepSpeed config JSON merged over the trainer's own "
+                                   "(its keys win, 'auto' takes the trainer's value; the merge "
+                                   "is logged); needs the DeepSpeed engine")
+    offload: str = opt("none", "ZeRO-Offload to CPU memory: the optimizer states (optimizer), "
+                       "and with --zero-stage 3 the parameters too (all)",
+                       choices=("none", "optimizer", "all"))
+    bf16: Optional[bool] = opt(None, "bf16 weights and DeepSpeed bf16 (default: on a GPU, off "
+                               "on a CPU)")
+    fp16: bool = opt(False, "fp16 weights with dynamic loss scaling, for GPUs without bf16 "
+                     "(V100, T4)")
     seed: int = opt(0, "seed of the data order, sampling and initialisation")
+
+    @property
+    def value_learning_rate(self) -> float:
+        """The value model's learning rate: ``--value-lr``, else ``--lr x --value-lr-ratio``."""
+        return self.value_lr if self.value_lr is not None else self.lr * self.value_lr_ratio
 
     def check(self) -> None:
         super().check()
         if self.batch_size % self.micro_batch:
             raise UsageError(f"--batch-size: expected a multiple of --micro-batch "
                              f"({self.micro_batch}), got {self.batch_size}")
+        if self.fp16 and self.bf16:
+            raise UsageError("--fp16: expected at most one of --bf16 and --fp16, got both")
+        if self.offload == "all" and self.zero_stage != 3:
+            raise UsageError(f"--offload all: offloads parameters, which needs --zero-stage 3, "
+                             f"got --zero-stage {self.zero_stage} (or use --offload optimizer)")
+        if self.engine == "torch" and (self.deepspeed or self.offload != "none"):
+            flag = "--deepspeed" if self.deepspeed else "--offload"
+            raise UsageError(f"{flag}: needs the DeepSpeed engine, got --engine torch")
+
+    def precision(self) -> str:
+        """``bf16``, ``fp16`` or ``fp32``: the weights' dtype and DeepSpeed's mixed precision."""
+        import torch
+
+        if self.fp16:
+            if not torch.cuda.is_available():
+                raise UsageError("--fp16: needs a GPU (fp16 training on a CPU has no loss "
+                                 "scaling here); drop it")
+            return "fp16"
+        bf16 = torch.cuda.is_available() if self.bf16 is None else self.bf16
+        return "bf16" if bf16 else "fp32"
+
+    def deepspeed_options(self) -> Dict:
+        """:func:`dqo.engine.make_engine`'s DeepSpeed keyword arguments."""
+        return dict(zero_stage=self.zero_stage, precision=self.precision(),
+                    offload=self.offload, user_config=self.deepspeed)
 
 
 @dataclass
@@ -244,17 +301,38 @@ class RunConfig(Options):
     eval_samples: int = opt(4, "sampled responses a problem in evaluation (0: greedy only)",
                             ge=0)
     save_every: int = opt(0, "steps between checkpoints (0: none)", ge=0)
-    keep_checkpoints: int = opt(2, "checkpoints kept (the most recent)", ge=1)
-    resume: bool = opt(False, "continue from the last complete checkpoint in --out")
+    keep_checkpoints: int = opt(2, "checkpoints of this run kept (its most recent; another "
+                                "run's are never deleted)", ge=1)
+    resume: bool = opt(False, "continue the run in --out from its last complete checkpoint "
+                       "(refused if options that change the run differ from its recorded "
+                       "ones)")
+    resume_force: bool = opt(False, "with --resume: continue even though such options differ "
+                             "(each is logged; the optimizer's saved state keeps the "
+                             "checkpoint's learning rates)")
+    overwrite: bool = opt(False, "a new run into an --out that holds another run: remove that "
+                          "run's checkpoints/, metrics.jsonl, final/ first (without it, or "
+                          "--resume, the run is refused)")
     report_to: str = opt("none", "every metrics row (and the final evaluations) to TensorBoard "
                          "(<out>/tensorboard) or W&B, from rank 0", choices=REPORT_TO)
     max_skipped_steps: int = opt(3, "consecutive steps with non-finite gradients before "
                                  "training stops", ge=1)
-    threads: int = opt(0, "CPU threads; 0 fits them to the cores other processes leave free, "
-                       "checked every few seconds", ge=0)
+    threads: int = opt(0, "CPU threads, fixed for the whole run (0: every core the process may"
+                       " use; a --resume restores the run's count)", ge=0)
+    adapt_threads: bool = opt(False, "refit the CPU threads every few seconds to the cores other"
+                              " processes leave free: faster beside busy processes, but the "
+                              "results then depend on the machine's load (not bit for bit "
+                              "reproducible, nor a --resume)")
     progress: bool = opt(True, "progress bars")
     dry_run: bool = opt(False, "print the per-GPU memory plan (python -m dqo.memory) for these "
                         "options and stop, before any weight is loaded")
+
+    def check(self) -> None:
+        super().check()
+        if self.overwrite and self.resume:
+            raise UsageError("--overwrite: removes the run in --out, --resume continues it; "
+                             "give one")
+        if self.resume_force and not self.resume:
+            raise UsageError("--resume-force: only with --resume")
 
 
 @dataclass
@@ -312,6 +390,9 @@ class SampleSection(Options):
     process_reward_total: float = opt(0.5, "the most a failed response earns from its steps, as "
                                       "a share of a correct answer's reward (each of its K steps"
                                       " judged correct earns total/K)", ge=0, lt=1)
+    resume: bool = opt(False, "continue the interrupted run that writes --out (its rows kept in "
+                       "OUT.partial/) with the same options; the result is the file an "
+                       "uninterrupted run writes")
 
 
 @dataclass

@@ -31,12 +31,17 @@ class DecodingConfig:
     temperature: float = 1.0
     top_p: float = PAPER_TOP_P
     top_k: int = PAPER_TOP_K  # 0: no top-k truncation
+    # tokens below min_p x the top token's probability are cut; 0: off (the paper's third
+    # setting, "threshold=0.01", is 0.01)
+    min_p: float = 0.0
     max_new_tokens: int = 512
     stop_ids: Optional[List[int]] = None  # None: stop_token_ids() of the tokenizer and model
     # the text around each prompt ({prompt}: the problem), dqo.prompts; None: prompts as stored
     prompt_template: Optional[str] = None
     # the model that sampled the data (dqo.sample's --model): its log-probs are the behaviour's
     sampled_by: Optional[str] = None
+    # the system turn in front of every prompt that has none (--system-prompt); None: none
+    system_prompt: Optional[str] = None
 
     def __post_init__(self):
         check_decoding(self)
@@ -58,7 +63,7 @@ class DecodingConfig:
         # greedy: the sampling knobs stay unset (transformers warns about set ones it ignores);
         # with the model's own config set aside they can only take the global defaults
         sampling = {} if greedy else dict(temperature=self.temperature, top_p=self.top_p,
-                                          top_k=self.top_k)
+                                          top_k=self.top_k, min_p=self.min_p or None)
         return GenerationConfig(
             do_sample=not greedy, num_beams=1, max_new_tokens=self.max_new_tokens,
             min_new_tokens=0, eos_token_id=list(self.stop_ids), pad_token_id=pad,
@@ -96,12 +101,16 @@ def check_decoding(d: DecodingConfig) -> None:
         raise ValueError(f"top_p: expected a value in (0, 1], got {d.top_p!r}")
     if not (isinstance(d.top_k, int) and d.top_k >= 0):
         raise ValueError(f"top_k: expected an integer >= 0 (0: off), got {d.top_k!r}")
+    if not (isinstance(d.min_p, (int, float)) and 0 <= d.min_p < 1):
+        raise ValueError(f"min_p: expected a value in [0, 1) (0: off), got {d.min_p!r}")
     if not (isinstance(d.max_new_tokens, int) and d.max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens: expected an integer >= 1, got {d.max_new_tokens!r}")
     if d.prompt_template is not None and not (isinstance(d.prompt_template, str)
                                               and d.prompt_template.count("{prompt}") == 1):
         raise ValueError(f"prompt_template: expected text with one {{prompt}} placeholder, got "
                          f"{d.prompt_template!r}")
+    if d.system_prompt is not None and not isinstance(d.system_prompt, str):
+        raise ValueError(f"system_prompt: expected text, got {d.system_prompt!r}")
     if d.stop_ids is not None and not (isinstance(d.stop_ids, list) and d.stop_ids and all(
             isinstance(i, int) and i >= 0 for i in d.stop_ids)):
         raise ValueError(f"stop_ids: expected a non-empty list of token ids, got {d.stop_ids!r}")
@@ -195,12 +204,12 @@ def own_generation_config(model) -> Iterator[None]:
         model.generation_config = saved
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: wrapped in the chat template when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    return prompt
+def format_prompt(tokenizer, prompt, **render) -> str:
+    """The prompt as the model sees it: wrapped in the chat template when there is one
+    (:func:`dqo.prompts.render_prompt`: ``prompt`` text or messages, ``system_prompt``,
+    ``template``)."""
+    from .prompts import render_prompt
+    return render_prompt(tokenizer, prompt, **render)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -210,11 +219,11 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("")["input_ids"][:1] == [bos]
 
 
-def encode_prompt(tokenizer, prompt: str, prefix: str = "") -> List[int]:
+def encode_prompt(tokenizer, prompt, prefix: str = "", **render) -> List[int]:
     """Token ids of a prompt (and an optional response prefix), as in sampling and training:
     the chat template's text when there is one (it carries its own BOS), else the prompt with
-    BOS in front where the tokenizer adds one."""
-    ids = tokenizer(format_prompt(tokenizer, prompt) + prefix,
+    BOS in front where the tokenizer adds one. ``render``: :func:`format_prompt`'s options."""
+    ids = tokenizer(format_prompt(tokenizer, prompt, **render) + prefix,
                     add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     if (not getattr(tokenizer, "chat_template", None) and adds_bos(tokenizer)

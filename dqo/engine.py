@@ -9,13 +9,14 @@ engine checks the gradient norm, DeepSpeed its own overflow check (on for bf16 h
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -75,6 +76,7 @@ class TorchEngine:
         self.global_steps = 0
         self.skipped_steps = 0
         self.last_step_skipped = False
+        self.last_grad_norm = float("nan")  # the last optimizer step's, before clipping
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -88,6 +90,7 @@ class TorchEngine:
             return
         clip = self.cfg.grad_clip if self.cfg.grad_clip and self.cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.last_grad_norm = float(norm)  # before clipping: what the curves show
         self.last_step_skipped = not bool(torch.isfinite(norm))
         if self.last_step_skipped:  # a non-finite gradient never reaches the weights
             self.skipped_steps += 1
@@ -160,18 +163,29 @@ class TorchEngine:
         self.module.load_state_dict(state["module"], strict=False)
 
 
-def deepspeed_config(cfg: OptimConfig, zero_stage: int, bf16: bool) -> Dict:
-    """A DeepSpeed config dict for one model (ZeRO 0-3; bf16 on GPU, fp32 on CPU)."""
+def deepspeed_config(cfg: OptimConfig, zero_stage: int, precision: str = "fp32",
+                     offload: str = "none") -> Dict:
+    """The trainer's DeepSpeed config for one model: ZeRO 0-3, ``precision`` ``bf16``,
+    ``fp16`` (dynamic loss scaling) or ``fp32``, ``offload`` ``none``, ``optimizer`` (the
+    optimizer states in CPU memory) or ``all`` (the parameters too; ZeRO-3)."""
+    zero: Dict = {"stage": zero_stage}
+    if offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    bf16 = precision == "bf16"
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         # skip a step whose gradient is not finite (DeepSpeed checks fp32 and fp16 itself)
         "bf16": {"enabled": bf16, **({"check_grad_overflow": True} if bf16 else {})},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0},  # 0: dynamic
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
-            # torch's AdamW: DeepSpeed's fused CPU/GPU Adam would be compiled at start-up.
+            # torch's AdamW: DeepSpeed's fused CPU/GPU Adam would be compiled at start-up
+            # (a user's config may ask for it: "torch_adam": false).
             "torch_adam": True}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             # DeepSpeed needs >= 1 warm-up step; without warm-up that step starts at full lr.
@@ -181,6 +195,42 @@ def deepspeed_config(cfg: OptimConfig, zero_stage: int, bf16: bool) -> Dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def merge_config(ours: Dict, theirs: Dict, path: str = "") -> Tuple[Dict, List[str]]:
+    """``theirs`` (a user's DeepSpeed JSON) over ``ours``, key by key into nested sections:
+    their values win, ``"auto"`` (transformers' convention) keeps ours. Also returns one line
+    per value of theirs that replaced or added to ours, for the log."""
+    merged, changes = dict(ours), []
+    for key, value in theirs.items():
+        where = f"{path}{key}"
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(ours.get(key), dict):
+            merged[key], sub = merge_config(ours[key], value, where + ".")
+            changes += sub
+        elif key not in ours:
+            merged[key] = value
+            changes.append(f"{where}: {json.dumps(value)} (added)")
+        elif ours[key] != value:
+            merged[key] = value
+            changes.append(f"{where}: {json.dumps(ours[key])} -> {json.dumps(value)}")
+    return merged, changes
+
+
+def read_user_config(path: str) -> Dict:
+    """A user's DeepSpeed JSON, or a UsageError naming the file and what is wrong."""
+    from .errors import UsageError
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"--deepspeed: cannot read {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--deepspeed: {path} is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--deepspeed: expected a JSON object in {path}, got "
+                         f"{type(config).__name__}")
+    return config
 
 
 def import_deepspeed():
@@ -203,11 +253,18 @@ class DeepSpeedEngine:
     """DeepSpeed's engine behind the same interface as :class:`TorchEngine`."""
 
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, zero_stage: int = 2,
-                 bf16: Optional[bool] = None):
+                 precision: Optional[str] = None, offload: str = "none",
+                 user_config: Optional[str] = None):
         deepspeed = import_deepspeed()
 
-        bf16 = torch.cuda.is_available() if bf16 is None else bf16
-        self.config = deepspeed_config(cfg, zero_stage, bf16)
+        if precision is None:
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
+        self.config = deepspeed_config(cfg, zero_stage, precision, offload)
+        if user_config:
+            self.config, changes = merge_config(self.config, read_user_config(user_config))
+            if rank() == 0:
+                log.info("DeepSpeed config: %s merged over the trainer's: %s", user_config,
+                         "; ".join(changes) or "no change")
         params = trainable_parameters(model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                                config=self.config)
@@ -216,6 +273,7 @@ class DeepSpeedEngine:
         # check_grad_overflow); without ZeRO only fp16's loss scaler would
         self.skips_non_finite = zero_stage > 0
         self.last_step_skipped = False
+        self.last_grad_norm = float("nan")  # the last optimizer step's, before clipping
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -227,6 +285,8 @@ class DeepSpeedEngine:
         before = self.engine.skipped_steps
         self.engine.step()
         self.last_step_skipped = self.engine.skipped_steps > before
+        norm = self.engine.get_global_grad_norm()  # None until an optimizer step computed one
+        self.last_grad_norm = float("nan") if norm is None else float(norm)
 
     @property
     def global_steps(self):
@@ -242,15 +302,16 @@ class DeepSpeedEngine:
         self.engine.eval()
 
     def save_pretrained(self, path) -> None:
-        """The full model in HF format. Collective: under ZeRO-3 every rank must call it (the
-        partitioned parameters are gathered); rank 0 writes."""
-        import deepspeed
-
-        params = list(self.module.parameters())
-        gather = self.config["zero_optimization"]["stage"] == 3
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
+        """The full model in HF format; rank 0 writes. Collective: under ZeRO-3 every rank
+        must call it. The partitioned parameters are gathered one layer at a time into rank 0's
+        CPU memory (never the whole model on every rank's GPU)."""
+        if self.config["zero_optimization"].get("stage", 0) != 3:
             if rank() == 0:
                 self.module.save_pretrained(path)
+            return
+        state = self.engine._zero3_consolidated_16bit_state_dict()  # rank 0's CPU; else None
+        if rank() == 0:
+            self.module.save_pretrained(path, state_dict=state)
 
     @property
     def _frozen(self) -> bool:
@@ -338,10 +399,17 @@ def resolve_engine_kind(kind: str) -> str:
     return kind
 
 
-def make_engine(model, cfg: OptimConfig, kind: str = "auto", zero_stage: int = 2):
-    """``kind``: "deepspeed", "torch" or "auto" (see :func:`resolve_engine_kind`)."""
+def make_engine(model, cfg: OptimConfig, kind: str = "auto", zero_stage: int = 2,
+                **deepspeed_options):
+    """``kind``: "deepspeed", "torch" or "auto" (see :func:`resolve_engine_kind`);
+    ``deepspeed_options``: :class:`DeepSpeedEngine`'s ``precision``, ``offload`` and
+    ``user_config``."""
     kind = resolve_engine_kind(kind)
     if kind == "deepspeed":
         init_distributed_env()
-        return DeepSpeedEngine(model, cfg, zero_stage=zero_stage)
+        return DeepSpeedEngine(model, cfg, zero_stage=zero_stage, **deepspeed_options)
+    if deepspeed_options.get("user_config") or deepspeed_options.get("offload", "none") != "none":
+        from .errors import UsageError
+        raise UsageError("--deepspeed/--offload: need the DeepSpeed engine, and --engine auto "
+                         "chose plain PyTorch (no GPU or no deepspeed); use --engine deepspeed")
     return TorchEngine(model, cfg)

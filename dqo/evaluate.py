@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,9 @@ from .decoding import find_decoding
 from .errors import UsageError
 from .evaluation import accuracy
 from .generation import load_sampler
-from .prompts import apply_template, with_template
+from .optional import check_installed
+from .prompts import prepare_prompt, with_system_prompt, with_template
+from .restore import decoding_dirs
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
@@ -42,27 +43,30 @@ def main(argv=None) -> None:
 def _main(argv=None) -> None:
     args = parse_config(EvalConfig, EVAL_SECTIONS, argv, prog="python -m dqo.evaluate",
                         description=__doc__)
+    check_installed(args)
     reward = reward_from_args(args)
     check_model("--model", args.model)
     check_data("--data", args.data)
     check_file("--decoding", args.decoding)
     try:
-        base = find_decoding(args.decoding, args.model if Path(args.model).is_dir() else None)
+        base = find_decoding(args.decoding, *decoding_dirs(args.model))
     except ValueError as exc:
         raise UsageError(f"--decoding: {exc}") from None
-    decoding = with_template(args.decoding_config(base), args.prompt_template,
-                             None if args.reward_fn else args.task)
+    decoding = with_system_prompt(with_template(
+        args.decoding_config(base), args.prompt_template,
+        None if args.reward_fn else args.task), args.system_prompt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_sampler(args)
     rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None,
                             prompt_column=args.prompt_column, answer_column=args.answer_column)
     decoding = decoding.with_stop_ids(tok, model)
-    prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in rows]
+    prompts = [prepare_prompt(r["prompt"], decoding.prompt_template, decoding.system_prompt)
+               for r in rows]
     res = accuracy(model, tok, prompts, [r.get("answer") for r in rows],
                    reward, samples=args.samples, decoding=decoding,
                    batch_size=args.generation_batch_size,
-                   columns=[extra_columns(r) for r in rows])
+                   columns=[extra_columns(r) for r in rows], progress=True)
     print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
                           decoding=json.loads(decoding.to_json()))))
 

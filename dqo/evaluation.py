@@ -13,18 +13,19 @@ from .rewards import as_reward
 def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[Optional[str]],
              verify: Verifier, *, decoding: DecodingConfig, samples: int = 4,
              batch_size: int = 64, per_problem: bool = False,
-             columns: Optional[Sequence[Dict]] = None) -> Dict:
+             columns: Optional[Sequence[Dict]] = None, progress: bool = False) -> Dict:
     """``greedy`` and ``sampled`` accuracy (a cut response is wrong), and the share of
     responses cut at ``decoding.max_new_tokens`` (``greedy_cut``, ``sampled_cut``). With
     ``per_problem``, also each problem's score (``greedy_items``, ``sampled_items``: the share
-    of its responses that are right), for paired statistics over problems."""
+    of its responses that are right), for paired statistics over problems. ``progress``: a
+    progress bar over the generation batches."""
     decoding = decoding.with_stop_ids(tokenizer, model)
     reward = as_reward(verify)
     out = {}
     runs = [("greedy", 1, True)] + ([("sampled", samples, False)] if samples > 0 else [])
     for name, n, greedy in runs:
         res = generate(model, tokenizer, prompts, n=n, greedy=greedy, decoding=decoding,
-                       batch_size=batch_size)
+                       batch_size=batch_size, progress=progress)
         flat = [s for ss in res for s in ss]
         cols: Dict[str, List] = {}
         for i, a in enumerate(answers):  # each prompt's columns, once per completion

@@ -28,14 +28,18 @@ from . import algos, lora
 from .atomic import atomic_write, replace_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .configs import TrainConfig
+from .critic import ExplainedVarianceWatch
 from .data import Example
 from .decoding import DecodingConfig
 from .engine import OptimConfig, barrier, make_engine, rank, resolve_engine_kind, world_size
 from .errors import TrainingError
+from .manifest import write_manifest
 from .modeling import PolicyLogprobs, check_packing
 from .options import to_dict
 from .rng import seed_stage, stage_rng
+from .rundir import RunDir, claim
 from .threads import adapt as adapt_threads
+from .threads import run_threads
 from .tracking import Tracker, make_tracker
 
 log = logging.getLogger("dqo.train")  # the trainer's log lines, as python -m dqo.train prints them
@@ -81,6 +85,16 @@ def merge_stats(parts: List[Dict]) -> Dict:
     return out
 
 
+def step_shape(engines, batches) -> Dict[str, float]:
+    """This rank's mean response length (action tokens a row) and each engine's gradient norm
+    before clipping (``policy_grad_norm``, ``value_grad_norm``): what the curves show."""
+    rows = sum(len(b.action_mask) for b in batches)
+    out = {"response_length": float(sum(b.action_mask.sum() for b in batches)) / max(1, rows)}
+    out.update({f"{name}_grad_norm": getattr(e, "last_grad_norm", float("nan"))
+                for name, e in engines.items()})
+    return out
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """Keep the rows of ``metrics.jsonl`` up to ``step`` (the later ones are redone). A cut
     last line, left by a process killed mid-write, is dropped with a warning."""
@@ -98,6 +112,27 @@ def trim_metrics(path: Path, step: int) -> None:
         if row["step"] <= step:
             kept.append(line)
     atomic_write(path, lambda f: f.writelines(line + "\n" for line in kept))
+
+
+def _is_step(line: str, step: int) -> bool:
+    try:
+        return json.loads(line).get("step") == step
+    except (ValueError, AttributeError):  # a cut line: trim_metrics reports it
+        return False
+
+
+def record_start_evaluation(out_dir: Path, res: Dict) -> None:
+    """The evaluation before training as ``metrics.jsonl``'s step-0 row (``eval_*`` keys, as
+    ``--eval-every`` logs them), replacing the one an earlier start wrote: the first point of
+    the accuracy curve. Rank 0 writes; nothing for an empty ``res``."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if rank() != 0 or not res:
+        return
+    lines = path.read_text().splitlines() if path.exists() else []
+    rest = [x for x in lines if x.strip() and not _is_step(x, 0)]
+    head = json.dumps({"step": 0, **{f"eval_{k}": v for k, v in res.items()
+                                     if isinstance(v, (int, float))}})
+    atomic_write(path, lambda f: f.write("\n".join([head] + rest) + "\n"))
 
 
 def report_final(tracker: Optional[Tracker], res: Dict) -> None:
@@ -139,6 +174,8 @@ def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingCon
             decoding.save(tmp / "policy" / "decoding.json")
         if merged:
             lora.save_merged(tmp / "policy", tmp / "policy-merged")
+        for name in [*engines, *(["policy-merged"] if merged else [])]:
+            write_manifest(tmp / name)  # each model directory checkable on its own
         replace_dir(tmp, final)
     barrier()
 
@@ -155,7 +192,16 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
     """The training loop of ``args.algo`` (see :mod:`dqo.algos`). ``examples`` carry
     ``ref_logp`` where the algorithm needs it; ``value`` is None for policy-only algorithms;
     ``decoding`` is saved with the final policy; every metrics row also goes to ``tracker``
-    (default: ``--report-to``'s, closed at the end). Returns the last evaluation (if any)."""
+    (default: ``--report-to``'s, closed at the end). Returns the last evaluation (if any).
+    ``args.out`` is locked for the call (:func:`dqo.rundir.claim`; already held when the
+    command line claimed it), and checkpoints carry the run's id and thread count."""
+    with claim(args, check=False) as run:
+        return _train(args, run, tokenizer, policy, value, examples, eval_fn, decoding, tracker)
+
+
+def _train(args: TrainConfig, run: RunDir, tokenizer, policy, value, examples: List[Example],
+           eval_fn: Optional[Callable[[], Dict]], decoding: Optional[DecodingConfig],
+           tracker: Optional[Tracker]) -> Dict:
     own_tracker = tracker is None
     if own_tracker:
         tracker = open_tracker(args, Path(args.out))
@@ -179,11 +225,12 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
     if value is not None:
         value.packing = args.packing
     policy_module = PolicyLogprobs(policy, deepspeed=kind == "deepspeed", packing=args.packing)
+    ds = args.deepspeed_options()
     engines = {"policy": make_engine(policy_module, OptimConfig(lr=args.lr, **common), kind,
-                                     args.zero_stage)}
+                                     **ds)}
     if algo.needs_value:
-        engines["value"] = make_engine(value, OptimConfig(lr=args.value_lr or args.lr, **common),
-                                       kind, args.zero_stage)
+        engines["value"] = make_engine(value, OptimConfig(lr=args.value_learning_rate, **common),
+                                       kind, **ds)
     policy_engine = engines["policy"]
     assert world == world_size(), (world, world_size())
     if kind == "torch":
@@ -194,8 +241,13 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
 
     start = 0
     if args.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        start = load_checkpoint(ckpt, engines)["step"]
+        state = load_checkpoint(ckpt, engines)
+        start = state["step"]
         log.info("resumed from %s at step %d", ckpt, start)
+        if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            log.warning("the run used %d CPU threads until this checkpoint, this process %d: "
+                        "sums round differently than in an uninterrupted run",
+                        state["threads"], torch.get_num_threads())
     else:
         seed_stage(args.seed, "train")
     metrics_path = out_dir / "metrics.jsonl"
@@ -203,6 +255,7 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
         trim_metrics(metrics_path, start)
     last_eval: Dict = {}
     skipped_in_a_row = 0
+    watch_critic = ExplainedVarianceWatch(total)
     steps = range(start, total)
     if args.progress:
         from tqdm.auto import tqdm
@@ -231,7 +284,7 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
         skipped = any(e.last_step_skipped for e in engines.values())
         row = dict(step=step + 1, epoch=epoch, lr=policy_engine.get_lr()[0],
                    step_time=time.perf_counter() - t0, **stats, skipped=skipped,
-                   padded_share=padded)
+                   padded_share=padded, **step_shape(engines, batches))
         if eval_fn is not None and args.eval_every and (step + 1) % args.eval_every == 0:
             with stage_rng(args.seed, f"evaluate-step-{step + 1}"):  # training's RNG untouched
                 last_eval = eval_fn()
@@ -251,6 +304,7 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
                         "training forward's (sampler noise: bf16, KV cache, padding), or the "
                         "data come from another policy; if --model sampled the data, use "
                         "--behavior-logp reference", row["is_weight_mean"])
+        watch_critic(row)
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped:
             log.warning("step %d: the gradient is not finite (loss %s); the update was skipped "
@@ -264,8 +318,9 @@ def train(args: TrainConfig, tokenizer, policy, value, examples: List[Example],
                     f"{last if last is not None else 'none (--save-every 0)'}. Lower --lr, or "
                     f"check the data; --max-skipped-steps allows more")
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total):
-            save_checkpoint(out_dir, step + 1, engines, {"args": to_dict(args)},
-                            keep=args.keep_checkpoints)
+            save_checkpoint(out_dir, step + 1, engines,
+                            {"args": to_dict(args), "run_id": run.run_id,
+                             "threads": run_threads()}, keep=args.keep_checkpoints)
     save_final(out_dir, engines, tokenizer, decoding, merged=args.save_merged)
     if rank() == 0:
         draw_curves(out_dir)

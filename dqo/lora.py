@@ -23,13 +23,8 @@ POLICY_ADAPTER, VALUE_ADAPTER = "default", "value"
 
 
 def require_peft():
-    try:
-        import peft
-    except ImportError:
-        from .errors import UsageError
-        raise UsageError("--lora-r: LoRA needs peft (pip install 'dqo-kernels[lora]' or "
-                         "pip install peft)") from None
-    return peft
+    from .optional import require
+    return require("peft", "--lora-r (LoRA)")
 
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules: str):
@@ -85,8 +80,8 @@ def checkpoint_context(model: nn.Module):
 
 def add_policy_adapter(policy: nn.Module, cfg) -> nn.Module:
     """The policy as a ``PeftModel`` with a fresh adapter (the base frozen). ``cfg`` is left
-    as it is (peft resolves ``all-linear`` in the config it is given, to the policy's module
-    names, which a separate value backbone does not have)."""
+    as it is: peft resolves ``all-linear`` into the policy's module names in the config it is
+    given, names a separate value backbone (no ``model.`` prefix) would not have."""
     import copy
     return require_peft().get_peft_model(policy, copy.deepcopy(cfg))
 

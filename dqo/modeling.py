@@ -26,6 +26,7 @@ from dqo_kernels import position_ids as packed_positions
 from . import lora
 from .atomic import safe_load
 from .errors import UsageError
+from .manifest import check_weights, verify_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,26 @@ def build_policy(config=None, path: Optional[str] = None, dtype=torch.float32):
                                             attn_implementation=attn_implementation())
 
 
-def load_policy(path: str):
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_policy(path: str, precision: Optional[str] = None):
     """(tokenizer, policy) from a HF path, for sampling, evaluation and training: bf16 on the
-    GPU when there is one (the current device), fp32 on CPU."""
+    GPU when there is one (the current device), fp32 on CPU, unless ``precision`` (``bf16``,
+    ``fp16``, ``fp32``) says otherwise."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lora.tokenizer_source(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = DTYPES[precision] if precision else torch.bfloat16 if on_gpu else torch.float32
+    verify_model_dir(path)  # a damaged weights file is an error, never a 0.000 accuracy
     if lora.is_adapter_dir(path):  # a LoRA policy: its base + the adapter
         model = lora.load_merged(path, dtype=dtype, attn_implementation=attn_implementation())
     else:
         model = build_policy(path=path, dtype=dtype)
+    check_weights(model.named_parameters(), path)
     return tok, model.cuda() if on_gpu else model
 
 
@@ -239,11 +246,15 @@ class PolicyLogprobs(nn.Module):
             return lora.policy_parameters(self.model)
         return [p for p in self.parameters() if p.requires_grad]
 
-    def save_pretrained(self, path) -> None:
-        if self.has_adapters:  # the policy's adapter, in peft's format
-            self.save_adapters(path)
+    def save_pretrained(self, path, state_dict: Optional[dict] = None) -> None:
+        """``state_dict``: this module's full state when its parameters are partitioned
+        (DeepSpeed ZeRO-3 gathers it into rank 0's CPU memory)."""
+        state = sub_state(state_dict, "model.")
+        if getattr(self.model, "peft_config", None):  # the policy's adapter, in peft's format
+            self.model.save_pretrained(path, selected_adapters=[lora.POLICY_ADAPTER],
+                                       **state)
             return
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, **state)
 
     # With LoRA a checkpoint holds what training changes in peft's format (the engines'
     # ``save_checkpoint``): the same files as final/policy, read back by ``load_adapters``.
@@ -256,6 +267,15 @@ class PolicyLogprobs(nn.Module):
 
     def load_adapters(self, path) -> None:
         lora.load_adapter(self.model, path, lora.POLICY_ADAPTER)
+
+
+def sub_state(state_dict: Optional[dict], prefix: str) -> dict:
+    """``save_pretrained``'s keyword for a sub-module's part of a full ``state_dict`` (keys
+    under ``prefix``, stripped), or none without one."""
+    if state_dict is None:
+        return {}
+    return {"state_dict": {k[len(prefix):]: v for k, v in state_dict.items()
+                           if k.startswith(prefix)}}
 
 
 def head_values(head: nn.Linear, hidden: torch.Tensor, with_after: bool):
@@ -307,10 +327,12 @@ class ValueModel(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path, state_dict: Optional[dict] = None) -> None:
+        """``state_dict``: as :meth:`PolicyLogprobs.save_pretrained`."""
         path = Path(path)
-        self.backbone.save_pretrained(path)  # with LoRA: the backbone's adapter (peft's format)
-        torch.save(self.head.state_dict(), path / "value_head.pt")
+        self.backbone.save_pretrained(path, **sub_state(state_dict, "backbone."))
+        head = sub_state(state_dict, "head.").get("state_dict") or self.head.state_dict()
+        torch.save(head, path / "value_head.pt")
         (path / "value_model.json").write_text(json.dumps({"head": "value_head.pt"}))
 
     @property
@@ -328,12 +350,22 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "ValueModel":
+        """A value model this class saved (its ``value_head.pt`` beside the backbone), or the
+        backbone of any transformers checkpoint (a smaller critic than the policy, a Hub id):
+        its scalar head then starts as a new one does."""
         from transformers import AutoModel
 
+        verify_model_dir(path)
         backbone = AutoModel.from_pretrained(path, dtype=dtype,
                                              attn_implementation=attn_implementation())
         model = cls(backbone)
-        model.head.load_state_dict(torch.load(Path(path) / "value_head.pt", weights_only=True))
+        head = Path(path) / "value_head.pt"
+        if head.is_file():
+            model.head.load_state_dict(torch.load(head, weights_only=True))
+        else:
+            log.info("%s: no value_head.pt (a plain checkpoint): its scalar head starts new",
+                     path)
+        check_weights(model.named_parameters(), path)
         return model
 
 

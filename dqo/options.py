@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
@@ -20,6 +21,32 @@ from .errors import UsageError
 
 # metadata keys that are argparse's own; the others (bounds, required) are ours
 ARGPARSE_KEYS = ("help", "choices", "metavar")
+OWN_KEYS = ("bounds", "required")
+
+
+class FieldMetadata(Mapping):
+    """A field's metadata: argparse's keys, the only ones iterating it shows, and ours
+    (bounds, required), which a lookup finds too. ``HfArgumentParser`` passes every key it
+    sees to ``add_argument``, so it takes these dataclasses as they are, as TRL's scripts
+    use it (``HfArgumentParser((ScriptArguments, DQOConfig))``); the bounds are checked when
+    the dataclass is built."""
+
+    def __init__(self, meta: Dict[str, Any]):
+        self._meta = dict(meta)
+
+    def __getitem__(self, key):
+        return self._meta[key]
+
+    def __iter__(self):
+        return (k for k in self._meta if k in ARGPARSE_KEYS)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def all_metadata(f: dataclasses.Field) -> Dict[str, Any]:
+    """Every key of a field's metadata, ours (:data:`OWN_KEYS`) included."""
+    return {k: f.metadata[k] for k in (*ARGPARSE_KEYS, *OWN_KEYS) if k in f.metadata}
 
 
 def opt(default: Any, help: str, *, choices: Optional[Sequence] = None,
@@ -42,7 +69,7 @@ def opt(default: Any, help: str, *, choices: Optional[Sequence] = None,
                           gt is not None, lt is not None)
     if required:
         meta["required"] = True
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=FieldMetadata(meta))
 
 
 def flag(name: str) -> str:

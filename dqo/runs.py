@@ -13,6 +13,7 @@ import torch
 
 from . import algos, lora
 from .configs import TrainConfig
+from .critic import init_value_head, mean_return
 from .data import (
     Example,
     apply_truncated_policy,
@@ -27,13 +28,14 @@ from .decoding import DecodingConfig, find_decoding, model_id, sidecar
 from .engine import join_launcher_group, resolve_engine_kind
 from .errors import UsageError
 from .evaluation import accuracy
-from .loop import open_tracker, report_final, train
+from .loop import open_tracker, record_start_evaluation, report_final, train
 from .modeling import SharedValueModel, ValueModel, enable_checkpointing, load_policy
 from .pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
-from .prompts import apply_template, with_template
+from .prompts import prepare_prompt, with_system_prompt, with_template
 from .reference_logps import compute_ref_logps
 from .rewards import load_reward, task_reward
 from .rng import seed_stage, stage_rng
+from .rundir import claim
 
 log = logging.getLogger("dqo.train")  # the trainer's log lines, as python -m dqo.train prints them
 
@@ -46,16 +48,30 @@ def behavior_source(mode: str, sampled_by: Optional[str], model: str) -> str:
     return "reference" if sampled_by is not None and sampled_by == model_id(model) else "recorded"
 
 
-def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None):
+def load_value_model(path: str, policy, dtype) -> ValueModel:
+    """``--value-model``: a value model dqo saved, or any transformers checkpoint (a smaller
+    critic; its scalar head starts new) whose vocabulary covers the policy's token ids."""
+    value = ValueModel.from_pretrained(path, dtype=dtype)
+    have, need = value.config.vocab_size, policy.config.vocab_size
+    if have < need:
+        raise UsageError(f"--value-model: {path} has a vocabulary of {have} tokens, the policy "
+                         f"{need}: the critic must use the policy's tokenizer")
+    return value
+
+
+def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None,
+                   examples: Optional[List[Example]] = None):
     """(policy, value) as the options say: LoRA adapters (the base frozen), the value model on
-    a copy of the backbone or on the policy's base (``--value-backbone shared``), activation
-    checkpointing of both. ``value`` is None for the algorithms without one. Call it after
-    the reference log-probs: the reference is the policy as loaded."""
+    a copy of the backbone or on the policy's base (``--value-backbone shared``), its head
+    starting at the mean return of ``examples`` (``--value-init``; a ``value_model`` loaded
+    from disk keeps its own), activation checkpointing of both. ``value`` is None for the
+    algorithms without one. Call it after the reference log-probs: the reference is the policy
+    as loaded."""
     needs_value = algos.REGISTRY[args.algo].needs_value
     value = None
     if needs_value and args.value_backbone == "separate":  # before the policy's adapter
         dtype, device = next(policy.parameters()).dtype, next(policy.parameters()).device
-        value = (ValueModel.from_pretrained(value_model, dtype=dtype) if value_model
+        value = (load_value_model(value_model, policy, dtype) if value_model
                  else ValueModel.from_policy(policy)).to(device)
     if args.lora_r:
         if needs_value and args.value_backbone == "shared" and resolve_engine_kind(
@@ -73,6 +89,12 @@ def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None)
         log.info("LoRA r=%d on %s: %.2fM trainable parameters of the policy", args.lora_r,
                  args.lora_target_modules,
                  sum(p.numel() for p in lora.policy_parameters(policy)) / 1e6)
+    fresh_head = not value_model or not (Path(value_model) / "value_head.pt").is_file()
+    if value is not None and examples and args.value_init == "mean-return" and fresh_head:
+        start = mean_return(examples, args.gamma)
+        init_value_head(value, start)
+        log.info("value head: starts at the training rows' mean return %.4f (--value-init)",
+                 start)
     if args.gradient_checkpointing:
         enable_checkpointing(policy)
         if isinstance(value, ValueModel):
@@ -81,6 +103,13 @@ def prepare_models(args: TrainConfig, policy, value_model: Optional[str] = None)
 
 
 def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Dict:
+    """The embedded default into ``args.out``, claimed first (:func:`dqo.rundir.claim`: a
+    used directory, or a ``--resume`` with other options, is refused before the warm-up)."""
+    with claim(args):
+        return _run_default(args, pipe)
+
+
+def _run_default(args: TrainConfig, pipe: Optional[DefaultPipeline]) -> Dict:
     pipe = pipe or DefaultPipeline()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +121,7 @@ def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Di
     evaluate = Evaluator(tok, splits.test, decoding, samples=args.eval_samples)
     seed_stage(args.seed, "evaluate-before")  # every stage: the same draws after a --resume
     before = evaluate(policy)
+    record_start_evaluation(out_dir, before)
     log.info("base policy: greedy %.3f, sampled %.3f", before["greedy"],
              before.get("sampled", float("nan")))  # --eval-samples 0: greedy only
 
@@ -106,10 +136,11 @@ def run_default(args: TrainConfig, pipe: Optional[DefaultPipeline] = None) -> Di
     log.info("stage 3/4: reference log-probs and %s training", args.algo.upper())
     examples, _ = tokenize_rows(rows, tok, strict=True, stop_ids=decoding.stop_ids)
     examples = truncated_examples(args, examples)
-    compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"))
+    compute_ref_logps(policy, examples, tok.pad_token_id, cache_dir=str(out_dir / "cache"),
+                      progress=args.progress)
     # a LoRA adapter names its base: the warmed-up one on disk, so final/policy loads alone
     policy.name_or_path = str((out_dir / "base").resolve())
-    policy, value = prepare_models(args, policy)
+    policy, value = prepare_models(args, policy, examples=examples)
     tracker = open_tracker(args, out_dir)
     train(args, tok, policy, value, examples, eval_fn=lambda: evaluate(policy, samples=0),
           decoding=decoding, tracker=tracker)
@@ -146,11 +177,17 @@ def truncated_examples(args: TrainConfig, examples: List[Example]) -> List[Examp
 
 
 def run_custom(args: TrainConfig) -> Dict:
-    """``--model PATH --data FILE``: train a real model on an offline dataset."""
+    """``--model PATH --data FILE``: train a real model on an offline dataset, into
+    ``args.out`` claimed first (:func:`dqo.rundir.claim`)."""
+    with claim(args):
+        return _run_custom(args)
+
+
+def _run_custom(args: TrainConfig) -> Dict:
     if torch.cuda.is_available():  # one GPU per process under the deepspeed/torchrun launchers
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     join_launcher_group(args.engine)
-    tok, policy = load_policy(args.model)
+    tok, policy = load_policy(args.model, args.precision())
     # the data's own decoding settings (dqo.sample writes them beside it): its stop tokens
     # decide which rows finished, its length limit is the evaluation's
     decoding = find_decoding(sidecar(args.data))
@@ -158,13 +195,17 @@ def run_custom(args: TrainConfig) -> Dict:
         log.info("no %s beside the data: stop tokens from the tokenizer and model, the paper's "
                  "sampling settings for evaluation", sidecar(args.data))
         decoding = DecodingConfig()
-    decoding = with_template(args.decoding_config(decoding), args.prompt_template,
-                             None if args.reward_fn else args.task).with_stop_ids(tok, policy)
+    decoding = with_system_prompt(with_template(
+        args.decoding_config(decoding), args.prompt_template,
+        None if args.reward_fn else args.task), args.system_prompt).with_stop_ids(tok, policy)
     rows, bad = read_jsonl(args.data, strict=args.strict_data)
     if args.algo == "sft":  # canonical solutions, never the sampled responses
         if args.sft_data:
             rows, bad = read_solutions(args.sft_data), []
         rows = sft_rows(rows, args.sft_data or args.data)
+    if decoding.system_prompt is not None:  # the rows' prompts that have no system turn get it
+        rows = [dict(r, prompt=prepare_prompt(r["prompt"], None, decoding.system_prompt))
+                for r in rows]
     # the model's context is the length limit unless the user sets one: a huge row is cut to
     # fit (and trained as unfinished), never allowed to exhaust memory
     max_length = args.max_length or getattr(policy.config, "max_position_embeddings", None)
@@ -181,22 +222,25 @@ def run_custom(args: TrainConfig) -> Dict:
         "recorded": "the rows' behavior_logp (recorded by the sampler)"}[source])
     if algos.REGISTRY[args.algo].needs_ref:
         compute_ref_logps(policy, examples, tok.pad_token_id,
-                          cache_dir=str(Path(args.out) / "cache"))
-    policy, value = prepare_models(args, policy, args.value_model)
+                          cache_dir=str(Path(args.out) / "cache"), progress=args.progress)
+    policy, value = prepare_models(args, policy, args.value_model, examples)
     eval_fn = None
     if args.eval_data:
         rows = read_prompt_rows(args.eval_data, require_answer=args.reward_fn is None,
                                 prompt_column=args.prompt_column,
                                 answer_column=args.answer_column)
-        reward = (load_reward(args.reward_fn, args.correct_threshold) if args.reward_fn
+        reward = (load_reward(args.reward_fn, args.correct_threshold, args.reward_timeout)
+                  if args.reward_fn
                   else task_reward(args.task or "arithmetic", args.correct_threshold))
-        prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in rows]
+        prompts = [prepare_prompt(r["prompt"], decoding.prompt_template, decoding.system_prompt)
+                   for r in rows]
         eval_fn = lambda: accuracy(  # noqa: E731
             policy, tok, prompts, [r.get("answer") for r in rows], reward,
             samples=args.eval_samples, decoding=decoding,
-            columns=[extra_columns(r) for r in rows])
+            columns=[extra_columns(r) for r in rows], progress=args.progress)
     seed_stage(args.seed, "evaluate-before")
     before = eval_fn() if eval_fn else {}
+    record_start_evaluation(Path(args.out), before)
     tracker = open_tracker(args, Path(args.out))
     train(args, tok, policy, value, examples, eval_fn=eval_fn, decoding=decoding,
           tracker=tracker)

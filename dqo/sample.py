@@ -7,7 +7,14 @@ verify, and (optionally) add process rewards. Paper appendix A and section 4.4.
 (:mod:`dqo.data`): ``prompt, response, response_ids, behavior_logp, finished, reward, answer``
 and, with ``--process-scores``, ``steps`` and ``step_rewards``. The decoding settings are
 written beside them (``data.decoding.json``, :mod:`dqo.decoding`) for ``dqo.train`` and
-``dqo.evaluate`` to read back.
+``dqo.evaluate`` to read back, before the first row.
+
+Rows are written as they are sampled (:mod:`dqo.generation.dataset`): after every generation
+batch they are appended durably to ``data.jsonl.partial/``, and the complete file is renamed to
+``data.jsonl`` at the end. After a kill, a Ctrl-C, a full disk or a failing reward function,
+``--resume`` continues where the run stopped and writes the same bytes an uninterrupted run
+writes (same options). A user's reward function runs with a time limit (``--reward-timeout``)
+and whatever it raises is a RewardError naming it and the row.
 
 A response ends at the first stop token (EOS, the generation config's EOS ids, the chat
 template's end of turn), which is kept in ``response_ids`` (the policy chose it) and left out
@@ -25,62 +32,70 @@ The library is :mod:`dqo.generation` (sampling, labelling, process rewards) and
 """
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from dataclasses import replace
-
-import torch
 
 from .cli import check_data, check_model, parse_config
 from .cli import run as run_cli
 from .configs import SAMPLE_SECTIONS, SampleConfig
-from .data import extra_columns, read_prompt_rows, write_jsonl
+from .data import read_prompt_rows
 from .decoding import model_id, sidecar
-from .generation import generate, label_samples, load_sampler, mc_process_scores
-from .prompts import apply_template, with_template
+from .generation import load_sampler
+from .generation.dataset import SampleJob, sample_dataset
+from .optional import check_installed
+from .prompts import prepare_prompt, with_system_prompt, with_template
 from .rewards import reward_from_args
 
 log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> None:
-    run_cli(_main, argv, prog="python -m dqo.sample")
+    try:
+        run_cli(_main, argv, prog="python -m dqo.sample")
+    except KeyboardInterrupt:  # the rows so far are on disk (the log line says where)
+        print("python -m dqo.sample: interrupted; rerun with --resume to continue",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _main(argv=None) -> None:
     args = parse_config(SampleConfig, SAMPLE_SECTIONS, argv, prog="python -m dqo.sample",
                         description=__doc__)
+    check_installed(args)
     reward = reward_from_args(args)
-    decoding = replace(with_template(args.decoding_config(), args.prompt_template,
-                                     None if args.reward_fn else args.task),
+    decoding = replace(with_system_prompt(with_template(
+        args.decoding_config(), args.prompt_template, None if args.reward_fn else args.task),
+        args.system_prompt),
                        sampled_by=model_id(args.model))
     check_model("--model", args.model)
     check_data("--prompts", args.prompts)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.manual_seed(args.seed)
-    tok, model = load_sampler(args)
-    decoding = decoding.with_stop_ids(tok, model)
+    # every row is checked before the model is loaded: a bad prompt late in the file must not
+    # cost the hours sampled before it
     prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None,
                                    prompt_column=args.prompt_column,
                                    answer_column=args.answer_column)
-    prompts = [apply_template(decoding.prompt_template, r["prompt"]) for r in prompt_rows]
-    answers = [r.get("answer") for r in prompt_rows]
-    samples = generate(model, tok, prompts, n=args.n, progress=True, decoding=decoding,
-                       batch_size=args.generation_batch_size)
-    rows = label_samples(prompts, answers, samples, reward,
-                         grade_truncated=args.grade_truncated,
-                         solutions=[r.get("solution") for r in prompt_rows],
-                         columns=[extra_columns(r) for r in prompt_rows])
-    if args.process_scores == "mc":
-        rows = mc_process_scores(model, tok, rows, reward, n=args.process_n,
-                                 total=args.process_reward_total, decoding=decoding,
-                                 batch_size=args.generation_batch_size)
-    write_jsonl(args.out, rows)
-    decoding.save(sidecar(args.out))
-    acc = sum(r["correct"] for r in rows) / max(1, len(rows))
-    cut = sum(not r["finished"] for r in rows) / max(1, len(rows))
+    prompts = [prepare_prompt(r["prompt"], decoding.prompt_template, decoding.system_prompt)
+               for r in prompt_rows]
+    tok, model = load_sampler(args)
+    job = SampleJob(out=args.out, n=args.n, batch_size=args.generation_batch_size,
+                    seed=args.seed, grade_truncated=args.grade_truncated,
+                    process_scores=args.process_scores, process_n=args.process_n,
+                    process_reward_total=args.process_reward_total, source=args.prompts)
+    state = dict(engine=args.engine, reward=reward.name, correct_threshold=reward.threshold)
+    if not sample_dataset(model, tok, prompt_rows, prompts, reward, decoding, job,
+                          resume=args.resume, progress=True, state=state):
+        return
+    total = correct = cut = 0
+    with open(args.out, encoding="utf-8") as f:  # streamed: the file may be large
+        for line in f:
+            r = json.loads(line)
+            total, correct, cut = total + 1, correct + bool(r["correct"]), cut + (not r["finished"])
     log.info("wrote %d responses to %s (%.1f%% correct, %.1f%% cut at %d tokens); decoding "
-             "settings in %s", len(rows), args.out, 100 * acc, 100 * cut,
-             decoding.max_new_tokens, sidecar(args.out))
+             "settings in %s", total, args.out, 100 * correct / max(1, total),
+             100 * cut / max(1, total), decoding.max_new_tokens, sidecar(args.out))
 
 
 if __name__ == "__main__":

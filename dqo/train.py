@@ -13,18 +13,23 @@ module is their command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Dict
 
-from .cli import check_data, check_model, parse_config, write_config
+from .cli import check_data, check_model, configure_logging, parse_config, write_config
 from .cli import run as run_cli
 from .configs import EMBEDDED_DEFAULT, TRAIN_SECTIONS, TrainConfig
+from .decoding import sidecar
 from .engine import leave_process_group, rank, resolve_engine_kind
 from .errors import RewardError, UsageError
+from .optional import check_installed
 from .options import flag
 from .rewards import load_reward
+from .rundir import check_out, claim
 from .runs import run_custom, run_default
 from .threads import fit_threads
 
@@ -57,16 +62,37 @@ def check_command_line(a: TrainConfig) -> None:
     if a.model is not None and a.data is None:
         raise UsageError("--model needs --data: sample an offline dataset with "
                          "python -m dqo.sample first")
+    check_out(a.out)
     check_model("--model", a.model)
     check_model("--value-model", a.value_model)
     check_data("--data", a.data)
     check_data("--eval-data", a.eval_data)
     check_data("--sft-data", a.sft_data)
+    check_decoding_record(a)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and resolve_engine_kind(a.engine) == "torch":  # N copies of one run otherwise
+        raise UsageError(f"--engine: a launcher started {world} processes (WORLD_SIZE), and the "
+                         f"torch engine trains in one; use --engine deepspeed (docs/scale-out.md)")
     if a.reward_fn:
         try:
             load_reward(a.reward_fn, a.correct_threshold)
         except RewardError as exc:
             raise UsageError(str(exc)) from None
+
+
+def check_decoding_record(a: TrainConfig) -> None:
+    """Evaluating (``--eval-data``) decodes as the data were sampled, read from the decoding
+    record ``dqo.sample`` writes beside them (before the rows): without one, every setting the
+    evaluation uses must be given, never silently taken from the defaults (a record lost to a
+    full disk, data copied without it)."""
+    if a.data is None or a.eval_data is None or sidecar(a.data).is_file():
+        return
+    used = ["max_new_tokens"] + (["temperature", "top_p", "top_k"] if a.eval_samples else [])
+    unset = [flag(f) for f in used if getattr(a, f) is None]
+    if unset:
+        raise UsageError(f"--data: no decoding record {sidecar(a.data)} beside it (dqo.sample "
+                         f"writes it), so --eval-data does not know how the data were decoded; "
+                         f"put the record beside the data, or give {', '.join(unset)}")
 
 
 def print_memory_plan(args: TrainConfig) -> None:
@@ -89,12 +115,12 @@ def print_memory_plan(args: TrainConfig) -> None:
 
 
 def main(argv=None) -> None:
-    run_cli(_main, argv, prog="python -m dqo.train")
+    run_cli(_main, argv, prog="python -m dqo.train",
+            interrupted="the checkpoints written so far are intact; --resume continues")
 
 
 def _main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging()
     for noisy in ("httpx", "transformers", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -103,16 +129,19 @@ def _main(argv=None) -> None:
     if args.dry_run:
         print_memory_plan(args)
         return
-    if rank() == 0:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_config(args, Path(args.out) / "config.yaml")
-    if args.data is None:
-        log.info("the embedded default: %s", ", ".join(f"{k}={getattr(args, k)}"
-                                                        for k in EMBEDDED_DEFAULT))
-    fit_threads(args.threads)
+    check_installed(args)
     t0 = time.time()
-    res = run_default(args) if args.data is None else run_custom(args)
-    leave_process_group()
+    with claim(args) as run:  # before config.yaml is rewritten: --resume compares with it
+        if rank() == 0:  # what the run is; not what this command did to the directory
+            write_config(dataclasses.replace(args, resume=False, resume_force=False,
+                                             overwrite=False), Path(args.out) / "config.yaml")
+        if args.data is None:
+            log.info("the embedded default: %s", ", ".join(f"{k}={getattr(args, k)}"
+                                                            for k in EMBEDDED_DEFAULT))
+        run.record(threads=fit_threads(args.threads, recorded=run.threads if args.resume
+                                       else None, adaptive=args.adapt_threads))
+        res = run_default(args) if args.data is None else run_custom(args)
+        leave_process_group()
     if res["before"]:
         print("\naccuracy on held-out problems   greedy   sampled")
         for name in ("before", "after"):

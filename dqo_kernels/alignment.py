@@ -24,6 +24,7 @@ import torch
 
 from .logprobs import linear_logprobs, token_logprobs
 from .packing import check_cu_seqlens
+from .validation import check_token_ids
 
 
 def response_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,7 @@ def action_targets(input_ids: torch.Tensor, mask: torch.Tensor,
     if input_ids.shape != mask.shape:
         raise ValueError(f"mask: expected shape {tuple(input_ids.shape)} (input_ids'), got "
                          f"{tuple(mask.shape)}")
+    check_token_ids("input_ids", input_ids)  # before ignore_index is written into them
     return input_ids[:, 1:].masked_fill(~mask[:, 1:].bool(), ignore_index)
 
 
@@ -112,6 +114,7 @@ def action_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch
         raise ValueError(f"mask: expected the shape of input_ids and of hidden's first two "
                          f"dimensions, got mask {tuple(mask.shape)}, input_ids "
                          f"{tuple(input_ids.shape)}, hidden {tuple(hidden.shape)}")
+    check_token_ids("input_ids", input_ids)
     if cu_seqlens is not None:
         check_packed_mask(mask, cu_seqlens)
     B, T = mask.shape

@@ -64,6 +64,21 @@ def check_tensor(name: str, x, *, shape: Optional[Sequence[int]] = None, floatin
                          f"got {_describe(x)}")
 
 
+# token ids' dtypes: every vocabulary and ignore_index fit (a narrower integer wraps)
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def check_token_ids(name: str, ids: torch.Tensor) -> None:
+    """Refuse token ids of a dtype other than int64 / int32: uint8 reads id 156 as -100
+    (ignore_index: log-prob 0, no gradient), int16 cannot hold a 151k vocabulary."""
+    if ids.dtype in TOKEN_ID_DTYPES:
+        return
+    integer = not (ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex())
+    raise ValueError(f"{name}: expected token ids of dtype torch.int64 or torch.int32, got "
+                     f"dtype {ids.dtype}" + ("; it wraps ids and ignore_index (convert with "
+                                             ".long())" if integer else ""))
+
+
 def check_mask(mask, shape: Sequence[int], device: torch.device,
                deferred: Optional[List["Check"]] = None) -> torch.Tensor:
     """Validate an action mask and return it as bool (bool, integer or float 0/1 accepted).

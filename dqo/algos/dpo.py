@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence
 
 from ..data import Batch, Example, collate
 from ..losses import dpo_loss, sequence_sum
+from ..prompts import prompt_key
 from .base import Algorithm, backward_and_step, policy_logp, register
 
 
@@ -30,7 +31,7 @@ class DPO(Algorithm):
     def items(self, examples: List[Example], seed: int = 0) -> List:
         by_prompt: Dict[str, List[Example]] = defaultdict(list)
         for e in examples:
-            by_prompt[e.prompt].append(e)
+            by_prompt[prompt_key(e.prompt)].append(e)  # a conversation is a list
         rng = random.Random(seed)
         pairs = []
         for group in by_prompt.values():

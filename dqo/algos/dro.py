@@ -1,5 +1,9 @@
 """DRO: the sequence-level special case of DQO (one action per response), policy + value
-(docs/math.md §7)."""
+(docs/math.md §7).
+
+Its value model is fit at the prompt alone, so a response cut at a length limit is scored as
+what it is in that bandit form, a terminal action with its reward: bootstrapping from V of the
+state after its last token would read the critic where it is never trained."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +22,6 @@ from .base import (
     policy_logp,
     register,
     skip_with_nan_gradients,
-    values_and_bootstrap,
 )
 
 
@@ -36,15 +39,13 @@ class DRO(Algorithm):
 
     def step(self, engines, b: Batch, num_tokens) -> Dict[str, float]:
         logp = policy_logp(engines, b)
-        values, bootstrap = values_and_bootstrap(engines, b)
-        if non_finite(logp, values, mask=b.action_mask) or non_finite(bootstrap):
+        values = engines["value"](b.input_ids, b.attention_mask)
+        if non_finite(logp, values, mask=b.action_mask):
             return skip_with_nan_gradients(engines, policy=logp, value=values)
         first = b.action_mask.float().argmax(-1)  # V(prompt) = V at the first action
         rows = torch.arange(len(first), device=first.device)
         beh = None if b.behavior_logp is None else sequence_sum(b.behavior_logp, b.action_mask)
-        ret = sequence_sum(b.rewards, b.action_mask)  # the one action's reward ...
-        if bootstrap is not None:  # ... and, for a cut response, the value it stopped at
-            ret = ret + bootstrap
+        ret = sequence_sum(b.rewards, b.action_mask)  # the one action's reward, cut or not
         out = dro_loss(sequence_sum(logp, b.action_mask), sequence_sum(b.ref_logp, b.action_mask),
                        values[rows, first], ret,
                        behavior_logp=beh, beta=self.beta, is_clip=self.is_clip)

@@ -12,6 +12,7 @@ import torch
 
 from ..data import Batch, Example
 from ..losses import kto_loss, kto_reference_point, kto_weights, sequence_sum
+from ..prompts import prompt_key
 from ..reference_logps import compute_ref_logps
 from .base import Algorithm, backward_and_step, policy_logp, register
 from .dpo import collate_pairs
@@ -23,10 +24,10 @@ def mismatched(examples: Sequence[Example]) -> List[Example]:
     """For KTO's reference point: example i's prompt with another prompt's response. Examples
     are grouped by prompt and every response moves on by the largest group's size, so that it
     always lands on a different prompt (when there is more than one)."""
-    order = sorted(range(len(examples)), key=lambda i: examples[i].prompt)
+    order = sorted(range(len(examples)), key=lambda i: prompt_key(examples[i].prompt))
     groups: Dict[str, int] = defaultdict(int)
-    for e in examples:
-        groups[e.prompt] += 1
+    for e in examples:  # prompt_key: a conversation is a list
+        groups[prompt_key(e.prompt)] += 1
     shift = max(groups.values()) if len(groups) > 1 else 1
     out: List[Optional[Example]] = [None] * len(examples)
     for k, i in enumerate(order):

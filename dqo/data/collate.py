@@ -77,18 +77,22 @@ def collate(examples: Sequence[Example], pad_id: int, *, padding: str = "right")
 # return bootstraps from the value of the state after its last token).
 
 
-def trainer_row(example: Example, ref_logp: Optional[Sequence[float]] = None) -> Dict:
+def trainer_row(example: Example, ref_logp: Optional[Sequence[float]] = None, *,
+                with_ref: bool = True) -> Dict:
     """``example`` as a ``transformers.Trainer`` row (what ``dqo.hf.DQOCollator`` batches), with
-    ``ref_logp`` (default: the example's)."""
+    ``ref_logp`` (default: the example's; ``with_ref=False``: none, the trainer computes them
+    batch by batch)."""
     ref = example.ref_logp if ref_logp is None else ref_logp
     n = len(example.response_ids)
-    if ref is None or len(ref) != n:
+    if with_ref and (ref is None or len(ref) != n):
         raise ValueError(f"{example.source or 'example'}: needs the reference log-prob of each "
                          f"of its {n} response tokens (dqo.reference_logps.ref_logps), got "
                          f"{'none' if ref is None else len(ref)}")
     row = dict(input_ids=list(example.prompt_ids) + list(example.response_ids),
                prompt_length=len(example.prompt_ids), rewards=list(example.rewards),
-               ref_logp=[float(x) for x in ref], finished=bool(example.finished))
+               finished=bool(example.finished))
+    if with_ref:
+        row["ref_logp"] = [float(x) for x in ref]
     if example.behavior_logp is not None:
         row["behavior_logp"] = list(example.behavior_logp)
     return row
@@ -137,7 +141,7 @@ def collate_trainer_rows(rows: Sequence[Dict], pad_token_id: int,
         rewards = r.get("rewards")
         if rewards is None:
             rewards = [0.0] * (n - p - 1) + [float(r["reward"])]
-        for key, values in (("rewards", rewards), ("ref_logp", r["ref_logp"]),
+        for key, values in (("rewards", rewards), ("ref_logp", r.get("ref_logp")),
                             ("behavior_logp", r.get("behavior_logp"))):
             if values is None:
                 continue
@@ -147,8 +151,10 @@ def collate_trainer_rows(rows: Sequence[Dict], pad_token_id: int,
             per_token[key][b, resp] = torch.as_tensor(values, dtype=torch.float32)
     batch = dict(input_ids=ids, attention_mask=attn, action_mask=act,
                  labels=ids.masked_fill(~act, -100),  # the Trainer counts num_items_in_batch
-                 rewards=per_token["rewards"], ref_logp=per_token["ref_logp"],
+                 rewards=per_token["rewards"],
                  finished=torch.tensor([bool(r.get("finished", True)) for r in rows]))
+    if all(r.get("ref_logp") is not None for r in rows):  # else the trainer computes them
+        batch["ref_logp"] = per_token["ref_logp"]
     if all(r.get("behavior_logp") is not None for r in rows):
         batch["behavior_logp"] = per_token["behavior_logp"]
     return batch

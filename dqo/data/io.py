@@ -10,6 +10,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..atomic import atomic_write
 from ..errors import DataError
+from ..prompts import check_prompt, prompt_key
 from .schema import check_row
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,12 @@ ANSWER_COLUMNS = ("answer", "solution")
 
 def prompt_row(obj: Dict, where: str, *, prompt_column: Optional[str] = None,
                answer_column: Optional[str] = None, require_answer: bool = True) -> Dict:
-    """One prompt row in our fields: ``prompt``, ``answer``, ``solution`` (strings) and every
-    other field as it is. Columns: ``prompt_column``, else the first of prompt, question
+    """One prompt row in our fields: ``prompt`` (a non-empty string, or a conversation: a list
+    of ``{"role", "content"}`` messages), ``answer``, ``solution`` (strings) and every other
+    field as it is. A null or a number would be sampled as the text "None" or "42", an empty
+    prompt fails inside ``generate``; either is a DataError naming the row and the column.
+
+    Columns: ``prompt_column``, else the first of prompt, question
     (GSM8K), problem (MATH); ``answer_column``, else answer, else solution. A worked answer
     (GSM8K's, ending in ``#### N``; MATH's, with a last ``\\boxed{N}``) gives answer N and
     becomes the prompt's canonical ``solution``."""
@@ -129,8 +134,13 @@ def prompt_row(obj: Dict, where: str, *, prompt_column: Optional[str] = None,
     if require_answer and (ac is None or ac not in obj or obj[ac] is None):
         raise DataError(f"{where}: no answer column ({answer_column or ', '.join(ANSWER_COLUMNS)}"
                         f"); found {sorted(obj)}; name it with --answer-column")
+    prompt = obj[pc]
+    if isinstance(prompt, str) and not prompt.strip():  # generate() would fail on it
+        raise DataError(f"{where}: prompt column {pc!r}: expected a non-empty string or a list "
+                        f"of {{role, content}} messages, got {prompt!r}")
     row = {k: v for k, v in obj.items() if k not in (pc, ac)}
-    row["prompt"] = str(obj[pc])
+    # a conversation stays one (never its Python repr); anything else is named with its row
+    row["prompt"] = check_prompt(prompt, f"{where}: prompt column {pc!r}")
     if ac is not None and obj.get(ac) is not None:
         text = str(obj[ac])
         worked = extract_hash_answer(text) if "####" in text else last_boxed(text)
@@ -188,8 +198,8 @@ def sft_rows(rows: Sequence[Dict], source: str) -> List[Dict]:
     out, seen = [], set()
     for r in rows:
         sol = r.get("solution")
-        if isinstance(sol, str) and sol and r["prompt"] not in seen:
-            seen.add(r["prompt"])
+        if isinstance(sol, str) and sol and prompt_key(r["prompt"]) not in seen:
+            seen.add(prompt_key(r["prompt"]))
             out.append(dict(prompt=r["prompt"], response=sol, reward=1.0,
                             answer=r.get("answer"), _source=r.get("_source", source)))
     if not out:
@@ -200,10 +210,15 @@ def sft_rows(rows: Sequence[Dict], source: str) -> List[Dict]:
     return out
 
 
+def row_line(row: Dict) -> str:
+    """A row as one line of a jsonl file (its ``_``-prefixed bookkeeping fields left out)."""
+    return json.dumps({k: v for k, v in row.items() if not k.startswith("_")}) + "\n"
+
+
 def write_jsonl(path, rows: Iterable[Dict]) -> None:
     """Write rows atomically (a partial file is never left under ``path``)."""
     def write(f):
         for r in rows:
-            f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n")
+            f.write(row_line(r))
 
     atomic_write(path, write)

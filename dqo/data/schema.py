@@ -18,7 +18,8 @@ The outcome ``reward`` goes on the last response token.
 decided) or was cut at a length limit. Rows with ``response_ids`` are trained on exactly those
 tokens; without ``finished`` they count as finished when their last id is a stop token (EOS,
 the generation config's, the chat template's end of turn). Text-only rows are finished unless
-they say otherwise, and a finished text row gets the EOS its text leaves implicit. Nothing else
+they say otherwise, and a finished text row gets the end token its text leaves implicit (the
+chat template's end of turn, else EOS). Nothing else
 is ever appended: a cut response has no EOS action, its last token is not terminal, and the
 trainer bootstraps its return from ``V`` of the state after it (``--truncated``).
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..errors import DataError
+from ..prompts import check_prompt
 
 # Every field of the format (docs/data-format.md). Any other column of a prompt row rides along
 # into the data rows, and reaches a reward function as one of its extra ``**columns``.
@@ -47,7 +49,7 @@ def extra_columns(row: Dict) -> Dict:
     return {k: v for k, v in row.items() if k not in RESERVED}
 
 
-def response_row(prompt: str, response: str, *, response_ids: List[int],
+def response_row(prompt, response: str, *, response_ids: List[int],
                  behavior_logp: List[float], finished: bool, reward: float, correct: bool,
                  answer: Optional[str] = None, **extra) -> Dict:
     """The row of one sampled response, as ``python -m dqo.sample`` writes it: its tokens and
@@ -64,7 +66,7 @@ class Example:
     response_ids: List[int]
     rewards: List[float]  # per response token
     behavior_logp: Optional[List[float]] = None  # per response token
-    prompt: str = ""
+    prompt: object = ""  # the row's: text, or a conversation (dqo.prompts.prompt_key groups)
     response: str = ""
     answer: Optional[str] = None
     source: str = ""  # file:line
@@ -102,8 +104,7 @@ def check_row(row, where: str) -> Dict:
     for key in REQUIRED:
         if key not in row:
             raise DataError(f"{where}: missing required field {key!r}")
-    if not isinstance(row["prompt"], str) or not row["prompt"]:
-        raise DataError(f"{where}: 'prompt' must be a non-empty string")
+    row = dict(row, prompt=check_prompt(row["prompt"], f"{where}: 'prompt'"))
     if not _num(row["reward"]):
         raise DataError(f"{where}: 'reward' must be a finite number, got {row['reward']!r}")
     steps = row.get("steps")

@@ -7,7 +7,7 @@ import logging
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..decoding import encode_prompt
+from ..decoding import encode_prompt, end_of_turn_ids
 from ..errors import DataError
 from .schema import Example
 
@@ -36,30 +36,77 @@ def split_steps(response: str) -> List[str]:
 
 
 def step_end_tokens(tokenizer, steps: Sequence[str], response_ids: Sequence[int]) -> List[int]:
-    """Index (in ``response_ids``) of the token that ends every step: the last token starting
-    before the step's last character (an empty step borrows the token before it)."""
+    """Index (in ``response_ids``) of the token that ends every step: the token that completes
+    the step's last character (of a character split over byte tokens, the last piece; an empty
+    step borrows the token before it, the first step's the first token).
+
+    The tokens' character spans come from the tokenizer's own offsets (a fast tokenizer, when
+    encoding the steps gives ``response_ids`` again), else from decoding growing prefixes of
+    the ids. Decoding one token at a time would drift: SentencePiece decoders strip a lone
+    token's leading space, and a byte token of a split character decodes to U+FFFD."""
     ends, pos = [], 0
     for s in steps:
         pos += len(s)
-        ends.append(pos)
+        ends.append(pos)  # the character offset just past the step's last character
         pos += 1  # the newline
-    # Character offset at which every token starts. From the ids themselves (what is trained
-    # on), decoding token by token: exact for text whose characters do not straddle tokens.
-    starts, pos = [], 0
-    for t in response_ids:
-        starts.append(pos)
-        pos += len(tokenizer.decode([t], skip_special_tokens=True))
-    return [max((i for i, a in enumerate(starts) if a < e), default=0) for e in ends]
+    token_ends = (_offset_ends(tokenizer, "\n".join(steps), response_ids)
+                  or _prefix_ends(tokenizer, response_ids))
+    out = []
+    for e in ends:
+        # the first token whose text reaches e; an empty prefix (e = 0) is the first token's
+        k = next((i for i, t in enumerate(token_ends) if t is not None and t >= e),
+                 len(response_ids) - 1)
+        out.append(max(k, 0))
+    return out
+
+
+def _offset_ends(tokenizer, text: str, ids: Sequence[int]) -> Optional[List[Optional[int]]]:
+    """Where every token's text ends, from a fast tokenizer's offsets of ``text``; None when
+    the tokenizer is slow or ``text`` does not encode to ``ids`` (sampled ids)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(ids):
+        return None
+    spans = enc["offset_mapping"]
+    # the pieces of a character split over byte tokens share its span: only the last one
+    # completes it
+    return [None if i + 1 < len(spans) and spans[i + 1][0] < end else end
+            for i, (_, end) in enumerate(spans)]
+
+
+def _prefix_ends(tokenizer, ids: Sequence[int]) -> List[Optional[int]]:
+    """Where every token's text ends: the length of the decoded prefix up to it, None when that
+    prefix is not a prefix of the whole decoding (it ends in part of a character)."""
+    full = tokenizer.decode(list(ids), skip_special_tokens=True)
+    out = []
+    for k in range(len(ids)):
+        prefix = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=True)
+        out.append(len(prefix) if full.startswith(prefix) else None)
+    return out
+
+
+def text_end_id(tokenizer) -> int:
+    """The token a finished text row ends with: the chat template's end of turn when there is
+    one (what a chat model emits after its answer: Gemma's ``<end_of_turn>``, not its
+    ``<eos>``), else the tokenizer's EOS."""
+    return (end_of_turn_ids(tokenizer) or [tokenizer.eos_token_id])[0]
 
 
 def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
-                 stop_ids: Optional[Sequence[int]] = None) -> Example:
+                 stop_ids: Optional[Sequence[int]] = None,
+                 end_id: Optional[int] = None,
+                 prompt_ids: Optional[Sequence[int]] = None) -> Example:
     """One row as token ids, per-token rewards and behaviour log-probs (see the module
     docstring). ``stop_ids``: the tokens that end a response (default: the tokenizer's EOS).
+    ``end_id``: the token a finished text row ends with (default: :func:`text_end_id`).
+    ``prompt_ids``: the prompt's ids when the caller encoded it (default: ``encode_prompt``).
     A row over ``max_length`` keeps its whole prompt and as much of its response as fits, and
     is then unfinished; a prompt that alone does not fit is a DataError."""
     where = row.get("_source", "row")
-    prompt_ids = _tokenized(where, "prompt", lambda: encode_prompt(tokenizer, row["prompt"]))
+    if prompt_ids is None:
+        prompt_ids = _tokenized(where, "prompt", lambda: encode_prompt(tokenizer, row["prompt"]))
+    prompt_ids = list(prompt_ids)
     if not prompt_ids:
         raise DataError(f"{where}: the prompt tokenizes to nothing")
     eos = tokenizer.eos_token_id
@@ -76,15 +123,16 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
     else:
         body = _tokenized(where, "response", lambda: _encode(tokenizer, row["response"]))
         finished = row.get("finished", True)
-        response_ids = body + [eos] if finished else list(body)
+        end = text_end_id(tokenizer) if end_id is None else end_id
+        response_ids = body + [end] if finished else list(body)
         if not response_ids:
             raise DataError(f"{where}: the response tokenizes to nothing and did not finish")
     behavior = row.get("behavior_logp")
     if behavior is not None and len(behavior) != len(response_ids):
         raise DataError(f"{where}: 'behavior_logp' has {len(behavior)} entries but the "
                         f"response has {len(response_ids)} tokens"
-                        + (" (with the EOS of a finished text row)" if "response_ids" not in row
-                           and finished else "")
+                        + (" (with the end token of a finished text row)"
+                           if "response_ids" not in row and finished else "")
                         + "; store 'response_ids' with it (dqo.sample does)")
     rewards = [0.0] * len(response_ids)
     rewards[-1] += float(row["reward"])
@@ -111,9 +159,11 @@ def tokenize_row(row: Dict, tokenizer, *, max_length: Optional[int] = None,
 def tokenize_rows(rows: Sequence[Dict], tokenizer, *, max_length=None, strict=False,
                   stop_ids=None):
     out, errors = [], []
+    end_id = text_end_id(tokenizer)  # once: it renders the chat template
     for row in rows:
         try:
-            out.append(tokenize_row(row, tokenizer, max_length=max_length, stop_ids=stop_ids))
+            out.append(tokenize_row(row, tokenizer, max_length=max_length, stop_ids=stop_ids,
+                                    end_id=end_id))
         except DataError as e:
             if strict:
                 raise

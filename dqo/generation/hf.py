@@ -9,13 +9,14 @@ text; one that reaches ``max_new_tokens`` first is unfinished.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from dqo_kernels import token_logprobs
 
 from ..decoding import DecodingConfig, encode_prompt, own_generation_config, split_at_stop
+from ..rng import stage_seed
 from ..threads import adapt as adapt_threads
 from .types import Sample, Sampler
 
@@ -23,53 +24,126 @@ from .types import Sample, Sampler
 @torch.no_grad()
 def generate(model: Union[torch.nn.Module, Sampler], tokenizer, prompts: Sequence[str], *,
              decoding: DecodingConfig, n: int = 1, greedy: bool = False, batch_size: int = 64,
-             prefixes: Optional[Sequence[str]] = None,
+             prefixes: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
              progress: bool = False) -> List[List[Sample]]:
     """``n`` continuations of every prompt (of ``prompt + prefix`` when ``prefixes`` is given;
     the returned text then excludes the prefix), decoded as ``decoding`` says (greedy: its
     length limit and stop tokens only). ``model``: a Hugging Face model, sampled here with
     ``generate`` (``batch_size`` sequences at a time), or a :class:`Sampler`, which generates
-    itself."""
+    itself. ``seeds`` (one a prompt): each sample draws from its own generator
+    (:func:`sample_seed`), so what prompt i's k-th sample draws does not depend on the other
+    prompts or the batches; without them sampling draws from torch's global generator."""
     decoding = decoding.with_stop_ids(tokenizer, model)
     if not isinstance(model, torch.nn.Module):  # a Sampler: it generates itself
+        kw = {} if seeds is None else {"seeds": list(seeds)}
         return model.generate(tokenizer, prompts, decoding=decoding, n=n, greedy=greedy,
-                              prefixes=prefixes)
+                              prefixes=prefixes, **kw)
+    out: List[List[Sample]] = [[] for _ in prompts]
+    for batch in sample_batches(model, tokenizer, prompts, decoding=decoding, n=n, greedy=greedy,
+                                batch_size=batch_size, prefixes=prefixes, seeds=seeds,
+                                progress=progress):
+        for i, sample in batch:
+            out[i].append(sample)
+    return out
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of the ``k``-th sample of a prompt whose seed is ``seed``."""
+    return stage_seed(seed, f"sample {k}")
+
+
+def uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
+    """[len(seeds), steps] uniforms in [0, 1), row r drawn from a generator seeded ``seeds[r]``."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s))
+                        for s in seeds])
+
+
+class RowSampler:
+    """Samples every row from its own uniforms (inverse CDF), then leaves only the drawn token,
+    so that ``generate`` in greedy mode takes it. The distribution is transformers' own
+    (temperature, top-k, top-p warpers in its order); the draws are the rows', not the batch's
+    global generator's. ``generate``'s raw logits (the behaviour log-probs) are untouched."""
+
+    def __init__(self, decoding: DecodingConfig, u: torch.Tensor, width: int):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers = []
+        if decoding.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(decoding.temperature))
+        if decoding.top_k:
+            self.warpers.append(TopKLogitsWarper(decoding.top_k))
+        if decoding.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(decoding.top_p))
+        self.u, self.width = u, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        cdf = probs.cumsum(-1)
+        u = self.u[:, input_ids.shape[1] - self.width].unsqueeze(1)
+        picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+        # u * total can round up to the total: never past the last token that can be drawn
+        last = probs.shape[1] - 1 - (probs > 0).flip(1).int().argmax(1, keepdim=True)
+        picked = torch.minimum(picked, last)
+        return torch.full_like(scores, -torch.inf).scatter_(1, picked, 0.0)
+
+
+def sample_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
+                   decoding: DecodingConfig, n: int = 1, greedy: bool = False,
+                   batch_size: int = 64, prefixes: Optional[Sequence[str]] = None,
+                   seeds: Optional[Sequence[int]] = None, first_batch: int = 0,
+                   progress: bool = False) -> Iterator[List[Tuple[int, Sample]]]:
+    """The samples of a Hugging Face model, one ``generate`` batch at a time: ``(prompt index,
+    sample)`` in job order (prompt 0's ``n`` samples, then prompt 1's...), ``batch_size`` jobs
+    a batch, from batch ``first_batch`` on (a resumed run). See :func:`generate`."""
+    decoding = decoding.with_stop_ids(tokenizer, model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    gen_config = decoding.generation_config(tokenizer, greedy=greedy)
+    seeded = seeds is not None and not greedy
+    gen_config = decoding.generation_config(tokenizer, greedy=greedy or seeded)
     encoded = [encode_prompt(tokenizer, p, prefixes[i] if prefixes else "")
                for i, p in enumerate(prompts)]
-    jobs = [(i, e) for i, e in enumerate(encoded) for _ in range(n)]
-    out: List[List[Sample]] = [[] for _ in prompts]
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(n)]
     pad = gen_config.pad_token_id
-    chunks = range(0, len(jobs), batch_size)
+    chunks = range(first_batch * batch_size, len(jobs), batch_size)
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="sampling", leave=False, disable=None)
-    for start in chunks:
-        adapt_threads()
-        batch = jobs[start:start + batch_size]
-        width = max(len(e) for _, e in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, (_, e) in enumerate(batch):  # left padding for generation
-            ids[r, width - len(e):] = torch.tensor(e)
-            attn[r, width - len(e):] = 1
-        with own_generation_config(model):
-            res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                 generation_config=gen_config)
-        new = res.sequences[:, width:]
-        temp = 1.0 if greedy else decoding.temperature
-        # One [b, V] step at a time through the fused op: no [b, L, V] fp32 stack, no full
-        # log_softmax output, just the taken tokens' log-probs.
-        logp = torch.stack([token_logprobs(step_logits, new[:, j], temperature=temp)
-                            for j, step_logits in enumerate(res.logits)], dim=1).cpu()
-        new = new.cpu()
-        for r, (i, _) in enumerate(batch):
-            toks, finished = split_at_stop(new[r].tolist(), decoding.stop_ids)
-            body = toks[:-1] if finished else toks
-            text = tokenizer.decode(body, skip_special_tokens=True)
-            out[i].append(Sample(text, toks, logp[r, :len(toks)].tolist(), finished))
-    model.train(was_training)
-    return out
+    try:
+        for start in chunks:
+            adapt_threads()
+            batch = jobs[start:start + batch_size]
+            width = max(len(encoded[i]) for i, _ in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, (i, _) in enumerate(batch):  # left padding for generation
+                e = encoded[i]
+                ids[r, width - len(e):] = torch.tensor(e)
+                attn[r, width - len(e):] = 1
+            kw = {}
+            if seeded:
+                u = uniforms([sample_seed(seeds[i], k) for i, k in batch],
+                             decoding.max_new_tokens).to(device)
+                from transformers import LogitsProcessorList
+                kw["logits_processor"] = LogitsProcessorList([RowSampler(decoding, u, width)])
+            with own_generation_config(model):
+                res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                     generation_config=gen_config, **kw)
+            new = res.sequences[:, width:]
+            temp = 1.0 if greedy else decoding.temperature
+            # One [b, V] step at a time through the fused op: no [b, L, V] fp32 stack, no full
+            # log_softmax output, just the taken tokens' log-probs.
+            logp = torch.stack([token_logprobs(step_logits, new[:, j], temperature=temp)
+                                for j, step_logits in enumerate(res.logits)], dim=1).cpu()
+            new = new.cpu()
+            out = []
+            for r, (i, _) in enumerate(batch):
+                toks, finished = split_at_stop(new[r].tolist(), decoding.stop_ids)
+                body = toks[:-1] if finished else toks
+                text = tokenizer.decode(body, skip_special_tokens=True)
+                out.append((i, Sample(text, toks, logp[r, :len(toks)].tolist(), finished)))
+            yield out
+    finally:
+        model.train(was_training)

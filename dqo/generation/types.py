@@ -26,9 +26,10 @@ class Sampler(Protocol):
     """An engine that samples (``dqo.generation.vllm.VLLMEngine``): ``n`` continuations of
     every prompt (of ``prompt + prefix`` with ``prefixes``; the text then excludes the prefix),
     decoded as ``decoding`` says (its ``stop_ids`` filled in), as the Hugging Face path of
-    :func:`dqo.generation.generate` does."""
+    :func:`dqo.generation.generate` does; ``seeds`` (one a prompt, optional): each prompt's
+    samples drawn from a generator of its own."""
 
     def generate(self, tokenizer, prompts: Sequence[str], *, decoding: DecodingConfig,
-                 n: int = 1, greedy: bool = False,
-                 prefixes: Optional[Sequence[str]] = None) -> List[List[Sample]]:
+                 n: int = 1, greedy: bool = False, prefixes: Optional[Sequence[str]] = None,
+                 seeds: Optional[Sequence[int]] = None) -> List[List[Sample]]:
         ...

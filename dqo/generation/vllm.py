@@ -38,18 +38,24 @@ class VLLMEngine:
             self.generation_config = None
 
     def generate(self, tokenizer, prompts: Sequence[str], *, decoding: DecodingConfig, n: int = 1,
-                 greedy: bool = False, prefixes: Optional[Sequence[str]] = None):
+                 greedy: bool = False, prefixes: Optional[Sequence[str]] = None,
+                 seeds: Optional[Sequence[int]] = None):
         from vllm import TokensPrompt
 
         encoded = [encode_prompt(tokenizer, p, prefixes[i] if prefixes else "")
                    for i, p in enumerate(prompts)]
+        # seeds: one request generator a prompt (vLLM's per-request seed), so that a prompt's
+        # samples do not depend on the other prompts of the call
+        params = (sampling_params(decoding, n, greedy) if seeds is None
+                  else [sampling_params(decoding, n, greedy, seed=s) for s in seeds])
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=e) for e in encoded],
-                                    sampling_params(decoding, n, greedy), use_tqdm=False)
+                                    params, use_tqdm=False)
         return samples_from_vllm(outputs, tokenizer, decoding.stop_ids)
 
 
-def sampling_params(decoding: DecodingConfig, n: int, greedy: bool):
-    """vLLM ``SamplingParams`` for ``decoding`` (greedy: temperature 0), every knob explicit."""
+def sampling_params(decoding: DecodingConfig, n: int, greedy: bool, seed: Optional[int] = None):
+    """vLLM ``SamplingParams`` for ``decoding`` (greedy: temperature 0), every knob explicit;
+    ``seed``: the request's own generator."""
     from vllm import SamplingParams
 
     if decoding.stop_ids is None:
@@ -62,9 +68,11 @@ def sampling_params(decoding: DecodingConfig, n: int, greedy: bool):
         n=n, temperature=0.0 if greedy else decoding.temperature,
         top_p=1.0 if greedy else decoding.top_p,
         top_k=-1 if greedy or decoding.top_k == 0 else decoding.top_k,
-        min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        min_p=0.0 if greedy else decoding.min_p, repetition_penalty=1.0, presence_penalty=0.0,
+        frequency_penalty=0.0,
         max_tokens=decoding.max_new_tokens, stop_token_ids=list(decoding.stop_ids),
-        ignore_eos=False, logprobs=0, skip_special_tokens=True)
+        ignore_eos=False, logprobs=0, skip_special_tokens=True,
+        **({} if seed is None else {"seed": seed}))
 
 
 def samples_from_vllm(outputs, tokenizer, stop_ids: Sequence[int]) -> List[List[Sample]]:

@@ -4,7 +4,9 @@ MATH answers are compared with math-verify. Its parser and verifier guard themse
 ``signal.alarm`` timeouts, which only work on a process's main thread, so they run in worker
 processes that call them on their main thread. An answer that still hangs ``timeout`` seconds
 after its worker started on it is counted wrong and that worker alone is killed and replaced:
-the answers queued behind it are still checked.
+the answers queued behind it are still checked. A checker that cannot run (math-verify
+missing, workers that cannot start, a worker that dies while checking an answer) is a
+:class:`~dqo.errors.CheckerError`, never an answer graded wrong.
 """
 from __future__ import annotations
 
@@ -140,11 +142,13 @@ class _Proc:
         self.task: Optional[int] = None
         self.started = 0.0
 
-    def kill(self) -> None:
+    def kill(self) -> Optional[int]:
+        """Stop the process; its exit code."""
         self.conn.close()
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(5)
+        return self.proc.exitcode
 
 
 class MathVerifier:
@@ -195,7 +199,15 @@ class MathVerifier:
                 w = next(w for w in self._procs if w.conn is conn)
                 try:
                     msg = conn.recv()
-                except (EOFError, OSError):  # the worker died (crash, OOM kill): its answer is lost
+                except (EOFError, OSError):  # the worker died (crash, OOM kill)
+                    if w.task is not None:  # mid-answer: that answer was never checked
+                        task, code = w.task, w.kill()
+                        self.close()
+                        raise CheckerError(
+                            f"MathVerifier: the worker checking answer {task} "
+                            f"({preds[task][:60]!r} against {golds[task][:60]!r}) died (exit "
+                            f"code {code}) before it answered; it is not graded wrong. Rerun "
+                            f"(dqo.sample --resume keeps the rows written so far)") from None
                     dead.append(w)
                     continue
                 if msg == _READY:

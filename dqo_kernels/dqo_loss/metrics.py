@@ -98,7 +98,11 @@ def dqo_metrics(returns: torch.Tensor, values: torch.Tensor, td_error: torch.Ten
         "value_explained_var": explained,
         "td_abs_mean": mean(td_error.abs()),
         "td_abs_max": abs_delta.max() if abs_delta.numel() else zero,
-        "kl": mean(log_ratio.detach()),
+        # k3 (Schulman): exp(-l) - 1 + l >= 0 per token, an unbiased estimate of
+        # KL(pi || ref) under samples of pi; the mean log-ratio alone goes negative on data the
+        # policy did not sample, and is kept under its own name
+        "kl": mean(torch.expm1(-log_ratio.detach()) + log_ratio.detach()),
+        "log_ratio_mean": mean(log_ratio.detach()),
         "is_weight_mean": mean(weights),
         "is_weight_clip_frac": mean(clipped),
         "is_ess": torch.where(w_sq > 0, w_sum.square() / (w_sq * n1), zero),

@@ -13,6 +13,7 @@ from ..backends import resolve_backend
 from ..dtypes import acc_dtype
 from ..validation import (
     check_pending,
+    check_token_ids,
     data_checks_enabled,
     defer_checks,
     run_checks,
@@ -54,8 +55,7 @@ def _check_targets(targets: torch.Tensor, V: int, ignore_index: int, data: bool 
     """The targets' dtype; with ``data`` (and the data checks on), their values: read now, or
     on CUDA deferred (flags kept on the device, read by :func:`dqo_kernels.check_pending` or
     the next call; the kernels never index with an out-of-range target meanwhile)."""
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise ValueError(f"targets: expected an integer tensor, got dtype {targets.dtype}")
+    check_token_ids("targets", targets)
     if data and data_checks_enabled():
         bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
 

@@ -288,7 +288,8 @@ def test_lm_head_to_dqo_loss_composition(backend, device, small_blocks):
     (lambda: token_logprobs(torch.zeros(3, 5), torch.tensor([0, 5, 1])),
      r"targets: expected ids in \[0, 5\) or ignore_index=-100, got 5 at index \(1,\)"),
     (lambda: token_logprobs(torch.zeros(3, 5), torch.zeros(3)),
-     r"targets: expected an integer tensor, got dtype torch.float32"),
+     r"targets: expected token ids of dtype torch.int64 or torch.int32, got dtype "
+     r"torch.float32$"),
     (lambda: token_logprobs(torch.zeros(3, 5), torch.zeros(4, dtype=torch.long)),
      r"targets: expected shape \(3,\), got shape \(4,\)"),
     (lambda: token_logprobs(torch.zeros(5), torch.zeros(5, dtype=torch.long)),

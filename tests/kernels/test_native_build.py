@@ -5,11 +5,15 @@ The builds here compile small stand-ins for csrc/ (no torch headers either way: 
 the builder processes load _native/build.py by path, as setup.py does, so that they do not import
 torch. The real library is built and tested by every other kernel test.
 """
+import json
 import logging
 import os
+import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -68,7 +72,9 @@ def test_build_writes_the_library_atomically_and_it_loads(tmp_path):
     native.build(out, "base", _stand_in(tmp_path))
     import ctypes
     assert ctypes.CDLL(str(out)).dqo_stand_in() == 7
-    assert sorted(p.name for p in out.parent.iterdir()) == ["lib.so"]  # no temporary left
+    # no temporary left; the record of the build beside the library
+    assert sorted(p.name for p in out.parent.iterdir()) == ["lib.so", "lib.so.json"]
+    assert native.check_library(out) is None
 
 
 def test_a_build_killed_mid_compile_wedges_nothing(tmp_path):
@@ -121,7 +127,7 @@ def test_concurrent_builders_all_succeed(tmp_path):
     for b in builders:
         stdout, stderr = b.communicate(timeout=DEADLINE_S)
         assert b.returncode == 0 and "built" in stdout, stderr
-    assert sorted(p.name for p in out.parent.iterdir()) == ["lib.so"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["lib.so", "lib.so.json"]
 
 
 def test_a_long_compile_says_so(tmp_path, caplog, monkeypatch):
@@ -174,10 +180,13 @@ def test_prebuilt_library_is_found_for_this_cpu_and_never_for_a_wider_isa(tmp_pa
     assert native._find_prebuilt() is None
     avx2 = tmp_path / f"{native.library_stem('avx2')}.cpython-311-x86_64-linux-gnu.so"
     avx2.touch()
+    native.write_record(avx2, [], [])
     monkeypatch.setattr(native, "isa_tag", lambda: "base")  # a CPU without AVX2
     assert native._find_prebuilt() is None
     base = tmp_path / f"{native.library_stem('base')}.cpython-311-x86_64-linux-gnu.so"
     base.touch()
+    assert native._find_prebuilt() is None  # no record of its build: never loaded
+    native.write_record(base, [], [])
     assert native._find_prebuilt() == base
     monkeypatch.setattr(native, "isa_tag", lambda: "avx2")
     assert native._find_prebuilt() == avx2
@@ -217,3 +226,134 @@ def test_rows_split_across_threads_equal_one_thread(dtype, monkeypatch):
         torch.set_num_threads(threads)
     for a, b in zip(one, four):
         assert torch.equal(a, b)
+
+
+# ---- damaged, foreign and planted libraries (issue 27 C) ---------------------------------------
+
+_CACHED = textwrap.dedent("""
+    import ctypes, importlib.util, sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("native", sys.argv[1])
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    native.source_dir = lambda: Path(sys.argv[2])
+    path = native._cached_or_built(False)
+    print(path, ctypes.CDLL(str(path)).dqo_stand_in(), flush=True)
+""")
+
+
+def _stand_in_tree(tmp_path: Path, text: str = STAND_IN, name: str = "src") -> Path:
+    """A csrc/ stand-in with every file library_stem reads: the cache path's whole machinery."""
+    src = tmp_path / name
+    src.mkdir()
+    (src / native.SOURCES[0]).write_text(text)
+    for included in native.INCLUDED:
+        (src / included).write_text("")
+    return src
+
+
+needs_compiler = pytest.mark.skipif(
+    not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))),
+    reason="no C++ compiler")
+
+
+@needs_compiler
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, damage):
+    """A cut library used to kill the loading process (SIGBUS) or fail to open and leave the
+    ops on PyTorch for good; a flipped bit ran. Each is found by its record and rebuilt. The
+    loads run in subprocesses: a regression would crash them, not the test run."""
+    src = _stand_in_tree(tmp_path)
+    env = dict(os.environ, DQO_KERNELS_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-c", _CACHED, native.__file__, str(src)]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert first.returncode == 0, first.stderr
+    lib = Path(first.stdout.split()[0])
+    data = bytearray(lib.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x10
+    lib.write_bytes(bytes(data))
+    assert native.check_library(lib) is not None
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert second.returncode == 0, (second.returncode, second.stderr)
+    assert second.stdout.split() == [str(lib), "7"]
+    assert f"rebuilding {lib}" in second.stderr
+    assert native.check_library(lib) is None
+
+
+@needs_compiler
+def test_a_library_needing_cpu_features_this_cpu_lacks_is_rebuilt(tmp_path, monkeypatch):
+    src = _stand_in_tree(tmp_path)
+    monkeypatch.setattr(native, "source_dir", lambda: src)
+    monkeypatch.setenv("DQO_KERNELS_CACHE", str(tmp_path / "cache"))
+    lib = native._cached_or_built(False)
+    record = json.loads(native.record_path(lib).read_text())
+    assert set(record["cpu_flags"]) == native.required_cpu_flags()
+    record["cpu_flags"].append("avx512_from_another_host")  # SIGILL here
+    native.record_path(lib).write_text(json.dumps(record))
+    assert native.check_library(lib) == ("built for CPU features this CPU lacks "
+                                         "(avx512_from_another_host)")
+    assert native._cached_or_built(False) == lib and native.check_library(lib) is None
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_the_compiler_command_and_the_code_it_makes_name_the_library(monkeypatch):
+    """CXX="g++ -march=native" on an AVX-512 host built AVX-512 code under the name of the
+    plain AVX2 build, which crashed the older hosts sharing the cache."""
+    monkeypatch.setenv("CXX", native.compiler())
+    monkeypatch.delenv("CXXFLAGS", raising=False)
+    plain = native.cache_name("avx2")
+    assert {"avx2", "fma", "f16c"} <= native.required_cpu_flags("avx2")
+    assert "avx512f" not in native.required_cpu_flags("avx2")
+    monkeypatch.setenv("CXXFLAGS", "-mavx512f")
+    wide = native.cache_name("avx2")
+    assert "avx512f" in native.required_cpu_flags("avx2") and wide != plain
+    assert wide.startswith(native.library_stem("avx2"))
+    monkeypatch.setenv("CXXFLAGS", "-O2")
+    assert native.cache_name("avx2") not in (plain, wide)
+    monkeypatch.delenv("CXXFLAGS")
+    monkeypatch.setenv("CXX", f"{native.compiler()} -fno-math-errno")
+    assert native.cache_name("avx2") != plain
+
+
+@needs_compiler
+@pytest.mark.parametrize("planted", ["none", "world-writable", "foreign-owner", "symlink"])
+def test_an_unwritable_cache_falls_back_to_a_private_temp_dir(tmp_path, monkeypatch, caplog,
+                                                             planted):
+    """A cache that cannot be written (here a file in the way; a read-only filesystem gives
+    EROFS, not the PermissionError that was caught) builds in <tmp>/dqo_kernels-<uid>, made
+    0700; one that another user owns or can write to, where a library could be planted, is
+    never loaded from."""
+    if planted == "foreign-owner" and os.getuid() != 0:
+        pytest.skip("chown to another user needs root")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    src = _stand_in_tree(tmp_path)
+    monkeypatch.setattr(native, "source_dir", lambda: src)
+    (tmp_path / "home").write_text("a file, not a directory")
+    monkeypatch.setenv("DQO_KERNELS_CACHE", str(tmp_path / "home" / "cache"))
+    shared = tmp_path / "tmp" / f"dqo_kernels-{os.getuid()}"
+    if planted != "none":  # an attacker's library, with a record that matches it
+        evil = tmp_path / "evil" if planted == "symlink" else shared
+        evil_src = _stand_in_tree(tmp_path, STAND_IN.replace("7", "666"), "evil-src")
+        native.build(evil / native.cache_name(), src=evil_src)  # the name we would look for
+        if planted == "world-writable":
+            os.chmod(shared, 0o777)
+        elif planted == "foreign-owner":
+            os.chown(shared, 4242, -1)
+            os.chmod(shared, 0o755)
+        else:
+            shared.symlink_to(evil)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        lib = native._cached_or_built(False)
+    import ctypes
+    assert ctypes.CDLL(str(lib)).dqo_stand_in() == 7
+    assert f"cannot write {tmp_path / 'home' / 'cache'}" in caplog.text
+    assert os.stat(lib.parent).st_mode & 0o777 == 0o700
+    if planted == "none":
+        assert lib.parent == shared
+    else:
+        assert lib.parent != shared and f"not using {shared}" in caplog.text

@@ -241,3 +241,31 @@ def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, t
     assert torch.isfinite(out.loss) and torch.isfinite(lp).all()
     with pytest.raises(ValueError, match="backend: 'cpp' needs the native CPU kernels"):
         token_logprobs(torch.randn(3, 5), torch.tensor([0, 4, 2]), backend="cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_token_ids_of_a_dtype_that_wraps_are_refused(dtype):
+    """uint8 targets read id 156 as ignore_index=-100 (log-prob 0, no gradient, silently);
+    int16 cannot hold a 151k vocabulary. Every way in refuses them, naming the argument."""
+    from dqo_kernels import (
+        action_logprobs,
+        action_logprobs_from_logits,
+        linear_logprobs,
+        token_logprobs,
+    )
+    V, D = 200, 8
+    ids = torch.tensor([3, 156, 7])
+    logits, hidden, weight = torch.randn(3, V), torch.randn(3, D), torch.randn(V, D)
+    wraps = rf"expected token ids of dtype torch.int64 or torch.int32, got dtype {dtype}; it wraps"
+    with pytest.raises(ValueError, match=rf"^targets: {wraps}"):
+        token_logprobs(logits, ids.to(dtype))
+    with pytest.raises(ValueError, match=rf"^targets: {wraps}"):
+        linear_logprobs(hidden, weight, ids.to(dtype))
+    mask = torch.tensor([[False, True, True]])
+    with pytest.raises(ValueError, match=rf"^input_ids: {wraps}"):
+        action_logprobs(hidden[None], weight, ids[None].to(dtype), mask)
+    with pytest.raises(ValueError, match=rf"^input_ids: {wraps}"):
+        action_logprobs_from_logits(logits[None], ids[None].to(dtype), mask)
+    for ok in (torch.int32, torch.int64):  # the id 156 is read as itself
+        lp = token_logprobs(logits, ids.to(ok))
+        assert torch.allclose(lp, torch.log_softmax(logits, -1)[torch.arange(3), ids])

@@ -181,3 +181,34 @@ def test_dro_logs_its_objective_once(setup, tmp_path):
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     for r in rows:
         assert r["loss"] == pytest.approx(r["policy_loss"]) == pytest.approx(r["value_loss"])
+
+
+def test_dro_scores_a_cut_response_as_terminal_with_its_reward():
+    """DRO's critic is fit at the prompt alone: a cut response's sequence reward is its reward,
+    never V of the state after it (a value the critic is not trained on; here 5)."""
+    class Engine:
+        def __init__(self, out):
+            self.out, self.losses = out, []
+
+        def __call__(self, *args, with_after=False, **kwargs):
+            return (self.out, torch.full_like(self.out, 5.0)) if with_after else self.out
+
+        def backward(self, loss):
+            self.losses.append(loss.item())
+
+        def step(self):
+            pass
+
+    exs = [D.Example([1, 2], [3, 4], [0.0, 0.5], finished=False),
+           D.Example([1, 2], [3, 4], [0.0, 1.0])]
+    for e in exs:
+        e.ref_logp = [-1.0, -1.0]
+    b = D.collate(exs, pad_id=0)
+    logp = torch.where(b.action_mask, torch.tensor(-0.5), torch.tensor(0.0))
+    values = torch.full(b.input_ids.shape, 0.25)
+    engines = {"policy": Engine(logp.requires_grad_()), "value": Engine(values.requires_grad_())}
+    stats = algos.make("dro", TrainConfig(algo="dro", beta=0.5)).step(engines, b, None)
+    # lr(y) = 2 x (-0.5 + 1) = 1 for both; r = 0.5 (cut) and 1.0
+    expect = sum(0.5 * (0.5 * 1.0 + 0.25 - r) ** 2 for r in (0.5, 1.0)) / 2
+    assert stats["loss"] == pytest.approx(expect)
+    assert engines["value"].losses == [pytest.approx(expect)]

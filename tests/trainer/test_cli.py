@@ -48,7 +48,10 @@ def test_command_lines_sample_train_evaluate(tok, policy, tmp_path, capsys):
                     "--max-steps", "2", "--batch-size", "4", "--micro-batch", "2",
                     "--engine", "torch", "--lr", "1e-4", "--out", str(out), "--no-progress"])
     assert "before DQO" in capsys.readouterr().out
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [0, 1, 2]  # step 0: the evaluation before training
+    assert set(metrics[0]) == {"step", "eval_greedy", "eval_greedy_cut", "eval_sampled",
+                               "eval_sampled_cut"}
     # ... read back by the trainer (its evaluation) and passed on with the final policy
     assert DecodingConfig.load(out / "final" / "policy" / "decoding.json") == recorded
 

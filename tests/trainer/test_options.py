@@ -157,19 +157,20 @@ def _tiny_trainer(tmp_path, **options):
 
 def test_trainer_takes_every_loss_option(tmp_path, monkeypatch):
     import dqo.hf as hf
+    import dqo.hf.trainer as hf_trainer
     options = dict(beta=0.2, lam=0.9, gamma=0.95, is_clip=2.0, is_policy=False, is_value=False,
                    target_grad=True, loss_agg="seq-mean-token-sum")
     assert set(options) == {f.name for f in dataclasses.fields(DQOLossConfig)}
     trainer = _tiny_trainer(tmp_path, **options)
     trainer.data_collator = hf.DQOCollator(0)
     seen = {}
-    real = hf.fused_dqo_loss
+    real = hf_trainer.fused_dqo_loss
 
     def spy(*a, **k):
         seen.update(k)
         return real(*a, **k)
 
-    monkeypatch.setattr(hf, "fused_dqo_loss", spy)
+    monkeypatch.setattr(hf_trainer, "fused_dqo_loss", spy)
     batch = trainer.data_collator(list(trainer.train_dataset))
     trainer.compute_loss(trainer.model, batch)
     assert {k: seen[k] for k in options} == options
@@ -200,7 +201,7 @@ def test_a_run_records_its_resolved_config_at_start(tmp_path, monkeypatch):
         return {"before": {}, "after": {}}
 
     monkeypatch.setattr(train_cli, "run_custom", stub)
-    monkeypatch.setattr(train_cli, "fit_threads", lambda n: None)
+    monkeypatch.setattr(train_cli, "fit_threads", lambda *a, **k: 1)
     argv = ["--model", "org/m", "--data", str(tmp_path / "d.jsonl"), "--out", str(out),
             "--lam", "0.8", "--no-progress"]
     train_cli.main(argv)

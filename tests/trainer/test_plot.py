@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dqo.plot import plot_run, read_metrics
+from dqo.plot import figure, plot_run, read_metrics, run_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,6 +20,32 @@ def test_curves_from_metrics(tmp_path):
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 8
     out = plot_run(tmp_path)
     assert out == tmp_path / "curves.png" and out.stat().st_size > 20_000
+
+
+def test_curves_a_person_can_read(tmp_path):
+    rows = [dict(step=0, eval_greedy=0.2)] + [
+        dict(step=s, loss=1.0, policy_loss=0.01, value_loss=0.9, kl=0.01 * s, lr=1e-5,
+             return_mean=0.5, response_length=20.0 + s, policy_grad_norm=0.1,
+             value_grad_norm=2.0, **({"eval_greedy": 0.5} if s == 4 else {}))
+        for s in range(1, 5)]
+    fig = figure(rows, "my-run")
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    # policy and value losses apart (their scales differ), the single loss only without them
+    assert {"policy loss", "value loss"} <= set(axes) and "loss" not in axes
+    for title in ("KL to the reference", "return", "response length", "learning rate",
+                  "gradient norm (before clipping)", "evaluation accuracy"):
+        assert title in axes, title
+    assert all(ax.get_ylabel() and ax.get_xlabel() == "optimizer step" for ax in axes.values())
+    assert "k3" in axes["KL to the reference"].get_ylabel()
+    (line,) = axes["evaluation accuracy"].get_lines()
+    assert list(line.get_xdata()) == [0, 4]  # the evaluation before training is its first point
+    assert fig._suptitle.get_text() == "my-run"
+    # a run's title is its name, with what its config.yaml says it ran: not a raw path
+    run = tmp_path / "deep" / "gsm8k-dqo"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("algo: dqo\nmodel: /models/Qwen2.5-0.5B\n")
+    assert run_name(run) == "gsm8k-dqo: DQO on Qwen2.5-0.5B"
+    assert "loss" in {ax.get_title() for ax in figure([dict(step=1, loss=0.3)], "x").axes}
 
 
 def test_plot_cli_names_a_missing_file(tmp_path):
@@ -53,8 +79,29 @@ def test_tensorboard_gets_every_metric(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # the gradient norms and the response length are logged every step (the curves show them)
+    assert all(r["policy_grad_norm"] > 0 and r["value_grad_norm"] > 0 for r in rows)
+    assert all(r["response_length"] == 7 for r in rows)  # "#### 2" (6 characters) + EOS
+    assert all(r["kl"] >= 0 for r in rows)
     for key in ("loss", "kl", "is_ess", "value_explained_var", "lr"):
-        events = acc.Scalars(key)
+        events = acc.Scalars(f"train/{key}")  # grouped as TRL's trainers write them
         assert [e.step for e in events] == [1, 2]
         for e, row in zip(events, rows):
             assert abs(e.value - row[key]) <= 1e-6 * max(1.0, abs(row[key])), key
+    # the run's options in the hparams plugin, in this run's own events file
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert info.hparams["lr"].number_value == 1e-3 and info.hparams["algo"].string_value == "dqo"
+
+
+def test_tracker_tags_are_grouped():
+    from dqo.tracking import Tracker
+
+    class Spy(Tracker):
+        def _log(self, values, step):
+            self.seen = values
+
+    t = Spy()
+    t.log({"step": 3, "loss": 1.0, "eval_greedy": 0.5, "before_greedy": 0.4, "tag": "x"}, 3)
+    assert t.seen == {"train/loss": 1.0, "eval/greedy": 0.5, "eval/before_greedy": 0.4}

@@ -145,6 +145,36 @@ def test_decoding_config_round_trips_and_is_checked(tmp_path):
         DecodingConfig.load(tmp_path / "bad.json")
 
 
+def test_min_p_is_a_decoding_option_on_record_and_applied(tok, policy, tmp_path):
+    """The paper's third sampling setting ("threshold=0.01", a min-p cut): --min-p reaches
+    generate (a cut at 0.99 of the top token leaves the top token: sampling is greedy) and is
+    recorded with the data."""
+    from dqo.cli import parse_config
+    from dqo.configs import SAMPLE_SECTIONS, SampleConfig
+    from dqo.errors import UsageError
+    base = ["--model", "m", "--prompts", "p", "--out", "o"]
+    cfg = parse_config(SampleConfig, SAMPLE_SECTIONS, base + ["--min-p", "0.01"], prog="s")
+    d = cfg.decoding_config().with_stop_ids(tok, policy)
+    assert d.min_p == 0.01 and d.generation_config(tok).min_p == 0.01
+    d.save(tmp_path / "d.json")
+    assert DecodingConfig.load(tmp_path / "d.json").min_p == 0.01
+    assert d.generation_config(tok, greedy=True).min_p is None
+    assert dec(4).min_p == 0 and dec(4).with_stop_ids(tok).generation_config(tok).min_p is None
+    with pytest.raises(UsageError, match=r"--min-p: expected a value in \[0, 1\)"):
+        parse_config(SampleConfig, SAMPLE_SECTIONS, base + ["--min-p", "1"], prog="s")
+    with torch.no_grad():  # top logits apart by more than the random model's ~0.05
+        policy.get_output_embeddings().weight.mul_(20)
+    prompts = [p.prompt for p in arithmetic.make_problems(3, 5)]
+    greedy = generate(policy, tok, prompts, decoding=dec(6).with_stop_ids(tok), greedy=True)
+
+    def sampled(**kw):
+        torch.manual_seed(0)
+        return [s.ids for c in generate(policy, tok, prompts, n=2, decoding=dec(
+            6, **kw).with_stop_ids(tok)) for s in c]
+    assert sampled(min_p=0.99) == [g[0].ids for g in greedy for _ in range(2)]
+    assert sampled() != sampled(min_p=0.99)  # without the cut, sampling is not greedy here
+
+
 # ---- data -------------------------------------------------------------------------------------
 
 
@@ -164,9 +194,9 @@ def test_rows_say_whether_they_finished(tok):
         assert ex.rewards[-1] == 1.0 and sum(ex.rewards) == 1.0
     with pytest.raises(D.DataError, match="'finished' must be true or false"):
         D.check_row({"prompt": "Q", "reward": 1.0, "response": "1", "finished": 1}, "x")
-    # a text row's behaviour log-probs must cover the EOS it gets: nothing is made up for it
+    # a text row's behaviour log-probs must cover the end token it gets: nothing is made up
     with pytest.raises(D.DataError, match=r"has 2 entries but the response has 3 tokens \(with "
-                                          r"the EOS of a finished text row\)"):
+                                          r"the end token of a finished text row\)"):
         D.tokenize_row(D.check_row({"prompt": "Q", "reward": 0, "response": "12",
                                     "behavior_logp": [-1.0, -1.0]}, "x"), tok)
 
@@ -284,9 +314,10 @@ def test_bootstrap_is_the_value_of_the_state_after_the_last_token(tok, policy, p
 
 
 @pytest.mark.parametrize("algo", ["dqo", "dro"])
-def test_sampled_cut_responses_train_with_bootstrap(tok, policy, tmp_path, monkeypatch, algo):
+def test_sampled_cut_responses_train(tok, policy, tmp_path, monkeypatch, algo):
     """A tiny random model sampled with a 4-token limit: rows with finished false, no EOS
-    appended, that train; DQO and DRO get V(s_end) for exactly those rows."""
+    appended, that train; DQO gets V(s_end) for exactly those rows, DRO (whose critic is fit
+    at the prompt alone) scores them as terminal with their reward."""
     probs = arithmetic.make_problems(8, 4)
     torch.manual_seed(3)
     samples = generate(policy, tok, [p.prompt for p in probs], n=2, decoding=dec(4))
@@ -311,28 +342,33 @@ def test_sampled_cut_responses_train_with_bootstrap(tok, policy, tmp_path, monke
         losses.append(("dqo", k["bootstrap"], a[3]))
         return real_dqo(*a, **k)
 
-    def spy_dro(*a, **k):  # the sequence reward plus that bootstrap
+    def spy_dro(*a, **k):  # the sequence reward alone
         losses.append(("dro", None, a[3]))
         return real_dro(*a, **k)
 
+    def batches(self, engines, b, num_tokens):
+        seen.append((b.unfinished.clone(), None, b))
+        return real_dro_step(self, engines, b, num_tokens)
+
+    real_dro_step = algos.dro.DRO.step
     monkeypatch.setattr(algos.dqo, "values_and_bootstrap", spy)
-    monkeypatch.setattr(algos.dro, "values_and_bootstrap", spy)
+    monkeypatch.setattr(algos.dro.DRO, "step", batches)
     monkeypatch.setattr(algos.dqo, "fused_dqo_loss", spy_dqo)
     monkeypatch.setattr(algos.dro, "dro_loss", spy_dro)
     args = TrainConfig(out=str(tmp_path / "run"), algo=algo, lr=1e-3, value_lr=1e-2, batch_size=8,
                      micro_batch=4, max_steps=2, engine="torch", progress=False)
     train(args, tok, policy, value, exs)
     assert len(seen) == len(losses) == 4
+    assert any(unfinished.any() for unfinished, _, _ in seen)
     for (unfinished, boot, b), (kind, passed, rewards) in zip(seen, losses):
+        if kind == "dro":
+            torch.testing.assert_close(rewards, (b.rewards * b.action_mask).sum(-1))
+            continue
         if unfinished.any():
             assert bool((boot[unfinished] != 0).all()) and bool((boot[~unfinished] == 0).all())
         else:
             assert boot is None
-        if kind == "dqo":
-            assert passed is boot
-        else:
-            seq = (b.rewards * b.action_mask).sum(-1)
-            torch.testing.assert_close(rewards, seq if boot is None else seq + boot)
+        assert passed is boot
 
 
 def test_evaluation_grades_cut_responses_wrong_and_reports_how_many(tok, policy):
@@ -343,3 +379,22 @@ def test_evaluation_grades_cut_responses_wrong_and_reports_how_many(tok, policy)
     assert res["greedy_cut"] > 0 and res["sampled_cut"] > 0
     assert res["greedy"] == pytest.approx(1 - res["greedy_cut"])
     assert res["sampled"] == pytest.approx(1 - res["sampled_cut"])
+
+
+def test_a_finished_text_row_ends_with_the_chat_templates_end_of_turn():
+    """SFT solutions and other text rows end as a chat model ends its answer: Gemma's
+    <end_of_turn>, not its <eos> (which it never emits after an answer)."""
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    rows = D.sft_rows([{"prompt": "1+2=?", "solution": "#### 3", "reward": 0.0}], "d")
+    plain, _ = D.tokenize_rows(rows, tok, strict=True)
+    assert plain[0].response_ids[-1] == tok.eos_token_id  # no template: EOS
+    tok.chat_template = ("{% for m in messages %}<start_of_turn>{{ m['content'] }}"
+                         "<end_of_turn>{% endfor %}"
+                         "{% if add_generation_prompt %}<start_of_turn>{% endif %}")
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    chat, _ = D.tokenize_rows(rows, tok, strict=True)
+    assert chat[0].response_ids[-1] == eot and chat[0].finished
+    assert chat[0].response_ids[:-1] == plain[0].response_ids[:-1]
+    ex = D.tokenize_row(D.check_row({"prompt": "Q", "response": "4", "reward": 1}, "x"), tok)
+    assert ex.response_ids[-1] == eot and ex.rewards[-1] == 1.0

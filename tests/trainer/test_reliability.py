@@ -158,7 +158,7 @@ def test_a_non_finite_step_is_skipped_and_recorded(tok, policy, tmp_path):
 
     import dqo.loop as T
     real = T.make_engine
-    T.make_engine = lambda model, cfg, kind, stage: Spy(model, cfg)
+    T.make_engine = lambda model, cfg, kind, **deepspeed_options: Spy(model, cfg)
     try:
         train(args_for(tmp_path, max_steps=2, save_every=0), tok, policy, value, exs)
     finally:

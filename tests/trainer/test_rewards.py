@@ -113,3 +113,87 @@ def test_task_or_reward_fn_exactly_one(reward_file):
                                    correct_threshold=1.0))
     with pytest.raises(UsageError, match="--task or --reward-fn"):
         reward_from_args(Namespace(task=None, reward_fn=None, correct_threshold=1.0))
+
+
+CONTAINED = textwrap.dedent("""
+    import time
+
+    def hangs(prompts, completions, **_):
+        time.sleep(30)
+
+    def exits(prompts, completions, **_):
+        raise SystemExit(0)
+
+    def interrupts(prompts, completions, **_):
+        raise KeyboardInterrupt
+
+    def slow(prompts, completions, **_):
+        time.sleep(2)
+        return [1.0] * len(prompts)
+""")
+
+
+@pytest.fixture
+def contained(tmp_path):
+    path = tmp_path / "contained.py"
+    path.write_text(CONTAINED)
+    return path
+
+
+def test_a_hanging_reward_function_times_out_naming_itself(contained):
+    r = load_reward(f"{contained}:hangs", timeout=0.3)
+    with pytest.raises(RewardError, match=r"contained.py:hangs did not return within 0.3 s "
+                                          r"\(--reward-timeout\) on 2 completions of prompt 'Q1'"):
+        r.scores(["Q1", "Q1"], ["a", "b"], {})
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+@pytest.mark.parametrize("name, raised", [("exits", "SystemExit: 0"),
+                                          ("interrupts", "KeyboardInterrupt")])
+def test_any_base_exception_of_a_reward_function_is_a_reward_error(contained, name, raised,
+                                                                   timeout):
+    """SystemExit(0) used to end dqo.sample with exit code 0 and no output."""
+    r = load_reward(f"{contained}:{name}", timeout=timeout)
+    if timeout is None and name == "interrupts":  # in the main thread: taken for a Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            r.scores(["Q1"], ["a"], {})
+        return
+    with pytest.raises(RewardError, match=rf"{name} failed on row 0 \(prompt 'Q1'\): {raised}"):
+        r.scores(["Q1"], ["a"], {})
+
+
+def test_ctrl_c_while_a_reward_function_runs_stops_the_run(contained):
+    """The function runs on a thread of its own (for its timeout): a Ctrl-C reaches the main
+    thread and stops the run as a KeyboardInterrupt, not as the function's failure."""
+    import os
+    import signal
+    import threading
+
+    r = load_reward(f"{contained}:slow", timeout=10)
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        r.scores(["Q1"], ["a"], {})
+
+
+def _no_checker():
+    import math_verify_that_is_not_installed  # noqa: F401
+
+
+def _unused_check(pred, gold):
+    return pred == gold
+
+
+def test_a_checker_that_cannot_import_is_a_checker_error_not_zero(monkeypatch):
+    """--task math whose worker cannot import math-verify: a CheckerError, never a reward
+    of 0.0 for every answer, nor a RewardError that blames the answers."""
+    import dqo.tasks
+    from dqo.errors import CheckerError
+    from dqo.tasks.verify import MathVerifier
+
+    verifier = MathVerifier(worker=_unused_check, init=_no_checker)
+    monkeypatch.setattr(dqo.tasks, "get_verifier", lambda name: verifier)
+    try:
+        with pytest.raises(CheckerError, match="cannot run in its worker.*ModuleNotFoundError"):
+            task_reward("math").scores(["Q"], ["\\boxed{1}"], {"answer": ["1"]})
+    finally:
+        verifier.close()

@@ -29,7 +29,7 @@ def _boxed(xs):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_hanging_answer_costs_only_itself(workers):
-    preds = ["1", "2", "hang", "4", "5", "x", "7", "crash", "9"]
+    preds = ["1", "2", "hang", "4", "5", "x", "7", "y", "9"]
     golds = ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
     v = MathVerifier(workers=workers, timeout=1.5, worker=_fake_check, init=None)
     try:
@@ -38,7 +38,7 @@ def test_a_hanging_answer_costs_only_itself(workers):
         took = time.monotonic() - t0
         assert got == [True, True, False, True, True, False, True, False, True]
         assert took < 30, took  # the hung worker was killed after its 1.5 s, not waited on
-        # the killed and crashed workers were replaced: a second batch on the same verifier works
+        # the killed worker was replaced: a second batch on the same verifier works
         assert v(_boxed(["1", "hang", "3"]), ["1", "2", "3"]) == [True, False, True]
     finally:
         v.close()
@@ -110,3 +110,17 @@ def test_a_checker_that_cannot_run_is_an_error_not_wrong_answers():
     v.max_failed_starts = 1
     with pytest.raises(CheckerError, match=r"if __name__ == '__main__'"):
         v(_boxed(["1", "2"]), ["1", "2"])
+
+
+def test_a_worker_that_dies_on_an_answer_is_an_error_not_a_wrong_answer():
+    """A worker killed mid-answer (a crash, the OOM killer) never checked it: a CheckerError
+    naming the answer, not a 0 (it used to be graded wrong without a word)."""
+    from dqo.errors import CheckerError
+    v = MathVerifier(workers=1, timeout=30, worker=_fake_check, init=None)
+    try:
+        with pytest.raises(CheckerError, match=r"answer 1 \('crash' against '2'\) died \(exit "
+                                               r"code 3\)"):
+            v(_boxed(["1", "crash", "3"]), ["1", "2", "3"])
+        assert v._procs == []  # closed: nothing left running
+    finally:
+        v.close()

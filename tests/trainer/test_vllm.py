@@ -52,6 +52,9 @@ def test_sampling_params_are_explicit_and_temperature_one_only(fake_vllm):
     g = sampling_params(d, n=1, greedy=True)
     assert (g.temperature, g.top_p, g.top_k) == (0.0, 1.0, -1)
     assert sampling_params(DecodingConfig(top_k=0, stop_ids=[2]), 1, False).top_k == -1
+    assert p.min_p == 0.0  # off unless asked for
+    assert sampling_params(DecodingConfig(min_p=0.01, stop_ids=[2]), 1, False).min_p == 0.01
+    assert sampling_params(DecodingConfig(min_p=0.01, stop_ids=[2]), 1, True).min_p == 0.0
     with pytest.raises(ValueError, match="temperature 1 only, got 0.7"):
         sampling_params(DecodingConfig(temperature=0.7, stop_ids=[2]), 1, False)
 
