@@ -288,6 +288,9 @@ class AdapterConfig(Options):
     _argument_group_name = "LoRA adapters"
     lora_alpha: float = opt(32.0, "LoRA alpha (the adapter's scale is alpha / r)", gt=0, lt=inf)
     lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input", ge=0, lt=1)
+    save_merged: bool = opt(False, "also write final/policy-merged: the base with the policy's "
+                            "adapter merged in, a plain transformers model with its tokenizer "
+                            "(the base is read again on the CPU)")
 
 
 @dataclass
@@ -342,6 +345,9 @@ class TrainConfig(RunConfig, AdapterConfig, MemoryConfig, DecodingArgs, Optimiza
         super().check()
         if self.sft_data and self.algo != "sft":
             raise UsageError(f"--sft-data: only --algo sft trains on it, got --algo {self.algo}")
+        if self.save_merged and not self.lora_r:
+            raise UsageError("--save-merged: needs --lora-r > 0 (without LoRA final/policy is "
+                             "already a full model)")
 
     @property
     def loss(self) -> DQOLossConfig:

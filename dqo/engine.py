@@ -45,6 +45,12 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def has_adapters(model: torch.nn.Module) -> bool:
+    """A module whose trained tensors are LoRA adapters (and heads) on a frozen base, saved
+    and loaded in peft's format by its ``save_adapters(path)`` / ``load_adapters(path)``."""
+    return bool(getattr(model, "has_adapters", False))
+
+
 def trainable_parameters(model: torch.nn.Module):
     """The parameters an engine trains: the module's own choice (a LoRA policy whose base is
     shared with the value model's adapter trains its adapter alone), else what needs a
@@ -116,27 +122,45 @@ class TorchEngine:
         return {n: p.detach() for n, p in named if id(p) in trained}
 
     def save_checkpoint(self, path) -> None:
+        """``engine.pt`` (optimizer, scheduler, counters) and the trained weights: in it, or
+        with LoRA adapters beside it in peft's format (the module's ``save_adapters``, the
+        files of ``final/``), their one copy."""
         Path(path).mkdir(parents=True, exist_ok=True)
-        torch.save({"module": self._trained_state(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
-                    "global_steps": self.global_steps, "skipped_steps": self.skipped_steps},
-                   Path(path) / "engine.pt")
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
+                 "global_steps": self.global_steps, "skipped_steps": self.skipped_steps}
+        if has_adapters(self.module):
+            self.module.save_adapters(path)
+        else:
+            state["module"] = self._trained_state()
+        torch.save(state, Path(path) / "engine.pt")
 
     def load_checkpoint(self, path) -> None:
         state = safe_load(Path(path) / "engine.pt")
+        if "module" not in state and has_adapters(self.module):
+            self.module.load_adapters(path)
+        else:
+            self._load_module(path, state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+
+    def _load_module(self, path, state) -> None:
+        """The trained tensors from ``engine.pt`` (a full model's, or an adapter checkpoint
+        written before adapters were saved in peft's format)."""
+        from .errors import CheckpointError
+        if "module" not in state:
+            raise CheckpointError(f"{Path(path)}: a LoRA checkpoint (its adapters in peft's "
+                                  f"format), but this run trains the full model")
         expected = self._trained_state().keys()
         if set(state["module"]) != set(expected):
-            from .errors import CheckpointError
             missing = sorted(set(expected) - set(state["module"]))[:3]
             extra = sorted(set(state["module"]) - set(expected))[:3]
             raise CheckpointError(f"{Path(path) / 'engine.pt'}: holds other tensors than this "
                                   f"run trains (missing {missing}, unexpected {extra}): a "
                                   f"checkpoint of a run with other LoRA or model options")
         self.module.load_state_dict(state["module"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
-        self.skipped_steps = state.get("skipped_steps", 0)
 
 
 def deepspeed_config(cfg: OptimConfig, zero_stage: int, precision: str = "fp32",
@@ -295,9 +319,20 @@ class DeepSpeedEngine:
         return any(not p.requires_grad for p in self.module.parameters())
 
     def save_checkpoint(self, path) -> None:
+        """DeepSpeed's checkpoint (what resume reads), and with LoRA the adapters in peft's
+        format beside it too, for use without DeepSpeed: a second copy of the adapters only,
+        small beside their optimizer state. Collective."""
+        import deepspeed
+
         path = Path(path)
         self.engine.save_checkpoint(str(path.parent), tag=path.name,
                                     exclude_frozen_parameters=self._frozen)
+        if has_adapters(self.module):
+            gather = self.config["zero_optimization"]["stage"] == 3
+            with deepspeed.zero.GatheredParameters(trainable_parameters(self.module),
+                                                   enabled=gather):
+                if rank() == 0:
+                    self.module.save_adapters(path)
 
     def load_checkpoint(self, path) -> None:
         path = Path(path)

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import algos
+from . import algos, lora
 from .atomic import atomic_write, replace_dir
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .configs import TrainConfig
@@ -155,9 +155,11 @@ def draw_curves(out_dir: Path) -> None:
         log.info("no training curves: %s", exc)
 
 
-def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingConfig]) -> None:
+def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingConfig],
+               merged: bool = False) -> None:
     """``final/{policy,value}`` in HF format (+ the tokenizer and decoding config beside the
     policy), written to a temporary directory and moved into place: never half written.
+    With ``merged`` (a LoRA policy) also ``final/policy-merged`` (:func:`lora.save_merged`).
     Collective under ZeRO-3 (every rank calls it; rank 0 writes)."""
     final, tmp = out_dir / "final", out_dir / ".final.tmp"
     if rank() == 0:
@@ -170,8 +172,10 @@ def save_final(out_dir: Path, engines, tokenizer, decoding: Optional[DecodingCon
         tokenizer.save_pretrained(tmp / "policy")
         if decoding is not None:
             decoding.save(tmp / "policy" / "decoding.json")
-        for name in engines:  # each model directory checkable on its own (dqo.evaluate)
-            write_manifest(tmp / name)
+        if merged:
+            lora.save_merged(tmp / "policy", tmp / "policy-merged")
+        for name in [*engines, *(["policy-merged"] if merged else [])]:
+            write_manifest(tmp / name)  # each model directory checkable on its own
         replace_dir(tmp, final)
     barrier()
 
@@ -317,7 +321,7 @@ def _train(args: TrainConfig, run: RunDir, tokenizer, policy, value, examples: L
             save_checkpoint(out_dir, step + 1, engines,
                             {"args": to_dict(args), "run_id": run.run_id,
                              "threads": run_threads()}, keep=args.keep_checkpoints)
-    save_final(out_dir, engines, tokenizer, decoding)
+    save_final(out_dir, engines, tokenizer, decoding, merged=args.save_merged)
     if rank() == 0:
         draw_curves(out_dir)
     if own_tracker and tracker is not None:

@@ -12,6 +12,8 @@ ran with (:func:`checkpoint_context`), so the two models' backward passes can ru
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -88,7 +90,7 @@ def add_backbone_adapter(backbone: nn.Module, cfg) -> nn.Module:
     """A separate value model's backbone (no LM head) with an adapter of its own."""
     import copy
     peft = require_peft()
-    cfg = copy.copy(cfg)
+    cfg = copy.deepcopy(cfg)
     cfg.task_type = None
     return peft.get_peft_model(backbone, cfg)
 
@@ -100,3 +102,84 @@ def policy_parameters(peft_policy: nn.Module) -> List[nn.Parameter]:
 
 def is_adapter_dir(path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
+
+
+# --- adapters on disk: peft's own format, in checkpoints and in final/ ---
+
+def save_adapter(model: nn.Module, path, adapter: str = POLICY_ADAPTER) -> None:
+    """``adapter`` of the ``PeftModel`` ``model`` in peft's format (``adapter_config.json``
+    naming the base, ``adapter_model.safetensors``) directly in ``path``: what
+    ``PeftModel.from_pretrained(base, path)`` loads. (peft itself puts any adapter but
+    ``default`` in a sub-directory named after it.)"""
+    path = Path(path)
+    model.save_pretrained(path, selected_adapters=[adapter])
+    if adapter != "default":
+        sub = path / adapter
+        for f in sub.iterdir():
+            os.replace(f, path / f.name)
+        sub.rmdir()
+
+
+def load_adapter(model: nn.Module, path, adapter: str = POLICY_ADAPTER) -> None:
+    """Set ``adapter``'s weights of ``model`` from what :func:`save_adapter` wrote to
+    ``path``, exactly. A file that does not hold this adapter's tensors (another rank, other
+    target modules) is a ``CheckpointError`` naming it."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from .errors import CheckpointError
+    file = Path(path) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no adapter_model.safetensors (a LoRA checkpoint "
+                              f"holds its adapter in peft's format)")
+    device = next(model.parameters()).device
+    weights = load_peft_weights(str(path), device=str(device))
+    expected = adapter_parameters(model, adapter)
+    try:
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
+    except RuntimeError as exc:  # a shape mismatch: another rank
+        raise CheckpointError(f"{file}: does not fit this run's LoRA adapter (another "
+                              f"--lora-r?): {str(exc).splitlines()[-1].strip()}") from None
+    if result.unexpected_keys or len(weights) != len(expected):
+        raise CheckpointError(f"{file}: holds {len(weights)} tensors, this run's adapter "
+                              f"{len(expected)} (unexpected: {result.unexpected_keys[:3]}): a "
+                              f"checkpoint of a run with other --lora-target-modules")
+
+
+def tokenizer_source(path) -> str:
+    """Where the tokenizer of the model in ``path`` is: ``path`` itself, or for an adapter
+    directory without one (a checkpoint's) the base its ``adapter_config.json`` names."""
+    path = Path(path)
+    if not is_adapter_dir(path) or (path / "tokenizer_config.json").is_file():
+        return str(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path") or str(path)
+
+
+def load_merged(path, **kwargs) -> nn.Module:
+    """The LoRA policy in ``path`` as one transformers model: the base its
+    ``adapter_config.json`` names (``from_pretrained`` with ``kwargs``), the adapter merged in.
+    The base keeps its embeddings as they are (peft's ``AutoPeftModelForCausalLM`` resizes
+    them to a tokenizer beside the adapter that counts more tokens, with new random rows)."""
+    from transformers import AutoModelForCausalLM
+
+    peft = require_peft()
+    cfg = peft.PeftConfig.from_pretrained(str(path))
+    base = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, **kwargs)
+    return peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+
+
+def save_merged(adapter_dir, out) -> None:
+    """The policy in ``adapter_dir`` (base + adapter) merged into one transformers model in
+    ``out`` (``AutoModelForCausalLM.from_pretrained`` loads it; no peft needed), with the
+    tokenizer and ``decoding.json`` beside it. The base is read again from disk in its own
+    dtype on the CPU, so the trained model in memory is left as it is and no GPU memory is
+    needed."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    load_merged(adapter_dir, dtype="auto", device_map="cpu").save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_source(adapter_dir)).save_pretrained(out)
+    if (adapter_dir / "decoding.json").is_file():
+        shutil.copy(adapter_dir / "decoding.json", out / "decoding.json")

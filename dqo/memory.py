@@ -21,8 +21,10 @@ when ``--model`` is a local directory; a Hub id fetches its ``config.json`` only
   (norm inputs and outputs, q, k, v, the attention output, the gated MLP's four ``i``-wide
   tensors; fused attention keeps no ``s x s`` scores). With activation checkpointing only each
   layer's input (``h``) is kept, plus one layer's intermediates during its recomputation.
-- The log-prob head is fused (no ``[tokens x vocab]`` logits), so it adds one ``[tokens, h]``
-  fp32 copy of the hidden states and its own chunk buffer, counted in the activations.
+- The log-prob head is fused (no ``[tokens x vocab]`` logits held for the backward), so it
+  adds one ``[tokens, h]`` fp32 copy of the hidden states and its own logits chunk: as many
+  vocabulary columns as fit its budget (512 MiB on a GPU, 64 MiB on the CPU), the whole
+  ``[tokens x vocab]`` block when that is smaller.
 
 The reference log-probs are computed once before training and cached, so the reference
 policy holds no memory during it. Not counted: the CUDA context and allocator fragmentation
@@ -140,12 +142,21 @@ def head_bytes(s: ModelShape, tokens: int) -> float:
     return tokens * s.hidden * 4
 
 
+def head_chunk_bytes(s: ModelShape, tokens: int, *, weight_bytes: int, device: str) -> float:
+    """The fused head's logits chunk: its budget on ``device`` (``cuda`` or ``cpu``,
+    :data:`dqo_kernels.logprobs.core.LINEAR_CHUNK_BYTES`), or all the logits when fewer."""
+    from dqo_kernels.logprobs.core import LINEAR_CHUNK_BYTES
+
+    return min(tokens * s.vocab * weight_bytes, LINEAR_CHUNK_BYTES[device])
+
+
 def memory_plan(shape: ModelShape, *, gpus: int = 1, zero_stage: int = 2,
                 micro_batch: int = 1, seq_len: int = 1024, weight_bytes: int = 2,
                 lora_r: int = 0, lora_targets: str = LORA_ALL_LINEAR,
                 value_backbone: str = "separate", checkpointing: bool = True,
-                gpu_memory_gib: Optional[float] = None) -> MemoryPlan:
-    """The per-GPU memory of a DQO step (see the module docstring for what is counted)."""
+                gpu_memory_gib: Optional[float] = None, device: str = "cuda") -> MemoryPlan:
+    """The per-GPU memory of a DQO step (see the module docstring for what is counted);
+    ``device="cpu"``: the same step on the CPU (the head's smaller chunk budget there)."""
     if value_backbone not in ("separate", "shared"):
         raise ValueError(f"value_backbone: expected 'separate' or 'shared', got "
                          f"{value_backbone!r}")
@@ -183,7 +194,8 @@ def memory_plan(shape: ModelShape, *, gpus: int = 1, zero_stage: int = 2,
         rows.append(("a layer's recomputed intermediates (transient)",
                      tokens * layer_values(shape) * weight_bytes))
     rows.append(("log-prob head: fp32 hidden rows + a logits chunk (transient)",
-                 head_bytes(shape, tokens) + tokens * min(shape.vocab, 4096) * 4))
+                 head_bytes(shape, tokens)
+                 + head_chunk_bytes(shape, tokens, weight_bytes=weight_bytes, device=device)))
     return MemoryPlan(rows, None if gpu_memory_gib is None else gpu_memory_gib * GIB)
 
 

@@ -24,6 +24,7 @@ from dqo_kernels import (
 from dqo_kernels import position_ids as packed_positions
 
 from . import lora
+from .atomic import safe_load
 from .errors import UsageError
 from .manifest import check_weights, verify_model_dir
 
@@ -73,15 +74,14 @@ def load_policy(path: str, precision: Optional[str] = None):
     ``fp16``, ``fp32``) says otherwise."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(lora.tokenizer_source(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     on_gpu = torch.cuda.is_available()
     dtype = DTYPES[precision] if precision else torch.bfloat16 if on_gpu else torch.float32
     verify_model_dir(path)  # a damaged weights file is an error, never a 0.000 accuracy
     if lora.is_adapter_dir(path):  # a LoRA policy: its base + the adapter
-        model = lora.require_peft().AutoPeftModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation()).merge_and_unload()
+        model = lora.load_merged(path, dtype=dtype, attn_implementation=attn_implementation())
     else:
         model = build_policy(path=path, dtype=dtype)
     check_weights(model.named_parameters(), path)
@@ -256,6 +256,18 @@ class PolicyLogprobs(nn.Module):
             return
         self.model.save_pretrained(path, **state)
 
+    # With LoRA a checkpoint holds what training changes in peft's format (the engines'
+    # ``save_checkpoint``): the same files as final/policy, read back by ``load_adapters``.
+    @property
+    def has_adapters(self) -> bool:
+        return bool(getattr(self.model, "peft_config", None))
+
+    def save_adapters(self, path) -> None:
+        lora.save_adapter(self.model, path, lora.POLICY_ADAPTER)
+
+    def load_adapters(self, path) -> None:
+        lora.load_adapter(self.model, path, lora.POLICY_ADAPTER)
+
 
 def sub_state(state_dict: Optional[dict], prefix: str) -> dict:
     """``save_pretrained``'s keyword for a sub-module's part of a full ``state_dict`` (keys
@@ -323,6 +335,19 @@ class ValueModel(nn.Module):
         torch.save(head, path / "value_head.pt")
         (path / "value_model.json").write_text(json.dumps({"head": "value_head.pt"}))
 
+    @property
+    def has_adapters(self) -> bool:
+        """A LoRA backbone: checkpoints hold its adapter and the head
+        (:meth:`save_pretrained`'s files), read back by :meth:`load_adapters`."""
+        return bool(getattr(self.backbone, "peft_config", None))
+
+    def save_adapters(self, path) -> None:
+        self.save_pretrained(path)
+
+    def load_adapters(self, path) -> None:
+        lora.load_adapter(self.backbone, path, lora.POLICY_ADAPTER)  # peft's name: default
+        self.head.load_state_dict(safe_load(Path(path) / "value_head.pt"))
+
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "ValueModel":
         """A value model this class saved (its ``value_head.pt`` beside the backbone), or the
@@ -380,10 +405,20 @@ class SharedValueModel(nn.Module):
         return self
 
     def save_pretrained(self, path) -> None:
-        """The value adapter in peft's format and the head, beside each other."""
+        """The value adapter in peft's format (on the policy's base, which its
+        ``adapter_config.json`` names) and the head, beside each other."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.shared.save_pretrained(path, selected_adapters=[self.adapter_name])
+        lora.save_adapter(self.shared, path, self.adapter_name)
         torch.save(self.head.state_dict(), path / "value_head.pt")
         (path / "value_model.json").write_text(json.dumps(
             {"head": "value_head.pt", "adapter": self.adapter_name, "backbone": "shared"}))
+
+    has_adapters = True
+
+    def save_adapters(self, path) -> None:
+        self.save_pretrained(path)
+
+    def load_adapters(self, path) -> None:
+        lora.load_adapter(self.shared, path, self.adapter_name)
+        self.head.load_state_dict(safe_load(Path(path) / "value_head.pt"))

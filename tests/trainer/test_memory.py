@@ -129,3 +129,37 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path, capsys, monkeypatch
     out = capsys.readouterr().out
     assert "memory plan of" in out and "LoRA adapters" in out and "fits in 80 GiB" in out
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(__import__("os").environ.get("DQO_MEMORY_PEAK") != "1",
+                    reason="a whole-process RSS measurement: reproducible within a few percent "
+                           "alone (DQO_MEMORY_PEAK=1 pytest -k cpu_peak), but seen off by 30-60% "
+                           "when run after other tests in one session (cause not found)")
+@pytest.mark.parametrize("options", [
+    {},
+    {"lora_r": 8},
+    {"lora_r": 8, "value_backbone": "shared", "gradient_checkpointing": True},
+], ids=["full", "lora", "lora-shared-checkpointing"])
+def test_plan_within_25_percent_of_the_measured_cpu_peak(options, tmp_path):
+    """The whole plan against a real run's peak resident memory (tests/trainer/memory_probe.py:
+    a tiny Qwen2, 4 layers, hidden 256, vocabulary 16k, two DQO steps on the CPU, in a process
+    of its own). glibc is told to return freed blocks over 128 KiB (a fixed mmap threshold):
+    by default it keeps them in its heap, which adds 100-200 MiB of free-but-resident memory
+    at this size, an allocator's caching the plan leaves out, as it leaves out CUDA's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    # a clean environment (what earlier tests of this process set stays out of the count)
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
+    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("memory_probe.py")),
+                           json.dumps({**options, "out": str(tmp_path / "run")})],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.75 <= res["planned"] / res["measured"] <= 1.25, res
