@@ -369,6 +369,18 @@ def leave_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        forget_deepspeed_groups()
+
+
+def forget_deepspeed_groups() -> None:
+    """DeepSpeed keeps a clone of the world group it made (``deepspeed.utils.groups``); once
+    the process group is gone that clone is stale, and the next DeepSpeed engine of the process
+    (a second run from Python: a notebook, a sweep) fails with "Group ... is not registered".
+    Forget it, so that the next engine clones the new world."""
+    import sys
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
 
 
 def init_distributed_env() -> None:

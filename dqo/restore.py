@@ -37,6 +37,10 @@ def load_trained_policy(model: str, flag: str = "--model"):
     path = Path(model).expanduser()
     if not path.is_dir():
         return load_policy(model)  # a Hub id (check_model vetted it)
+    from .lora import is_adapter_dir
+    for d in (path, path / "policy"):  # a LoRA checkpoint holds its adapter in peft's format
+        if is_adapter_dir(str(d)):
+            return load_policy(str(d))
     engine = engine_dir(path)
     if engine is not None:
         return load_checkpoint_policy(engine, flag)

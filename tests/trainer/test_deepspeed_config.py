@@ -141,3 +141,16 @@ def test_zero3_final_models_load_whole(tok, policy, tmp_path, monkeypatch):
     assert any(not torch.equal(after[k], before[k]) for k in before)  # trained weights
     value = ValueModel.from_pretrained(final / "value")
     assert value.head.weight.abs().sum() > 0  # the trained head, not the zero init
+
+
+def test_a_second_deepspeed_run_after_the_process_group_closed(tok, policy, tmp_path):
+    """python -m dqo.train closes the process group at its end; a second DeepSpeed run in the
+    same process (a notebook, a sweep) must not trip over DeepSpeed's stale world-group clone."""
+    pytest.importorskip("deepspeed")
+    from dqo.engine import leave_process_group
+    exs = small_setup(tok, policy)
+    for run in ("first", "second"):
+        train(train_args(tmp_path / run, engine="deepspeed", zero_stage=2, max_steps=1), tok,
+              policy, ValueModel.from_policy(policy), exs)
+        leave_process_group()
+    assert (tmp_path / "second" / "run" / "metrics.jsonl").is_file()
