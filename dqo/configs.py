@@ -422,6 +422,43 @@ EVAL_SECTIONS = (EvalSection, RewardConfig, ColumnsConfig, GenerationArgs, Decod
 
 
 @dataclass
+class ScoreConfig(Options):
+    """Everything ``python -m dqo.score`` takes."""
+
+    _argument_group_name = "scoring"
+    run: Optional[str] = opt(None, "a dqo.train run directory: its final/policy, final/value "
+                             "and base model (the reference)")
+    policy: Optional[str] = opt(None, "the policy (default: RUN/final/policy)")
+    value: Optional[str] = opt(None, "the value model (default: RUN/final/value)")
+    reference: Optional[str] = opt(None, "the reference policy (default: the run's base model)")
+    data: Optional[str] = opt(None, "rows to score: dqo.sample's (prompt, response, "
+                              "response_ids, reward, finished) or prompt/response text")
+    prompt: Optional[str] = opt(None, "one prompt to score a --response of")
+    response: Optional[str] = opt(None, "the response to --prompt (it ends there: finished)")
+    reward: float = opt(0.0, "the outcome reward of --response")
+    limit: int = opt(4, "rows of --data scored (the first ones)", ge=1)
+    beta: Optional[float] = opt(None, "KL coefficient (default: the run's, else 0.1)", gt=0,
+                                lt=inf)
+    gamma: Optional[float] = opt(None, "discount (default: the run's, else 1)", gt=0, le=1)
+    html: Optional[str] = opt(None, "also write the responses, steps coloured by advantage, "
+                              "to this HTML file")
+    json: bool = opt(False, "print JSON (one object per response) instead of tables")
+
+    def check(self) -> None:
+        super().check()
+        if not self.run and not (self.policy and self.value and self.reference):
+            raise UsageError("--run: expected a run directory, or all of --policy, --value and "
+                             "--reference")
+        if bool(self.data) == bool(self.prompt):
+            raise UsageError("--data: expected either --data or --prompt with --response")
+        if self.prompt and self.response is None:
+            raise UsageError("--response: expected a response to score with --prompt")
+
+
+SCORE_SECTIONS = (ScoreConfig,)
+
+
+@dataclass
 class PlanSection(Options):
     _argument_group_name = "the run to plan"
     model: Optional[str] = opt(None, "a model directory, its config.json, or a Hub id (its "

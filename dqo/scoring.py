@@ -1,0 +1,149 @@
+"""The learned value as a step scorer: one response, step by step (the paper's Table 2).
+
+A response's steps are its lines, as process rewards define them (:func:`dqo.data.split_steps`).
+For step k, spanning the response tokens ``a..b``, with ``l_t = log pi(a_t|s_t) - log
+pi_ref(a_t|s_t)``, ``r_t`` the token rewards and ``V`` the value model (docs/math.md §3)::
+
+    V_before = V(s_a)          V_after = V(s_{b+1})   (0 after a finished response's last token)
+    A_k = sum_{t=a..b} gamma^(t-a) (r_t - beta * l_t) + gamma^(b-a+1) V_after - V_before
+
+``A_k`` is the step's soft advantage: what the Bellman residual of the KL-regularised return
+credits to it. A step whose ``A_k`` is lowest (the value falls most, net of its reward) is
+marked as the likely first error. Labels, where known: the synthetic task's exact step
+correctness, and the outcome of the response.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .data import split_steps, step_end_tokens
+from .decoding import encode_prompt
+from .modeling import policy_logprobs
+
+
+@dataclass
+class StepScore:
+    index: int  # 1-based, among all lines
+    text: str
+    tokens: int
+    value_before: float  # V(s_a)
+    value_after: float  # V(s_{b+1}); 0 after a finished response's last token
+    reward: float  # the step's token rewards (outcome on the last token, process rewards)
+    kl: float  # beta * sum of the step's log-ratios
+    advantage: float  # A_k
+    label: Optional[bool] = None  # exact correctness where the task knows it
+    likely_first_error: bool = False
+
+
+@torch.no_grad()
+def score_response(policy, reference, value, tokenizer, prompt, response_ids: Sequence[int],
+                   *, text: str, rewards: Optional[Sequence[float]] = None,
+                   finished: bool = True, beta: float = 0.1, gamma: float = 1.0,
+                   labels: Optional[Sequence[bool]] = None) -> List[StepScore]:
+    """The per-step table of one response (see the module docstring). ``response_ids``: the
+    response's tokens (its stop token included when ``finished``); ``text``: its text, whose
+    lines are the steps; ``rewards``: one per response token (default: none)."""
+    response_ids = list(response_ids)
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    ids = torch.tensor([prompt_ids + response_ids])
+    attn = torch.ones_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(prompt_ids):] = True
+    logp = policy_logprobs(policy, ids, attn, mask)[0, len(prompt_ids):].double()
+    ref = policy_logprobs(reference, ids, attn, mask)[0, len(prompt_ids):].double()
+    values, after = value(ids, attn, with_after=True)
+    v = values[0, len(prompt_ids):].double()  # V(s_t) for each response token t
+    v_next = after[0, len(prompt_ids):].double()  # V of the state after token t
+    n = len(response_ids)
+    if finished:
+        v_next[n - 1] = 0.0  # the episode ends with the stop token
+    r = torch.zeros(n, dtype=torch.float64) if rewards is None else torch.tensor(
+        list(rewards), dtype=torch.float64)
+    if r.shape[0] != n:
+        raise ValueError(f"rewards: expected one per response token ({n}), got {r.shape[0]}")
+    steps = split_steps(text)
+    body = response_ids[:-1] if finished else response_ids
+    ends = step_end_tokens(tokenizer, steps, body) if body else [0] * len(steps)
+    if finished and ends:
+        ends[-1] = n - 1  # the stop token belongs to the last step
+    out: List[StepScore] = []
+    start = 0
+    for k, (step, end) in enumerate(zip(steps, ends)):
+        if end < start:  # an empty line inside a token: no token of its own
+            out.append(StepScore(k + 1, step, 0, float(v[min(start, n - 1)]),
+                                 float(v[min(start, n - 1)]), 0.0, 0.0, 0.0,
+                                 None if labels is None else bool(labels[k])))
+            continue
+        span = torch.arange(start, end + 1)
+        disc = gamma ** (span - start).double()
+        kl = beta * float((disc * (logp[span] - ref[span])).sum())
+        reward = float((disc * r[span]).sum())
+        adv = reward - kl + gamma ** (end + 1 - start) * float(v_next[end]) - float(v[start])
+        out.append(StepScore(k + 1, step, end + 1 - start, float(v[start]),
+                             float(v_next[end]), reward, kl, adv,
+                             None if labels is None else bool(labels[k])))
+        start = end + 1
+    real = [s for s in out if s.tokens and s.text.strip()]
+    if real:
+        min(real, key=lambda s: s.advantage).likely_first_error = True
+    return out
+
+
+def as_rows(scores: Sequence[StepScore]) -> List[Dict]:
+    return [asdict(s) for s in scores]
+
+
+def text_table(scores: Sequence[StepScore], width: int = 48) -> str:
+    """The per-step table as plain text (what ``python -m dqo.score`` prints)."""
+    lines = [f"{'step':>4}  {'V before':>8}  {'V after':>8}  {'reward':>7}  {'KL':>7}  "
+             f"{'advantage':>9}  {'label':>5}  text"]
+    for s in scores:
+        label = "" if s.label is None else ("ok" if s.label else "wrong")
+        mark = "  <- likely first error" if s.likely_first_error else ""
+        text = s.text if len(s.text) <= width else s.text[:width - 3] + "..."
+        lines.append(f"{s.index:>4}  {s.value_before:8.3f}  {s.value_after:8.3f}  "
+                     f"{s.reward:7.3f}  {s.kl:7.3f}  {s.advantage:9.3f}  {label:>5}  "
+                     f"{text!r}{mark}")
+    return "\n".join(lines)
+
+
+def html_page(responses: Sequence[Dict]) -> str:
+    """Each response with its steps coloured by advantage (red: the value falls, green: it
+    rises), V beside each step; ``responses``: dicts with ``prompt`` and ``steps``
+    (:class:`StepScore` rows)."""
+    def colour(a: float, scale: float) -> str:
+        x = max(-1.0, min(1.0, a / scale)) if scale > 0 else 0.0
+        return (f"rgba(214, 39, 40, {-x:.2f})" if x < 0 else f"rgba(44, 160, 44, {x:.2f})")
+
+    parts = ["<!doctype html><meta charset='utf-8'><title>dqo.score</title>",
+             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+             "table{border-collapse:collapse;width:100%;margin-bottom:2em}"
+             "td,th{padding:.2em .5em;border-bottom:1px solid #ddd;text-align:right}"
+             "td.text{text-align:left;font-family:monospace;white-space:pre-wrap}"
+             "pre{background:#f4f4f4;padding:.5em}</style>",
+             "<h1>Steps scored by the learned value</h1>",
+             "<p>Each step is coloured by its soft advantage A = reward &minus; &beta;&middot;KL "
+             "+ V(after) &minus; V(before): red where the value falls, green where it rises. "
+             "&#9888; marks the likely first error (the lowest advantage).</p>"]
+    for i, r in enumerate(responses):
+        steps = r["steps"]
+        scale = max([abs(s["advantage"]) for s in steps] + [1e-9])
+        parts.append(f"<h2>Response {i + 1}</h2><pre>{html.escape(str(r['prompt']))}</pre>")
+        parts.append("<table><tr><th>step</th><th>V before</th><th>V after</th><th>reward</th>"
+                     "<th>&beta;&middot;KL</th><th>advantage</th><th>label</th>"
+                     "<th style='text-align:left'>text</th></tr>")
+        for s in steps:
+            label = "" if s["label"] is None else ("ok" if s["label"] else "wrong")
+            flag = " &#9888;" if s["likely_first_error"] else ""
+            parts.append(
+                f"<tr><td>{s['index']}{flag}</td><td>{s['value_before']:.3f}</td>"
+                f"<td>{s['value_after']:.3f}</td><td>{s['reward']:.3f}</td>"
+                f"<td>{s['kl']:.3f}</td><td>{s['advantage']:.3f}</td><td>{label}</td>"
+                f"<td class='text' style='background:{colour(s['advantage'], scale)}'>"
+                f"{html.escape(s['text'])}</td></tr>")
+        parts.append("</table>")
+    return "\n".join(parts) + "\n"
