@@ -18,6 +18,10 @@ batch in flight and ``--resume`` ends with the bytes an uninterrupted run writes
   only.
 - Monte-Carlo process rewards (``process_n``) are computed per batch of completed prompts,
   seeded from (``seed``, first prompt of the batch).
+- Under a launcher (:mod:`dqo.launcher`) the ranks run the generation batches in turns (rank
+  r: batches r, r + W, ...; each exactly as one process runs it) and gather them to rank 0
+  after every round of W, which labels and writes them as one process does: the same file, and
+  the same ``--resume``. Rank 0 alone grades and computes process rewards.
 """
 from __future__ import annotations
 
