@@ -189,15 +189,20 @@ def check_packing(policy: "PolicyLogprobs", forward, input_ids: torch.Tensor,
     restarting positions would mix the sequences and train on wrong log-probs without a word."""
     rows = slice(0, min(2, input_ids.shape[0]))
     args = (input_ids[rows], attention_mask[rows], action_mask[rows])
-    packing = policy.packing
+    packing, training = policy.packing, policy.training
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # eval mode: dropout would tell the two forwards apart; and the training's RNG untouched,
+    # so that a resumed run draws what an uninterrupted one does
+    policy.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             policy.packing = False
             padded = forward(*args)
             policy.packing = True
             packed = forward(*args)
     finally:
         policy.packing = packing
+        policy.train(training)
     gap = float((padded - packed).abs().max()) if padded.numel() else 0.0
     if not gap <= tolerance:
         impl = getattr(policy.config, "_attn_implementation", "?")

@@ -153,10 +153,13 @@ def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, monkeypat
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("padding_flags", [(), ("--packing", "--group-by-length")],
+                         ids=["padded", "packed"])
 def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tmp_path,
-                                                                         capsys):
+                                                                         capsys, padding_flags):
     """python -m dqo.train on a local tiny Qwen2 with LoRA, the shared-base value model and
-    checkpointing; its adapters saved, resumed, and read back by dqo.evaluate."""
+    checkpointing (and packed, length-grouped micro-batches); its adapters saved, resumed, and
+    read back by dqo.evaluate."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from dqo import evaluate
@@ -180,7 +183,7 @@ def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tm
                 "--gradient-checkpointing", "--engine", "torch", "--threads", "1",
                 "--batch-size", "4", "--micro-batch", "2", "--max-steps", "3",
                 "--save-every", "1", "--lr", "1e-3",
-                "--out", str(out), "--no-progress", *extra]
+                "--out", str(out), "--no-progress", *padding_flags, *extra]
 
     train_cli.main(argv(tmp_path / "straight"))
     from dqo.algos.dqo import DQO
