@@ -84,7 +84,7 @@ def _evaluate(args: EvalConfig, reward, decoding) -> None:
                    columns=[extra_columns(r) for r in rows], progress=rank() == 0,
                    seed=args.seed, sharded=True)
     if rank() == 0:
-            print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
+        print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
                               decoding=json.loads(decoding.to_json()))))
 
 

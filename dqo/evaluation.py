@@ -24,7 +24,7 @@ def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[Optiona
     ``per_problem``, also each problem's score (``greedy_items``, ``sampled_items``: the share
     of its responses that are right), for paired statistics over problems. ``progress``: a
     progress bar over the generation batches. ``seed``: prompt i's k-th sample draws from its
-    own generator, seeded from (``seed``, i, k) as :mod:`dqo.sample` seeds them, so the figures
+    own generator, seeded from (``seed``, i, k) as :mod:`dqo.sample` seeds them, so the draws
     do not depend on the batch size or the ranks (without it, torch's global generator).
     ``sharded`` (a Hugging Face model): under a launcher, the ranks share the generation
     batches (:func:`dqo.generation.hf.generate_sharded`) and every rank returns the figures one
@@ -33,8 +33,8 @@ def accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[Optiona
     reward = as_reward(verify)
     out = {}
     runs = [("greedy", 1, True)] + ([("sampled", samples, False)] if samples > 0 else [])
+    seeds = None if seed is None else [prompt_seed(seed, i) for i in range(len(prompts))]
     for name, n, greedy in runs:
-        seeds = None if seed is None else [prompt_seed(seed, i) for i in range(len(prompts))]
         gen = generate_sharded if sharded and isinstance(model, torch.nn.Module) else generate
         res = gen(model, tokenizer, prompts, n=n, greedy=greedy, decoding=decoding,
                   batch_size=batch_size, seeds=seeds, progress=progress)
