@@ -86,7 +86,7 @@ def test_a_users_config_and_offload_run_on_cpu(tok, policy, tmp_path, caplog):
     E.DeepSpeedEngine.__init__ = spy
     try:
         args = train_args(tmp_path, engine="deepspeed", zero_stage=2, offload="optimizer",
-                          deepspeed=str(user), max_steps=2)
+                          deepspeed=str(user), max_steps=2, packing=True)
         with caplog.at_level("INFO", logger="dqo.engine"):
             train(args, tok, policy, ValueModel.from_policy(policy), exs)
     finally:

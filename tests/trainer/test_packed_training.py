@@ -111,3 +111,24 @@ def test_an_attention_that_mixes_packed_sequences_is_refused(tok, policy):
     with pytest.raises(UsageError, match="--packing: this model's attention"):
         check_packing(module, mixing, b.input_ids, b.attention_mask, b.action_mask)
     assert module.packing  # restored
+
+
+@pytest.mark.parametrize("algo", ["dpo", "kto", "dro"])
+def test_packing_gives_every_algorithm_its_padded_first_step(tok, policy, tmp_path, algo):
+    """Packing is a layout of the forward only: the pairwise and sequence-level losses see the
+    padded batch's log-probs and values, so step 1 (same weights) has the padded loss."""
+    exs = small_setup(tok, policy)
+    for i, e in enumerate(exs):  # labels for the pairs (DPO) and desirable/undesirable (KTO)
+        e.labelled_correct = bool(i % 2)
+    state = {k: v.clone() for k, v in policy.state_dict().items()}
+    first = {}
+    for packing in (False, True):
+        policy.load_state_dict(state)
+        torch.manual_seed(0)
+        args = train_args(tmp_path / str(packing), algo=algo, max_steps=1, packing=packing,
+                          batch_size=4, micro_batch=2)
+        value = ValueModel.from_policy(policy) if algos.REGISTRY[algo].needs_value else None
+        train(args, tok, policy, value, exs)
+        first[packing] = json.loads(
+            (tmp_path / str(packing) / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first[True]["loss"] == pytest.approx(first[False]["loss"], rel=1e-4, abs=1e-6)
