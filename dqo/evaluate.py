@@ -9,7 +9,13 @@ sampling settings, top_p 0.9 and top_k 16). Those settings and the length limit 
 ``--decoding FILE``, else ``decoding.json`` in the model directory (``dqo.train`` writes it to
 ``final/policy``), else the paper's defaults; the flags override single fields. A response cut
 at the length limit is graded wrong, and the share of cut responses is reported beside each
-accuracy (``greedy_cut``, ``sampled_cut``).
+accuracy (``greedy_cut``, ``sampled_cut``). Each sample draws from its own generator, seeded
+from (``--seed``, problem, sample) as ``dqo.sample`` seeds them: the draws do not depend on
+``--generation-batch-size`` or on the number of ranks.
+
+Under a launcher (``torchrun --nproc-per-node N -m dqo.evaluate ...``) the ranks share the
+generation batches (each one exactly as one process runs it) and gather the responses; rank 0
+prints the figures one process prints.
 
 The library is :func:`dqo.evaluation.accuracy`; this module is its command line.
 """
@@ -25,9 +31,11 @@ from .cli import run as run_cli
 from .configs import EVAL_SECTIONS, EvalConfig
 from .data import extra_columns, read_prompt_rows
 from .decoding import find_decoding
+from .engine import rank
 from .errors import UsageError
 from .evaluation import accuracy
 from .generation import load_sampler
+from .launcher import check_ranks, launcher_group
 from .optional import check_installed
 from .prompts import prepare_prompt, with_system_prompt, with_template
 from .restore import decoding_dirs
@@ -43,6 +51,7 @@ def main(argv=None) -> None:
 def _main(argv=None) -> None:
     args = parse_config(EvalConfig, EVAL_SECTIONS, argv, prog="python -m dqo.evaluate",
                         description=__doc__)
+    check_ranks(args.engine)  # before vllm's install is checked: it does not apply
     check_installed(args)
     reward = reward_from_args(args)
     check_model("--model", args.model)
@@ -55,7 +64,13 @@ def _main(argv=None) -> None:
     decoding = with_system_prompt(with_template(
         args.decoding_config(base), args.prompt_template,
         None if args.reward_fn else args.task), args.system_prompt)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    with launcher_group():
+        _evaluate(args, reward, decoding)
+
+
+def _evaluate(args: EvalConfig, reward, decoding) -> None:
+    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_sampler(args)
     rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None,
@@ -66,9 +81,11 @@ def _main(argv=None) -> None:
     res = accuracy(model, tok, prompts, [r.get("answer") for r in rows],
                    reward, samples=args.samples, decoding=decoding,
                    batch_size=args.generation_batch_size,
-                   columns=[extra_columns(r) for r in rows], progress=True)
-    print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
-                          decoding=json.loads(decoding.to_json()))))
+                   columns=[extra_columns(r) for r in rows], progress=rank() == 0,
+                   seed=args.seed, sharded=True)
+    if rank() == 0:
+        print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
+                              decoding=json.loads(decoding.to_json()))))
 
 
 if __name__ == "__main__":

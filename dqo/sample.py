@@ -13,8 +13,15 @@ Rows are written as they are sampled (:mod:`dqo.generation.dataset`): after ever
 batch they are appended durably to ``data.jsonl.partial/``, and the complete file is renamed to
 ``data.jsonl`` at the end. After a kill, a Ctrl-C, a full disk or a failing reward function,
 ``--resume`` continues where the run stopped and writes the same bytes an uninterrupted run
-writes (same options). A user's reward function runs with a time limit (``--reward-timeout``)
-and whatever it raises is a RewardError naming it and the row.
+writes (same options).
+
+Under a launcher (``torchrun --nproc-per-node N -m dqo.sample ...``) the ranks share the
+generation batches (rank r runs batches r, r + N, ...; each one exactly as one process runs
+it) and rank 0 grades and writes the rows in prompt order: the same file, byte for byte, as one
+process on the same kind of device writes. ``--resume`` works there too.
+
+A user's reward function runs with a time limit (``--reward-timeout``) and whatever it raises
+is a RewardError naming it and the row.
 
 A response ends at the first stop token (EOS, the generation config's EOS ids, the chat
 template's end of turn), which is kept in ``response_ids`` (the policy chose it) and left out
@@ -42,8 +49,10 @@ from .cli import run as run_cli
 from .configs import SAMPLE_SECTIONS, SampleConfig
 from .data import read_prompt_rows
 from .decoding import model_id, sidecar
+from .engine import rank
 from .generation import load_sampler
 from .generation.dataset import SampleJob, sample_dataset
+from .launcher import check_ranks, launcher_group
 from .optional import check_installed
 from .prompts import prepare_prompt, with_system_prompt, with_template
 from .rewards import reward_from_args
@@ -63,6 +72,7 @@ def main(argv=None) -> None:
 def _main(argv=None) -> None:
     args = parse_config(SampleConfig, SAMPLE_SECTIONS, argv, prog="python -m dqo.sample",
                         description=__doc__)
+    check_ranks(args.engine)  # before vllm's install is checked: it does not apply
     check_installed(args)
     reward = reward_from_args(args)
     decoding = replace(with_system_prompt(with_template(
@@ -71,7 +81,13 @@ def _main(argv=None) -> None:
                        sampled_by=model_id(args.model))
     check_model("--model", args.model)
     check_data("--prompts", args.prompts)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    with launcher_group():
+        _sample(args, reward, decoding)
+
+
+def _sample(args: SampleConfig, reward, decoding) -> None:
+    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
     # every row is checked before the model is loaded: a bad prompt late in the file must not
     # cost the hours sampled before it
     prompt_rows = read_prompt_rows(args.prompts, require_answer=args.reward_fn is None,
@@ -86,7 +102,7 @@ def _main(argv=None) -> None:
                     process_reward_total=args.process_reward_total, source=args.prompts)
     state = dict(engine=args.engine, reward=reward.name, correct_threshold=reward.threshold)
     if not sample_dataset(model, tok, prompt_rows, prompts, reward, decoding, job,
-                          resume=args.resume, progress=True, state=state):
+                          resume=args.resume, progress=True, state=state) or rank() != 0:
         return
     total = correct = cut = 0
     with open(args.out, encoding="utf-8") as f:  # streamed: the file may be large

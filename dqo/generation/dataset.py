@@ -18,6 +18,10 @@ batch in flight and ``--resume`` ends with the bytes an uninterrupted run writes
   only.
 - Monte-Carlo process rewards (``process_n``) are computed per batch of completed prompts,
   seeded from (``seed``, first prompt of the batch).
+- Under a launcher (:mod:`dqo.launcher`) the ranks run the generation batches in turns (rank
+  r: batches r, r + W, ...; each exactly as one process runs it) and gather them to rank 0
+  after every round of W, which labels and writes them as one process does: the same file, and
+  the same ``--resume``. Rank 0 alone grades and computes process rewards.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ import torch
 
 from ..data.partial import PartialRows, finished, partial_dir
 from ..decoding import DecodingConfig, encode_prompt, sidecar
+from ..engine import barrier, rank, world_size
 from ..errors import DataError, RewardError
+from ..launcher import in_order, shard
 from ..rewards import Reward
 from ..rng import stage_rng, stage_seed
 from .hf import sample_batches
@@ -75,18 +81,23 @@ def batch_ends(n_prompts: int, n: int, batch_size: int, hf: bool) -> List[int]:
 
 def _batches(model, tok, prompts: Sequence[str], decoding: DecodingConfig, job: SampleJob,
              first_prompt: int, progress: bool) -> Iterator[List[Tuple[int, Sample]]]:
+    """The generation batches from the one holding ``first_prompt`` on, in one-process order;
+    under a launcher each rank runs its share (:mod:`dqo.launcher`) and every rank gets all."""
     seeds = [prompt_seed(job.seed, i) for i in range(len(prompts))]
     if isinstance(model, torch.nn.Module):
-        yield from sample_batches(model, tok, prompts, decoding=decoding, n=job.n,
-                                  batch_size=job.batch_size, seeds=seeds,
-                                  first_batch=first_prompt * job.n // job.batch_size,
-                                  progress=progress)
+        yield from in_order(sample_batches(
+            model, tok, prompts, decoding=decoding, n=job.n, batch_size=job.batch_size,
+            seeds=seeds, first_batch=first_prompt * job.n // job.batch_size, sharded=True,
+            progress=progress and rank() == 0))
         return
     per = max(1, job.batch_size // job.n)
-    for s in range(first_prompt // per * per, len(prompts), per):
-        out = model.generate(tok, prompts[s:s + per], decoding=decoding, n=job.n,
-                             seeds=seeds[s:s + per])
-        yield [(s + j, smp) for j, ss in enumerate(out) for smp in ss]
+
+    def mine():
+        for s in shard(range(first_prompt // per * per, len(prompts), per)):
+            out = model.generate(tok, prompts[s:s + per], decoding=decoding, n=job.n,
+                                 seeds=seeds[s:s + per])
+            yield [(s + j, smp) for j, ss in enumerate(out) for smp in ss]
+    yield from in_order(mine())
 
 
 def fingerprint(prompt_rows: Sequence[Dict]) -> str:
@@ -122,9 +133,22 @@ def sample_dataset(model, tok, prompt_rows: Sequence[Dict], prompts: Sequence[st
     check_prompts(tok, prompts, job.source)
     kept = {k: v for k, v in asdict(job).items() if k not in ("source", "out")}
     state = dict(state or {}, job=kept, decoding=asdict(decoding), prompts=fingerprint(prompt_rows))
-    part = PartialRows.open(job.out, state, resume=resume)
+    ends = batch_ends(len(prompts), job.n, job.batch_size, isinstance(model, torch.nn.Module))
+    if rank() != 0:  # rank 0 writes; the others sample their share of the batches
+        start = _shared(None)
+        if start is None:
+            raise RuntimeError("rank 0 stopped before sampling (its error says why)")
+        for _ in _batches(model, tok, prompts, decoding, job, start, False):
+            pass
+        barrier()  # job.out is complete when every rank returns
+        return True
     try:
-        ends = batch_ends(len(prompts), job.n, job.batch_size, isinstance(model, torch.nn.Module))
+        part = PartialRows.open(job.out, state, resume=resume)
+    except BaseException:
+        _shared(None)  # the other ranks stop too
+        raise
+    started = False
+    try:
         done = part.n_rows // job.n
         start = max([0] + [e for e in ends if e <= done])  # a batch boundary: its units whole
         if part.n_rows:
@@ -132,6 +156,8 @@ def sample_dataset(model, tok, prompt_rows: Sequence[Dict], prompts: Sequence[st
                      start * job.n, start, partial_dir(job.out), start + 1)
         part.keep(start * job.n)
         decoding.save(sidecar(job.out))  # before the rows it describes
+        started = True
+        _shared(start)
         pending: Dict[int, List[Sample]] = {}
         for batch in _batches(model, tok, prompts, decoding, job, start, progress):
             for i, s in batch:
@@ -158,10 +184,22 @@ def sample_dataset(model, tok, prompt_rows: Sequence[Dict], prompts: Sequence[st
         if part.n_rows != len(prompts) * job.n:  # a bug, not a user's mistake
             raise RuntimeError(f"sampled {part.n_rows} rows, expected {len(prompts) * job.n}")
     except BaseException as exc:
+        if not started:
+            _shared(None)
         part.close()
         log.error("sampling stopped (%s): the rows of the first %d prompts are kept in %s; "
                   "rerun with --resume to continue", type(exc).__name__,
                   part.n_rows // job.n, partial_dir(job.out))
         raise
     part.finish()
+    barrier()
     return True
+
+
+def _shared(start: Optional[int]) -> Optional[int]:
+    """Rank 0's ``start`` (None: it stopped) on every rank; in one process, ``start``."""
+    if world_size() == 1:
+        return start
+    box = [start]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -19,6 +19,8 @@ import torch
 from dqo_kernels import token_logprobs
 
 from ..decoding import DecodingConfig, encode_prompt, own_generation_config, split_at_stop
+from ..engine import rank
+from ..launcher import in_order, shard
 from ..rng import stage_seed
 from ..threads import adapt as adapt_threads
 from .types import Sample, Sampler
@@ -45,6 +47,26 @@ def generate(model: Union[torch.nn.Module, Sampler], tokenizer, prompts: Sequenc
     for batch in sample_batches(model, tokenizer, prompts, decoding=decoding, n=n, greedy=greedy,
                                 batch_size=batch_size, prefixes=prefixes, seeds=seeds,
                                 progress=progress):
+        for i, sample in batch:
+            out[i].append(sample)
+    return out
+
+
+def generate_sharded(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
+                     decoding: DecodingConfig, n: int = 1, greedy: bool = False,
+                     batch_size: int = 64, seeds: Optional[Sequence[int]] = None,
+                     progress: bool = False) -> List[List[Sample]]:
+    """:func:`generate` with a Hugging Face model, its generation batches shared among the
+    launcher's ranks (:mod:`dqo.launcher`: rank r runs batches r, r + W, ...): every rank
+    returns every prompt's samples, the ones one process returns (the same batches, the same
+    bits). In one process, :func:`generate`. Sampled without ``seeds``, the ranks would draw
+    from their own global generators: pass them for one-process results."""
+    decoding = decoding.with_stop_ids(tokenizer, model)
+    out: List[List[Sample]] = [[] for _ in prompts]
+    mine = sample_batches(model, tokenizer, prompts, decoding=decoding, n=n, greedy=greedy,
+                          batch_size=batch_size, seeds=seeds, sharded=True,
+                          progress=progress and rank() == 0)
+    for batch in in_order(mine):
         for i, sample in batch:
             out[i].append(sample)
     return out
@@ -132,10 +154,13 @@ def sample_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
                    decoding: DecodingConfig, n: int = 1, greedy: bool = False,
                    batch_size: int = 64, prefixes: Optional[Sequence[str]] = None,
                    seeds: Optional[Sequence[int]] = None, first_batch: int = 0,
+                   sharded: bool = False,
                    progress: bool = False) -> Iterator[List[Tuple[int, Sample]]]:
     """The samples of a Hugging Face model, one ``generate`` batch at a time: ``(prompt index,
     sample)`` in job order (prompt 0's ``n`` samples, then prompt 1's...), ``batch_size`` jobs
-    a batch, from batch ``first_batch`` on (a resumed run). See :func:`generate`."""
+    a batch, from batch ``first_batch`` on (a resumed run). ``sharded``: this rank's share of
+    those batches only (:func:`dqo.launcher.shard`; each batch exactly as one process runs it).
+    See :func:`generate`."""
     decoding = decoding.with_stop_ids(tokenizer, model)
     was_training = model.training
     model.eval()
@@ -147,6 +172,8 @@ def sample_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
     jobs = [(i, k) for i in range(len(prompts)) for k in range(n)]
     pad = gen_config.pad_token_id
     chunks = range(first_batch * batch_size, len(jobs), batch_size)
+    if sharded:
+        chunks = shard(chunks)
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="sampling", leave=False, disable=None)
