@@ -150,6 +150,13 @@ class StepLogprobs:
         self.handle.remove()
 
 
+def zero3_partitioned(model: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``model``'s parameters (in a multi-rank group)."""
+    p = next(model.parameters(), None)
+    return (p is not None and hasattr(p, "ds_id") and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def sample_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
                    decoding: DecodingConfig, n: int = 1, greedy: bool = False,
                    batch_size: int = 64, prefixes: Optional[Sequence[str]] = None,
@@ -188,7 +195,10 @@ def sample_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
                 e = encoded[i]
                 ids[r, width - len(e):] = torch.tensor(e)
                 attn[r, width - len(e):] = 1
-            kw = {}
+            # ZeRO-3 gathers each layer's weights in a collective at every forward: every
+            # rank must run the same number of forwards, so generate keeps stepping until all
+            # ranks' batches have ended
+            kw = {"synced_gpus": True} if zero3_partitioned(model) else {}
             if seeded:
                 u = uniforms([sample_seed(seeds[i], k) for i, k in batch],
                              decoding.max_new_tokens).to(device)

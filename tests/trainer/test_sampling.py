@@ -128,3 +128,27 @@ def test_behaviour_logprobs_read_step_by_step_keep_no_logits(tok, policy, peft_w
     assert got.shape == new.shape
     torch.testing.assert_close(got, kept, rtol=0, atol=0)
     assert reader.last is None and not reader.handle.hooks_dict_ref()  # nothing left behind
+
+
+def test_zero3_generation_keeps_the_ranks_in_step(tok, policy, monkeypatch):
+    """Under ZeRO-3 every forward gathers weights collectively: generate must run with
+    synced_gpus (else a rank whose batch ends first stops calling the forward, and the others
+    hang); a plain model does not."""
+    from dqo.generation import hf as G
+    seen = []
+    real = policy.generate
+
+    def spy(*a, **k):
+        seen.append(k.get("synced_gpus", False))
+        return real(*a, **{key: v for key, v in k.items() if key != "synced_gpus"})
+
+    monkeypatch.setattr(policy, "generate", spy)
+    generate(policy, tok, ["1+2="], decoding=dec(3), greedy=True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    assert not G.zero3_partitioned(policy)
+    first = next(policy.parameters())
+    monkeypatch.setattr(first, "ds_id", 0, raising=False)
+    assert G.zero3_partitioned(policy)
+    generate(policy, tok, ["1+2="], decoding=dec(3), greedy=True)
+    assert seen == [False, True]
