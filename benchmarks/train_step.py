@@ -65,23 +65,57 @@ def rows_like_gsm8k(n: int, vocab: int, seed: int = 0):
     return out
 
 
-def one(config: str, vocab: int, batch: int, steps: int) -> dict:
-    """Time and peak of one configuration, in this (fresh) process."""
+def qwen2_model(vocab: int):
+    """The benchmark's Qwen2-shaped policy (seeded): 8 layers, hidden 512, GQA 8/2 heads."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    import dqo.modeling as modeling
-    from dqo.algos.dqo import DQO
-    from dqo.data import Example, collate
-    from dqo.engine import OptimConfig, TorchEngine
-    from dqo_kernels import action_targets, linear_logprobs, to_actions
-
     torch.manual_seed(0)
-    base_rss = rss_mib()
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=512, intermediate_size=1376,
                       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                       tie_word_embeddings=False)
-    policy = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+
+
+def gsm8k_examples(n: int, vocab: int):
+    """DQO examples of :func:`rows_like_gsm8k`'s rows: the outcome reward on the last token."""
+    from dqo.data import Example
+    return [Example(p, r, [0.0] * (len(r) - 1) + [1.0], ref_logp=[-5.0] * len(r),
+                    behavior_logp=[-5.0] * len(r)) for p, r in rows_like_gsm8k(n, vocab)]
+
+
+def dqo_engines(policy_module, value, micro: int, grad_accum: int):
+    from dqo.engine import OptimConfig, TorchEngine
+    common = dict(grad_clip=1.0, total_steps=100, grad_accum=grad_accum, micro_batch=micro)
+    engines = {"policy": TorchEngine(policy_module, OptimConfig(lr=1e-5, **common)),
+               "value": TorchEngine(value, OptimConfig(lr=1e-4, **common))}
+    for e in engines.values():
+        e.train()
+    return engines
+
+
+def median_step_s(step, steps: int) -> float:
+    """Median seconds of ``steps`` calls of ``step`` after one that warms up."""
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def one(config: str, vocab: int, batch: int, steps: int) -> dict:
+    """Time and peak of one configuration, in this (fresh) process."""
+    import transformers  # noqa: F401  (in the baseline resident memory, as before the models)
+
+    import dqo.modeling as modeling
+    from dqo.algos.dqo import DQO
+    from dqo.data import collate
+    from dqo_kernels import action_targets, linear_logprobs, to_actions
+
+    base_rss = rss_mib()
+    policy = qwen2_model(vocab)
     if config == "baseline":  # the head on every position, as before the action-only head
         def all_rows(hidden, weight, input_ids, mask, **kw):
             return to_actions(linear_logprobs(hidden[:, :-1], weight,
@@ -106,90 +140,71 @@ def one(config: str, vocab: int, batch: int, steps: int) -> dict:
         modeling.enable_checkpointing(policy)
         if config != "+shared":
             modeling.enable_checkpointing(value.backbone)
-    common = dict(grad_clip=1.0, total_steps=100, grad_accum=1, micro_batch=batch)
-    engines = {"policy": TorchEngine(modeling.PolicyLogprobs(policy), OptimConfig(lr=1e-5,
-                                                                                    **common)),
-               "value": TorchEngine(value, OptimConfig(lr=1e-4, **common))}
-    for e in engines.values():
-        e.train()
-    rows = rows_like_gsm8k(batch, vocab)
-    exs = [Example(p, r, [0.0] * (len(r) - 1) + [1.0], ref_logp=[-5.0] * len(r),
-                   behavior_logp=[-5.0] * len(r)) for p, r in rows]
-    b = collate(exs, pad_id=0)
+    engines = dqo_engines(modeling.PolicyLogprobs(policy), value, batch, 1)
+    b = collate(gsm8k_examples(batch, vocab), pad_id=0)
     n_tokens = b.action_mask.sum().float()
     algo = DQO()
-    times = []
-    for i in range(steps + 1):  # the first one warms up
-        t0 = time.perf_counter()
-        algo.step(engines, b, n_tokens)
-        if i:
-            times.append(time.perf_counter() - t0)
+    step_s = median_step_s(lambda: algo.step(engines, b, n_tokens), steps)
     state = sum(p.numel() for e in engines.values() for p in e.params)
     return dict(config=config, vocab=vocab, batch=batch, tokens=int(b.attention_mask.sum()),
                 action_tokens=int(n_tokens), prompt_share=1 - float(n_tokens) / float(
                     b.attention_mask.sum()),
-                step_s=statistics.median(times), trainable_params=state,
-                tokens_per_s=float(b.attention_mask.sum()) / statistics.median(times),
+                step_s=step_s, trainable_params=state,
+                tokens_per_s=float(b.attention_mask.sum()) / step_s,
                 peak_mib=hwm_mib() - base_rss)
 
 
 def padding_one(config: str, vocab: int, batch: int, micro: int, steps: int) -> dict:
     """One optimizer step of ``batch`` rows in micro-batches, padded, grouped or packed."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     import dqo.modeling as modeling
     from dqo.algos.dqo import DQO
-    from dqo.data import Example, collate
-    from dqo.engine import OptimConfig, TorchEngine
+    from dqo.data import collate
     from dqo.loop import padded_share, step_token_count
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=512, intermediate_size=1376,
-                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                      tie_word_embeddings=False)
-    policy = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    policy = qwen2_model(vocab)
     value = modeling.ValueModel.from_policy(policy)
     packing = config == "+packing"
     value.packing = packing
-    common = dict(grad_clip=1.0, total_steps=100, grad_accum=batch // micro, micro_batch=micro)
-    engines = {"policy": TorchEngine(modeling.PolicyLogprobs(policy, packing=packing),
-                                     OptimConfig(lr=1e-5, **common)),
-               "value": TorchEngine(value, OptimConfig(lr=1e-4, **common))}
-    for e in engines.values():
-        e.train()
-    exs = [Example(p, r, [0.0] * (len(r) - 1) + [1.0], ref_logp=[-5.0] * len(r),
-                   behavior_logp=[-5.0] * len(r)) for p, r in rows_like_gsm8k(batch, vocab)]
+    engines = dqo_engines(modeling.PolicyLogprobs(policy, packing=packing), value, micro,
+                          batch // micro)
+    exs = gsm8k_examples(batch, vocab)
     if config == "+group":  # as the loop's --group-by-length
         exs.sort(key=len)
     batches = [collate(exs[i:i + micro], pad_id=0) for i in range(0, batch, micro)]
     n_tokens = step_token_count(batches, batch // micro)
-    algo, times = DQO(), []
-    for i in range(steps + 1):  # the first one warms up
-        t0 = time.perf_counter()
+    algo = DQO()
+
+    def step():
         for b in batches:
             algo.step(engines, b, n_tokens)
-        if i:
-            times.append(time.perf_counter() - t0)
+
+    step_s = median_step_s(step, steps)
     real = sum(int(b.attention_mask.sum()) for b in batches)
     return dict(config=config, vocab=vocab, batch=batch, micro_batch=micro, tokens=real,
                 padded_share=0.0 if packing else padded_share(batches),
                 layout_padded_share=padded_share(batches),
-                step_s=statistics.median(times),
-                tokens_per_s=real / statistics.median(times))
+                step_s=step_s, tokens_per_s=real / step_s)
+
+
+def against_base(results, base_config: str):
+    """(row, its vocabulary's ``base_config`` row) for each result; None for a failed one."""
+    base = {}
+    for r in results:
+        if "error" in r:
+            yield r, None
+            continue
+        if r["config"] == base_config:
+            base[r["vocab"]] = r
+        yield r, base.get(r["vocab"], r)
 
 
 def render_padding(results) -> str:
     lines = ["| vocab | config | padded share | tokens/s | x padded | padded x 1/(1 - share) |",
              "|---:|---|---:|---:|---:|---:|"]
-    base = {}
-    for r in results:
-        if "error" in r:
+    for r, b in against_base(results, "padded"):
+        if b is None:
             lines.append(f"| {r['vocab']} | {r['config']} | error | | | |")
             continue
-        if r["config"] == "padded":
-            base[r["vocab"]] = r
-        b = base.get(r["vocab"], r)
         ideal = b["tokens_per_s"] / (1 - b["padded_share"])
         lines.append(f"| {r['vocab']} | {r['config']} | {r['padded_share']:.1%} | "
                      f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / b['tokens_per_s']:.2f} | "
@@ -244,14 +259,10 @@ def main(argv=None) -> None:
 def render(results) -> str:
     lines = ["| vocab | config | tokens/s | x baseline | peak MiB | x baseline | trainable |",
              "|---:|---|---:|---:|---:|---:|---:|"]
-    base = {}
-    for r in results:
-        if "error" in r:
+    for r, b in against_base(results, "baseline"):
+        if b is None:
             lines.append(f"| {r['vocab']} | {r['config']} | error | | | | |")
             continue
-        if r["config"] == "baseline":
-            base[r["vocab"]] = r
-        b = base.get(r["vocab"], r)
         lines.append(f"| {r['vocab']} | {r['config']} | {r['tokens_per_s']:.0f} | "
                      f"{r['tokens_per_s'] / b['tokens_per_s']:.2f} | {r['peak_mib']:.0f} | "
                      f"{r['peak_mib'] / b['peak_mib']:.2f} | {r['trainable_params'] / 1e6:.1f}M |")

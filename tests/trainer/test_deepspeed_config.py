@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_loop import small_setup, train_args
+from test_loop import partition_every_parameter, small_setup, train_args
 
 from dqo.configs import TrainConfig
 from dqo.engine import deepspeed_config, merge_config, read_user_config
@@ -108,15 +108,7 @@ def test_zero3_final_models_load_whole(tok, policy, tmp_path, monkeypatch):
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM
 
-    import dqo.engine as E
-    real_config = E.deepspeed_config
-
-    def partition_everything(*a, **k):  # else ZeRO-3 keeps a tiny model's params whole
-        cfg = real_config(*a, **k)
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        return cfg
-
-    monkeypatch.setattr(E, "deepspeed_config", partition_everything)
+    partition_every_parameter(monkeypatch)
     import deepspeed
     gathered = []  # the parameters of each gather: one layer's, never the whole model's
     real_gather = deepspeed.zero.GatheredParameters

@@ -103,21 +103,26 @@ def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch)
     assert ckpts == ["latest", "step-0000004", "step-0000006"]  # keep=2, no temp dirs left
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_engine_trains_on_cpu(tok, policy, tmp_path, stage, monkeypatch):
-    """ZeRO-2 and ZeRO-3 (partitioned parameters: the lm_head weight read by the fused op must
-    be gathered) train, and match the plain-PyTorch engine's first losses."""
-    pytest.importorskip("deepspeed")
+def partition_every_parameter(monkeypatch) -> None:
+    """ZeRO-3 keeps a tiny model's parameters whole (below its persistence threshold): make
+    the trainer's DeepSpeed config partition every one, as a large model's are."""
     import dqo.engine as E
-
     real_config = E.deepspeed_config
 
-    def partition_everything(*a, **k):  # else ZeRO-3 keeps a tiny model's params whole
+    def partition_everything(*a, **k):
         cfg = real_config(*a, **k)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         return cfg
 
     monkeypatch.setattr(E, "deepspeed_config", partition_everything)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_engine_trains_on_cpu(tok, policy, tmp_path, stage, monkeypatch):
+    """ZeRO-2 and ZeRO-3 (partitioned parameters: the lm_head weight read by the fused op must
+    be gathered) train, and match the plain-PyTorch engine's first losses."""
+    pytest.importorskip("deepspeed")
+    partition_every_parameter(monkeypatch)
     exs = small_setup(tok, policy)
     state0 = {k: v.clone() for k, v in policy.state_dict().items()}
     losses = {}
