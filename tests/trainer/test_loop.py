@@ -1,5 +1,6 @@
 """dqo.loop and dqo.runs: the training loop, checkpoints, the DeepSpeed engine, data
 parallelism, the embedded default at toy sizes."""
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_trainer_steps_lower_the_loss(tok, policy, tmp_path):
     assert (tmp_path / "run" / "final" / "value" / "value_head.pt").is_file()
 
 
-def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch):
+def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path):
     exs = small_setup(tok, policy)
     state0 = {k: v.clone() for k, v in policy.state_dict().items()}
 
@@ -73,20 +74,10 @@ def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch)
     straight = {k: t.clone() for k, t in p.state_dict().items()}
     straight_v = {k: t.clone() for k, t in v.state_dict().items()}
 
-    from dqo.algos.dqo import DQO
-    real_step, calls = DQO.step, []
-
-    def dies_in_step_5(*a, **k):  # 2 micro-batches a step: the 9th call is inside step 5
-        calls.append(1)
-        if len(calls) == 9:
-            raise KeyboardInterrupt("killed")
-        return real_step(*a, **k)
-
     p, v = fresh()
-    monkeypatch.setattr(DQO, "step", dies_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    # 2 micro-batches a step: the 9th call is inside step 5
+    with killed_at_call(9), pytest.raises(KeyboardInterrupt):
         train(train_args(tmp_path / "b", max_steps=6, save_every=2), tok, p, v, exs)
-    monkeypatch.setattr(DQO, "step", real_step)
     assert latest_checkpoint(tmp_path / "b" / "run").name == "step-0000004"
     with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:  # a row the kill left behind
         f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
@@ -101,6 +92,26 @@ def test_checkpoint_kill_and_resume_is_exact(tok, policy, tmp_path, monkeypatch)
     assert steps == [1, 2, 3, 4, 5, 6]
     ckpts = sorted(x.name for x in (tmp_path / "b" / "run" / "checkpoints").iterdir())
     assert ckpts == ["latest", "step-0000004", "step-0000006"]  # keep=2, no temp dirs left
+
+
+@contextlib.contextmanager
+def killed_at_call(n: int):
+    """DQO.step raises KeyboardInterrupt at its n-th call (a kill inside a training step),
+    and is itself again afterwards."""
+    from dqo.algos.dqo import DQO
+    real_step, calls = DQO.step, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    DQO.step = dying
+    try:
+        yield
+    finally:
+        DQO.step = real_step
 
 
 def partition_every_parameter(monkeypatch) -> None:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from test_loop import killed_at_call
 
 from dqo import data as D
 from dqo.modeling import (
@@ -116,10 +117,9 @@ def test_checkpointing_with_two_adapters_gives_the_same_update(tok, base_dir, tm
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
-def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, monkeypatch, separate):
+def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, separate):
     """Checkpoints hold the adapters in peft's format (and the value head), their one copy;
     resume reads them back bit for bit, whichever backbone the value model has."""
-    from dqo.algos.dqo import DQO
     policy, value = lora_models(tok, base_dir, separate_value=separate)
     exs = examples(tok, policy)
     train(args(tmp_path / "a", max_steps=4), tok, policy, value, exs)
@@ -127,18 +127,9 @@ def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, monkeypat
         p.detach().clone() for p in value.parameters()]
 
     policy, value = lora_models(tok, base_dir, separate_value=separate)
-    real_step, calls = DQO.step, []
-
-    def killed_in_step_3(*a, **k):  # 2 micro-batches a step: the 5th call is in step 3
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(DQO, "step", killed_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    # 2 micro-batches a step: the 5th call is in step 3
+    with killed_at_call(5), pytest.raises(KeyboardInterrupt):
         train(args(tmp_path / "b", max_steps=4, save_every=2), tok, policy, value, exs)
-    monkeypatch.setattr(DQO, "step", real_step)
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "step-0000002"
     for name in ("policy", "value"):  # adapters in peft's format (and the head), no base
         assert "module" not in torch.load(ckpt / name / "engine.pt", weights_only=True)
@@ -186,23 +177,10 @@ def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tm
                 "--out", str(out), "--no-progress", *padding_flags, *extra]
 
     train_cli.main(argv(tmp_path / "straight"))
-    from dqo.algos.dqo import DQO
-    real_step, calls = DQO.step, []
-
-    def killed_in_step_3(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(*a, **k)
-
     out = tmp_path / "run"
-    DQO.step = killed_in_step_3
-    try:
-        with pytest.raises(SystemExit) as e:  # Ctrl-C at the command line: exit code 130
-            train_cli.main(argv(out))
-        assert e.value.code == 130
-    finally:
-        DQO.step = real_step
+    with killed_at_call(5), pytest.raises(SystemExit) as e:  # Ctrl-C: exit code 130
+        train_cli.main(argv(out))
+    assert e.value.code == 130
     ckpt = out / "checkpoints" / "step-0000002"
     saved = load_file(ckpt / "policy" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)  # the adapter, not the base
@@ -338,13 +316,11 @@ def test_a_checkpoint_of_another_rank_is_a_clear_error(tok, base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_lora_with_deepspeed_trains_saves_and_resumes(tok, base_dir, tmp_path, monkeypatch,
-                                                      stage):
+def test_lora_with_deepspeed_trains_saves_and_resumes(tok, base_dir, tmp_path, stage):
     """--lora-r with --engine deepspeed (CPU, gloo, one process): the adapters train, each
     checkpoint carries the policy adapter in peft's format beside DeepSpeed's files, and a run
     killed in step 3 resumes to the same adapters as a straight run."""
     pytest.importorskip("deepspeed")
-    from dqo.algos.dqo import DQO
     kw = dict(engine="deepspeed", zero_stage=stage, max_steps=4, save_every=2)
     policy, value = lora_models(tok, base_dir, separate_value=True)
     exs = examples(tok, policy)
@@ -354,18 +330,8 @@ def test_lora_with_deepspeed_trains_saves_and_resumes(tok, base_dir, tmp_path, m
     assert any(not torch.equal(p, q) for p, q in zip(before, straight))
 
     policy, value = lora_models(tok, base_dir, separate_value=True)
-    real_step, calls = DQO.step, []
-
-    def killed_in_step_3(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(DQO, "step", killed_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_call(5), pytest.raises(KeyboardInterrupt):
         train(args(tmp_path / "b", **kw), tok, policy, value, exs)
-    monkeypatch.setattr(DQO, "step", real_step)
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "step-0000002" / "policy"
     at_2 = load_file(ckpt / "adapter_model.safetensors")
     assert at_2 and all("lora_" in k for k in at_2)
