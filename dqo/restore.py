@@ -71,17 +71,23 @@ def decoding_dirs(model: str):
     return [path, ckpt.parent.parent / "final" / "policy"]
 
 
+def run_config(run_dir: Path) -> dict:
+    """The options a run wrote to its ``config.yaml`` ({} where there is none)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def run_base(run_dir: Path, flag: str) -> str:
     """The base model a run trained: ``model`` of its config.yaml, else (the embedded default)
     its warmed-up ``base``."""
-    import yaml
-
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise UsageError(f"{flag}: a training checkpoint loads onto the base model its run's "
                          f"config.yaml names, and {cfg_path} is missing; evaluate "
                          f"{run_dir / 'final' / 'policy'} instead")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    cfg = run_config(run_dir)
     return str(cfg["model"]) if cfg.get("model") else str(run_dir / "base")
 
 
@@ -89,7 +95,6 @@ def load_checkpoint_policy(engine: Path, flag: str = "--model") -> Tuple[object,
     """The policy of a checkpoint's ``engine.pt`` on its run's base (LoRA: the adapter rebuilt
     from the run's options, then merged)."""
     import torch
-    import yaml
 
     from .atomic import safe_load
     from .modeling import PolicyLogprobs, load_policy
@@ -98,7 +103,7 @@ def load_checkpoint_policy(engine: Path, flag: str = "--model") -> Tuple[object,
     run_dir = ckpt.parent.parent  # <run>/checkpoints/step-N
     base = run_base(run_dir, flag)
     tok, model = load_policy(base)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    cfg = run_config(run_dir)
     if cfg.get("lora_r"):
         from . import lora
         model = lora.add_policy_adapter(model, lora.lora_config(

@@ -20,6 +20,7 @@ from .cli import run as run_cli
 from .configs import SCORE_SECTIONS, ScoreConfig
 from .data import read_jsonl
 from .errors import UsageError
+from .restore import run_config
 from .scoring import as_rows, html_page, score_response, text_table
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,6 @@ log = logging.getLogger(__name__)
 
 def main(argv=None) -> None:
     run_cli(_main, argv, prog="python -m dqo.score")
-
-
-def run_options(run_dir: Path) -> dict:
-    import yaml
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def models(args: ScoreConfig):
@@ -81,7 +76,7 @@ def _main(argv=None) -> None:
     args = parse_config(ScoreConfig, SCORE_SECTIONS, argv, prog="python -m dqo.score",
                         description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    opts = run_options(Path(args.run)) if args.run else {}
+    opts = run_config(Path(args.run)) if args.run else {}
     beta = args.beta or float(opts.get("beta", 0.1))
     gamma = args.gamma or float(opts.get("gamma", 1.0))
     tok, policy, reference, value = models(args)
