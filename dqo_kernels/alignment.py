@@ -60,10 +60,10 @@ def check_packed_mask(mask: torch.Tensor, cu_seqlens) -> None:
     """A ValueError if a packed sequence's first position is marked an action: its output row
     is the previous sequence's last one, so its log-prob would be read across the boundary."""
     cu = check_cu_seqlens(cu_seqlens, mask.numel(), mask.device)
-    starts = cu[:-1][(cu[1:] > cu[:-1])]
-    bad = mask.reshape(-1)[starts].bool()
+    nonempty = torch.nonzero(cu[1:] > cu[:-1]).flatten()  # an empty sequence has no start
+    bad = mask.reshape(-1)[cu[nonempty]].bool()
     if bool(bad.any()):
-        s = int(torch.nonzero((cu[1:] > cu[:-1]))[int(bad.nonzero()[0])])
+        s = int(nonempty[bad.nonzero()[0]])
         raise ValueError(f"mask: the first position of packed sequence {s} (flat position "
                          f"{int(cu[s])}) is marked an action; a sequence's first token has no "
                          f"state to act in (mark it 0, as packed_response_mask does)")
