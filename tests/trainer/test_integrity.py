@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 import torch
+from test_loop import train_args
 
 from dqo import data as D
 from dqo import manifest
 from dqo.checkpoint import save_checkpoint
-from dqo.configs import TrainConfig
 from dqo.engine import OptimConfig, TorchEngine
 from dqo.errors import CheckpointError
 from dqo.loop import train
@@ -30,9 +30,8 @@ def examples(tok, policy, n=16):
 
 
 def args_for(tmp_path, **kw):
-    base = dict(out=str(tmp_path / "run"), lr=1e-3, value_lr=1e-2, batch_size=8, micro_batch=4,
-                epochs=1, engine="torch", progress=False, save_every=1)
-    return TrainConfig(**{**base, **kw})
+    """test_loop's arguments, saving every step."""
+    return train_args(tmp_path, **{"save_every": 1, **kw})
 
 
 def flip_exponent(path, tensor: torch.Tensor) -> None:

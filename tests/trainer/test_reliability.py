@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_loop import train_args
 
 from dqo import data as D
 from dqo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -38,9 +39,8 @@ def examples(tok, policy, n=16):
 
 
 def args_for(tmp_path, **kw):
-    base = dict(out=str(tmp_path / "run"), lr=1e-3, value_lr=1e-2, batch_size=8, micro_batch=4,
-                epochs=1, engine="torch", progress=False, save_every=1, max_steps=2)
-    return TrainConfig(**{**base, **kw})
+    """test_loop's arguments, saving every step."""
+    return train_args(tmp_path, **{"save_every": 1, "max_steps": 2, **kw})
 
 
 def weights(model):
