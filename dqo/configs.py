@@ -15,7 +15,7 @@ options, bounds and defaults wherever it is used.
 """
 import math
 from dataclasses import dataclass, fields
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from dqo_kernels import LOSS_AGGS
 
@@ -413,12 +413,52 @@ class EvalSection(Options):
     decoding: Optional[str] = opt(None, "decoding.json to evaluate with (default: the model's)")
 
 
+RERANK_RULES = ("value", "q", "majority", "random")
+
+
 @dataclass
-class EvalConfig(DecodingArgs, GenerationArgs, ColumnsConfig, RewardConfig, EvalSection):
+class CriticEvalSection(Options):
+    """Best-of-N reranking and the critic as a process reward model (dqo.evaluate)."""
+
+    _argument_group_name = "best-of-N and the critic"
+    best_of: int = opt(0, "sample N responses a problem and pick one by each --rerank rule "
+                       "(0: off)", ge=0)
+    rerank: Optional[str] = opt(None, "comma-separated rules of " + ", ".join(RERANK_RULES) +
+                                "; default: every one the models given allow (value needs "
+                                "--value, q the reference)", metavar="RULES")
+    value: Optional[str] = opt(None, "a value model (a run's final/value): --rerank value, and "
+                               "the critic measured as a process reward model on the samples")
+    reference: Optional[str] = opt(None, "the reference policy of --rerank q (default: the base "
+                                   "of the run --model belongs to)")
+
+    def rules(self) -> Tuple[str, ...]:
+        if self.rerank is None:
+            return tuple(r for r in RERANK_RULES if r != "value" or self.value)
+        return tuple(r.strip() for r in self.rerank.split(",") if r.strip())
+
+    def check(self) -> None:
+        super().check()
+        if self.rerank is not None:
+            bad = [r for r in self.rules() if r not in RERANK_RULES]
+            if bad or not self.rules():
+                raise UsageError(f"--rerank: expected comma-separated rules of "
+                                 f"{', '.join(RERANK_RULES)}, got {self.rerank!r}")
+            if not self.best_of:
+                raise UsageError("--rerank: expected --best-of N (N >= 2) to rerank")
+            if "value" in self.rules() and not self.value:
+                raise UsageError("--rerank: the rule 'value' needs --value (a value model)")
+        if self.best_of == 1:
+            raise UsageError("--best-of: expected 0 (off) or at least 2 samples a problem, got 1")
+
+
+@dataclass
+class EvalConfig(DecodingArgs, GenerationArgs, ColumnsConfig, RewardConfig, CriticEvalSection,
+                 EvalSection):
     """Everything ``python -m dqo.evaluate`` takes."""
 
 
-EVAL_SECTIONS = (EvalSection, RewardConfig, ColumnsConfig, GenerationArgs, DecodingArgs)
+EVAL_SECTIONS = (EvalSection, CriticEvalSection, RewardConfig, ColumnsConfig, GenerationArgs,
+                 DecodingArgs)
 
 
 @dataclass

@@ -17,7 +17,18 @@ Under a launcher (``torchrun --nproc-per-node N -m dqo.evaluate ...``) the ranks
 generation batches (each one exactly as one process runs it) and gather the responses; rank 0
 prints the figures one process prints.
 
-The library is :func:`dqo.evaluation.accuracy`; this module is its command line.
+With ``--best-of N`` it also samples N responses a problem and reports, from those same
+samples, the accuracy of the one each ``--rerank`` rule picks (the learned value, the policy's
+implied return, the majority answer, a random one), each with a 95% interval over problems;
+with ``--value DIR`` it measures that value model as a process reward model on them (step AUC
+and first-error localisation against the synthetic task's exact labels, outcome AUC on any
+task; :mod:`dqo.process_metrics`)::
+
+    python -m dqo.evaluate --model RUN/final/policy --data test.jsonl --task arithmetic \
+        --best-of 8 --value RUN/final/value
+
+The library is :func:`dqo.evaluation.accuracy` and :func:`dqo.evaluation.critic_evaluation`;
+this module is its command line.
 """
 from __future__ import annotations
 
@@ -33,7 +44,7 @@ from .data import extra_columns, read_prompt_rows
 from .decoding import find_decoding
 from .engine import rank
 from .errors import UsageError
-from .evaluation import accuracy
+from .evaluation import accuracy, critic_evaluation
 from .generation import load_sampler
 from .launcher import check_ranks, launcher_group
 from .optional import check_installed
@@ -83,9 +94,50 @@ def _evaluate(args: EvalConfig, reward, decoding) -> None:
                    batch_size=args.generation_batch_size,
                    columns=[extra_columns(r) for r in rows], progress=rank() == 0,
                    seed=args.seed, sharded=True)
+    if args.best_of or args.value:
+        res["critic"] = critic_report(args, tok, model, prompts, rows, reward, decoding)
     if rank() == 0:
         print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
                               decoding=json.loads(decoding.to_json()))))
+
+
+def critic_models(args: EvalConfig, model):
+    """(value, reference) as ``--value`` and ``--rerank q`` need them (None where not)."""
+    from pathlib import Path
+
+    from .modeling import ValueModel
+    from .restore import load_trained_policy, run_base
+
+    value = reference = None
+    if args.value:
+        check_model("--value", args.value)
+        value = ValueModel.from_pretrained(args.value).eval()
+        value.to(next(model.parameters()).device)
+    if args.best_of and "q" in args.rules():
+        ref = args.reference
+        if ref is None:
+            run = Path(args.model).expanduser().resolve().parent.parent  # RUN/final/policy
+            if not (run / "config.yaml").is_file():
+                raise UsageError("--reference: --rerank q needs the reference policy; --model is "
+                                 "not a run's final/policy, so name it (or leave q out of "
+                                 "--rerank)")
+            ref = run_base(run, "--reference")
+        check_model("--reference", ref)
+        reference = load_trained_policy(ref, "--reference")[1].eval()
+    return value, reference
+
+
+def critic_report(args: EvalConfig, tok, model, prompts, rows, reward, decoding) -> dict:
+    value, reference = critic_models(args, model)
+    res = critic_evaluation(
+        model, tok, prompts, [r.get("answer") for r in rows], reward, decoding=decoding,
+        n=args.best_of or max(args.samples, 1), rules=args.rules() if args.best_of else (),
+        value=value, reference=reference, task=None if args.reward_fn else args.task,
+        batch_size=args.generation_batch_size, columns=[extra_columns(r) for r in rows],
+        seed=args.seed, sharded=True, progress=rank() == 0)
+    for fig in res.get("best_of", {}).values():
+        fig.pop("items")
+    return res
 
 
 if __name__ == "__main__":

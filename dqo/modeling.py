@@ -292,6 +292,11 @@ def head_values(head: nn.Linear, hidden: torch.Tensor, with_after: bool):
     return (values, after) if with_after else values
 
 
+def _saved_as(path) -> dict:
+    f = Path(path) / "value_model.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 class ValueModel(nn.Module):
     """A transformers backbone with a scalar head: ``V(s_t)`` for every position t."""
 
@@ -355,14 +360,23 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "ValueModel":
-        """A value model this class saved (its ``value_head.pt`` beside the backbone), or the
-        backbone of any transformers checkpoint (a smaller critic than the policy, a Hub id):
-        its scalar head then starts as a new one does."""
+        """A value model this class or :class:`SharedValueModel` saved (its ``value_head.pt``
+        beside the backbone, or beside a LoRA adapter: merged into its base, for evaluation),
+        or the backbone of any transformers checkpoint (a smaller critic than the policy, a Hub
+        id): its scalar head then starts as a new one does."""
         from transformers import AutoModel
 
         verify_model_dir(path)
-        backbone = AutoModel.from_pretrained(path, dtype=dtype,
-                                             attn_implementation=attn_implementation())
+        kw = dict(dtype=dtype, attn_implementation=attn_implementation())
+        if not lora.is_adapter_dir(path):
+            backbone = AutoModel.from_pretrained(path, **kw)
+        elif _saved_as(path).get("backbone") == "shared":  # an adapter on the policy's base
+            backbone = backbone_of(lora.load_merged(path, **kw))
+        else:  # a LoRA backbone of its own: the adapter on the base's backbone
+            peft = lora.require_peft()
+            base = peft.PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+            backbone = peft.PeftModel.from_pretrained(
+                AutoModel.from_pretrained(base, **kw), str(path)).merge_and_unload()
         model = cls(backbone)
         head = Path(path) / "value_head.pt"
         if head.is_file():

@@ -40,9 +40,8 @@ def models(args: ScoreConfig):
     value_dir = args.value or str(run / "final" / "value")
     ref_dir = args.reference or run_base(run, "--run")
     if not (Path(value_dir) / "value_head.pt").is_file():
-        raise UsageError(f"--value: {value_dir} holds no value model (value_head.pt); a run with "
-                         f"--value-backbone shared keeps its value adapter there, which this "
-                         f"command does not load yet")
+        raise UsageError(f"--value: {value_dir} holds no value model (value_head.pt): the "
+                         f"run trained no critic (its algorithm has none?)")
     tok, policy = load_trained_policy(policy_dir, "--policy")
     _, reference = load_trained_policy(ref_dir, "--reference")
     value = ValueModel.from_pretrained(value_dir)

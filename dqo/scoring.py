@@ -46,15 +46,19 @@ def score_response(policy, reference, value, tokenizer, prompt, response_ids: Se
                    labels: Optional[Sequence[bool]] = None) -> List[StepScore]:
     """The per-step table of one response (see the module docstring). ``response_ids``: the
     response's tokens (its stop token included when ``finished``); ``text``: its text, whose
-    lines are the steps; ``rewards``: one per response token (default: none)."""
+    lines are the steps; ``rewards``: one per response token (default: none). Without
+    ``policy`` or ``reference`` the KL term is 0: the critic's own reading of the steps."""
     response_ids = list(response_ids)
     prompt_ids = encode_prompt(tokenizer, prompt)
     ids = torch.tensor([prompt_ids + response_ids])
     attn = torch.ones_like(ids)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[0, len(prompt_ids):] = True
-    logp = policy_logprobs(policy, ids, attn, mask)[0, len(prompt_ids):].double()
-    ref = policy_logprobs(reference, ids, attn, mask)[0, len(prompt_ids):].double()
+    if policy is None or reference is None:  # the critic alone: no KL term
+        logp = ref = torch.zeros(len(response_ids), dtype=torch.float64)
+    else:
+        logp = policy_logprobs(policy, ids, attn, mask)[0, len(prompt_ids):].double()
+        ref = policy_logprobs(reference, ids, attn, mask)[0, len(prompt_ids):].double()
     values, after = value(ids, attn, with_after=True)
     v = values[0, len(prompt_ids):].double()  # V(s_t) for each response token t
     v_next = after[0, len(prompt_ids):].double()  # V of the state after token t

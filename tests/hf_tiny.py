@@ -44,3 +44,15 @@ def save_tiny_chat_model(path, *, tied: bool = True, hidden_size: int = 16, seed
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_model(tok, path, **kw):
+    """A tiny random Llama policy (``dqo.modeling.tiny_config``'s options) for ``tok``, saved
+    with it as a local model directory."""
+    import torch
+
+    from dqo.modeling import build_policy, tiny_config
+    torch.manual_seed(0)
+    build_policy(tiny_config(tok, **kw)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

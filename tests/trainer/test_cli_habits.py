@@ -7,18 +7,12 @@ import sys
 
 import pytest
 import torch
+from hf_tiny import save_model
 
 from dqo import data as D
 from dqo.errors import UsageError
 from dqo.modeling import ValueModel, build_policy, tiny_config
 from dqo.tasks import arithmetic
-
-
-def save_model(tok, path, **kw):
-    torch.manual_seed(0)
-    build_policy(tiny_config(tok, **kw)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_value_model_takes_a_plain_checkpoint(tok, tmp_path):
