@@ -51,22 +51,22 @@ def read_steps(value, tokenizer, prompt, sample, labels: Optional[List[bool]]) -
     return out
 
 
-def _step_auc(groups) -> float:
+def pooled_step_auc(groups) -> float:
     pts = [s for g in groups for r in g for s in r["steps"] if s["label"] is not None]
     return auc([s["value"] for s in pts if s["label"]], [s["value"] for s in pts if not s["label"]])
 
 
-def _outcome_auc(groups) -> float:
+def pooled_outcome_auc(groups) -> float:
     rs = [r for g in groups for r in g if r["final"] is not None]
     return auc([r["final"] for r in rs if r["right"]], [r["final"] for r in rs if not r["right"]])
 
 
-def _first_error(groups) -> float:
+def pooled_first_error(groups) -> float:
     hits = [r["first_error_hit"] for g in groups for r in g if r["first_error_hit"] is not None]
     return sum(hits) / len(hits) if hits else float("nan")
 
 
-def _first_error_chance(groups) -> float:
+def pooled_first_error_chance(groups) -> float:
     xs = [1 / len(r["steps"]) for g in groups for r in g if r["first_error_hit"] is not None]
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -97,8 +97,8 @@ def process_metrics(groups: List[List[Dict]], resamples: int = 2000) -> Dict:
     steps = [s for g in groups for r in g for s in r["steps"]]
     labelled = [s for s in steps if s["label"] is not None]
     out = dict(problems=len(groups), responses=sum(len(g) for g in groups), steps=len(steps),
-               outcome_auc=_outcome_auc(groups),
-               outcome_auc_ci=cluster_bootstrap_ci(groups, _outcome_auc, resamples))
+               outcome_auc=pooled_outcome_auc(groups),
+               outcome_auc_ci=cluster_bootstrap_ci(groups, pooled_outcome_auc, resamples))
     if labelled:
         pos = [s["value"] for s in labelled if s["label"]]
         neg = [s["value"] for s in labelled if not s["label"]]
@@ -107,10 +107,10 @@ def process_metrics(groups: List[List[Dict]], resamples: int = 2000) -> Dict:
             labelled_steps=len(labelled),
             mean_value_right_prefix=sum(pos) / len(pos) if pos else float("nan"),
             mean_value_wrong_prefix=sum(neg) / len(neg) if neg else float("nan"),
-            step_auc=_step_auc(groups),
-            step_auc_ci=cluster_bootstrap_ci(groups, _step_auc, resamples),
+            step_auc=pooled_step_auc(groups),
+            step_auc_ci=cluster_bootstrap_ci(groups, pooled_step_auc, resamples),
             responses_with_error=len(located),
-            first_error=_first_error(groups),
-            first_error_ci=cluster_bootstrap_ci(groups, _first_error, resamples),
-            first_error_chance=_first_error_chance(groups))
+            first_error=pooled_first_error(groups),
+            first_error_ci=cluster_bootstrap_ci(groups, pooled_first_error, resamples),
+            first_error_chance=pooled_first_error_chance(groups))
     return out

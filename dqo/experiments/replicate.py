@@ -1,29 +1,44 @@
-"""A reproducible mini-replication of the paper's comparisons (Tables 3-7, Figure 2) on the
+"""A reproducible mini-replication of the paper's comparisons (Tables 3-7, Figures 2-3) on the
 synthetic arithmetic task, on a CPU.
 
-    python -m dqo.experiments.replicate                 # 3 bases x 2 seeds, about an hour
+    python -m dqo.experiments.replicate                 # 3 bases x 2 seeds, about 80 minutes
     python -m dqo.experiments.replicate --quick         # toy sizes, seconds (CI smoke)
 
 A tiny base policy is warmed up with SFT until it is right sometimes. An offline dataset is
 sampled from it (8 responses a prompt, verified), plus two process-score variants of it: Monte-
 Carlo (paper 4.4: completions sampled from every prefix of a failed response) and the task's
 exact step labels. Every method then trains from the same base weights on the same samples
-(SFT on the problems' canonical solutions).
+(SFT on the problems' canonical solutions). All of it is repeated for several bases
+(``--bases``: SFT warm-ups from different seeds, each with its own offline data).
 
-Tuning, as the paper's appendix A does for every baseline: each of SFT, RS, DPO, KTO, DRO and
-DQO gets the same budget of configurations (lr x beta where a method has a beta, lr x steps
-for SFT and RS), each trained once and scored by greedy accuracy on a validation split that is
-disjoint from the test problems; the best goes on to the test problems with every training
-seed. DQO's ablations and process-score variants use DQO's chosen configuration.
+The protocol, the same for every method (SFT, RS, DPO, KTO, DRO, DQO):
 
-All of that is repeated for several bases (``--bases``: SFT warm-ups from different seeds,
-each with its own offline data). Every accuracy comes with a 95% interval from a bootstrap
-over the test problems, and every method is compared with DQO paired on the same problems,
-bases and seeds (the paired bootstrap's interval of the difference).
+- **One step budget**: ``Budget.max_steps`` optimizer steps of ``Budget.batch_size``.
+- **Checkpoint selection on validation**: greedy accuracy on a validation split (disjoint from
+  the test problems) every ``Budget.select_every`` steps; the run keeps its best checkpoint
+  (the earliest of equals). The paper selects DQO's and DRO's checkpoints on the training
+  curve; here every method gets the same selection.
+- **A learning-rate grid with an interior choice**: ``Budget.lrs`` (three points, beta at its
+  default 0.1), each run once (seed 0) and scored by its selected checkpoint's validation
+  accuracy. Where the best is an end of the grid, the grid is widened past it by
+  ``Budget.lr_factor``, up to ``Budget.max_widen`` times; the report says where a choice stays
+  on an edge. The chosen learning rate then trains every seed (seed 0's sweep run is reused).
+  DQO's ablations and process-score variants use DQO's choice.
+- **Intervals over bases and problems**: every accuracy and difference has a 95% interval from
+  a two-level bootstrap that resamples the bases and the test problems (the same problems on
+  every base, so differences stay paired); a difference from DQO pairs the same problems,
+  bases and seeds.
+
+The critic (issue 26's measurements): for DQO, DQO with each process score, and DRO (whose value
+is fit at the prompt only), the trained value model reads responses the base policy samples for
+the test problems (:mod:`dqo.process_metrics`: step AUC against the exact labels, first-error
+localisation, outcome AUC), and the DQO policy's best-of-8 samples are reranked by its value,
+its implied return, the majority answer and at random (:mod:`dqo.reranking`).
 
 Outputs in ``--out``: ``replication.md`` (tables), ``replication.json`` (every run, with its
-per-problem results), ``replication.png`` (accuracy with intervals, and learned V(s) against
-true step correctness).
+per-problem results), ``replication.png`` (accuracy differences with intervals, and learned
+V(s) against true step correctness). ``runs.jsonl`` holds every finished run as it ends: a
+rerun with ``--resume`` skips those (the bases and data are rebuilt identically).
 """
 from __future__ import annotations
 
@@ -32,7 +47,7 @@ import copy
 import json
 import logging
 import platform
-import statistics
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,13 +57,24 @@ import torch
 
 from .. import algos
 from ..configs import TrainConfig
-from ..data import Example, split_steps, step_end_tokens, tokenize_rows
-from ..decoding import encode_prompt
+from ..critic import init_value_head, mean_return
+from ..data import Example, tokenize_rows
+from ..evaluation import critic_evaluation
 from ..generation import PROCESS_REWARD_TOTAL, exact_process_scores, generate, mc_process_scores
+from ..generation.dataset import prompt_seed
 from ..loop import train
 from ..modeling import ValueModel
 from ..pipeline import DefaultPipeline, Evaluator, Splits, sample_offline, warm_up_base
+from ..process_metrics import (
+    critic_records,
+    pooled_first_error,
+    pooled_outcome_auc,
+    pooled_step_auc,
+    process_metrics,
+)
 from ..reference_logps import compute_ref_logps
+from ..reranking import RULES
+from ..stats import two_level_ci, two_level_groups_ci
 from ..tasks import arithmetic, get_verifier
 
 log = logging.getLogger("dqo.replicate")
@@ -78,37 +104,35 @@ METHODS = [
     Method("DQO + process scores (exact labels)", "dqo", "exact"),
 ]
 
+# the critics measured as process reward models; DRO's value is fit at the prompt only
+CRITIC_METHODS = ("DQO", "DQO + process scores (MC)", "DQO + process scores (exact labels)",
+                  "DRO")
+RERANKED = "DQO"  # the run whose best-of-N samples are reranked
+
 
 @dataclass
 class Budget:
     max_steps: int = 64
     batch_size: int = 64
-    value_lr: float = 1e-3
+    select_every: int = 16  # validation checkpoints every this many steps
     eval_samples: int = 4
     mc_samples: int = 4  # completions per prefix for the Monte-Carlo process scores
     process_reward_total: float = PROCESS_REWARD_TOTAL  # the most a failed response earns
-    # the sweep: the same number of configurations for every tuned method
-    lrs: Tuple[float, ...] = (1e-5, 3e-5)
-    betas: Tuple[float, ...] = (0.03, 0.1)  # methods with a KL coefficient
-    steps: Tuple[int, ...] = (32, 64)  # SFT and RS: lr x steps
-    bootstrap: int = 2000  # resamples of the test problems for the 95% intervals
-
-
-BETA_ALGOS = ("dqo", "dro", "dpo", "kto")
-
-
-def grid(algo: str, budget: Budget) -> List[Dict]:
-    """The configurations a tuned method is swept over: the same number for every method."""
-    name, values = (("beta", budget.betas) if algo in BETA_ALGOS
-                    else ("max_steps", budget.steps))
-    return [{"lr": lr, name: v} for lr in budget.lrs for v in values]
+    lrs: Tuple[float, ...] = (1e-5, 3e-5, 1e-4)  # the starting grid of every tuned method
+    lr_factor: float = 3.0  # one widening step past an end of the grid
+    max_widen: int = 2
+    critic_samples: int = 4  # base-policy responses a test problem the critics read
+    best_of: int = 8
+    bootstrap: int = 2000  # resamples for the accuracy intervals
+    critic_bootstrap: int = 500  # resamples for the critic's intervals (an AUC each)
 
 
 def quick() -> (DefaultPipeline, Budget):
     return (DefaultPipeline(n_sft=512, n_offline=16, n_test=16, n_dev=16, n_val=8,
                             samples_per_prompt=8, sft_max_steps=150, hidden_size=64, layers=2),
-            Budget(max_steps=2, batch_size=4, eval_samples=1, mc_samples=2, lrs=(2e-5,),
-                   betas=(0.1,), steps=(2,), bootstrap=200))
+            Budget(max_steps=2, batch_size=4, select_every=1, eval_samples=1, mc_samples=2,
+                   lrs=(1e-5, 2e-5, 4e-5), max_widen=1, critic_samples=2, best_of=2,
+                   bootstrap=200, critic_bootstrap=20))
 
 
 def replication_pipeline() -> DefaultPipeline:
@@ -141,64 +165,37 @@ def build_datasets(tok, policy, pipe: DefaultPipeline, splits: Splits, budget: B
     return out_sets, stats
 
 
-def value_vs_correctness(value: ValueModel, tok, policy, problems, pipe, n: int = 4):
-    """V(s) of the states after each step of held-out responses sampled from the base policy,
-    with the exact correctness of the prefix that leads there (the paper's Figure 2)."""
-    samples = generate(policy, tok, [p.prompt for p in problems], n=n, decoding=pipe.decoding)
-    return [row for prob, ss in zip(problems, samples) for s in ss
-            for row in step_values(value, tok, prob, s.text, s.ids)]
-
-
-def step_values(value, tok, problem, text: str, response_ids) -> List[Dict]:
-    """One row per non-blank step of a response: its 1-based index among the steps, its exact
-    label, and V of the state after its last token."""
-    prompt_ids = encode_prompt(tok, problem.prompt)
-    steps = split_steps(text)
-    labels = arithmetic.step_labels(problem, text)
-    ends = step_end_tokens(tok, steps, response_ids)
-    ids = torch.tensor([prompt_ids + list(response_ids)])
-    with torch.no_grad():
-        v = value(ids, torch.ones_like(ids))[0]
-    out, k = [], 0
-    for step, ok, end in zip(steps, labels, ends):
-        pos = len(prompt_ids) + end + 1  # V(s_t) sits at t: the state after token t - 1
-        if step.strip() and pos < ids.shape[1]:
-            k += 1
-            out.append(dict(step=k, correct=bool(ok), value=float(v[pos])))
-    return out
-
-
-def bootstrap_ci(items: List[float], n: int, seed: int = 0) -> Tuple[float, float]:
-    """95% percentile interval of the mean of ``items`` (one value per test problem), from
-    ``n`` resamples of the problems."""
-    x = torch.tensor(items, dtype=torch.float64)
-    idx = torch.randint(len(x), (n, len(x)), generator=torch.Generator().manual_seed(seed))
-    lo, hi = torch.quantile(x[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return lo.item(), hi.item()
-
-
-def per_problem(runs: List[Dict], key: str) -> List[float]:
-    """Each test problem's score averaged over ``runs`` (bases x seeds)."""
-    return [statistics.mean(col) for col in zip(*(r[key + "_items"] for r in runs))]
+def cells(runs: List[Dict], key: str, bases: List[int]) -> Optional[torch.Tensor]:
+    """[bases, problems]: each test problem's ``key`` score, mean over a base's seeds; None
+    when a base has no run."""
+    rows = []
+    for b in bases:
+        mine = [r[key + "_items"] for r in runs if r["base"] == b]
+        if not mine:
+            return None
+        rows.append(torch.tensor(mine, dtype=torch.float64).mean(0))
+    return torch.stack(rows)
 
 
 def compare(runs: List[Dict], name: str, ref: str, key: str, n: int,
             base: Optional[int] = None) -> Dict:
-    """``name``'s accuracy with its interval and its difference from ``ref``'s, paired on the
-    same problems, bases and seeds, with the paired bootstrap's interval."""
+    """``name``'s accuracy with its interval, and its difference from ``ref``'s paired on the
+    same problems, bases and seeds, with its interval (both over bases and problems)."""
     def sel(m):
         return {(r["base"], r["seed"]): r for r in runs if r["method"] == m
                 and f"{key}_items" in r and (base is None or r["base"] == base)}
     mine, theirs = sel(name), sel(ref)
     if not mine:
         return {}
-    own = per_problem(list(mine.values()), key)
-    out = dict(acc=statistics.mean(own), ci=bootstrap_ci(own, n))
+    bases = sorted({b for b, _ in mine})
+    own = cells(list(mine.values()), key, bases)
+    out = dict(acc=own.mean().item(), ci=two_level_ci(own, n))
     both = sorted(set(mine) & set(theirs))
     if name != ref and both:
-        diff = [a - b for a, b in zip(per_problem([mine[k] for k in both], key),
-                                      per_problem([theirs[k] for k in both], key))]
-        out.update(diff=statistics.mean(diff), diff_ci=bootstrap_ci(diff, n))
+        bb = sorted({b for b, _ in both})
+        diff = (cells([mine[k] for k in both], key, bb)
+                - cells([theirs[k] for k in both], key, bb))
+        out.update(diff=diff.mean().item(), diff_ci=two_level_ci(diff, n))
     return out
 
 
@@ -206,14 +203,53 @@ def summarize(runs: List[Dict], methods: List[Method], bases: List[int], n: int,
               ref: str = "DQO") -> List[Dict]:
     rows = []
     for name in ["Base (SFT warm-up)"] + [m.name for m in methods]:
-        row = {"method": name, "n": sum(r["method"] == name and "greedy" in r for r in runs),
-               "skipped": sorted({r["skipped"] for r in runs
-                                  if r["method"] == name and "skipped" in r})}
+        mine = [r for r in runs if r["method"] == name]
+        row = {"method": name, "n": sum("greedy" in r for r in mine),
+               "skipped": sorted({r["skipped"] for r in mine if "skipped" in r}),
+               "steps": [r["selected_step"] for r in mine if "selected_step" in r]}
         for key in ("greedy", "sampled"):
             row[key] = compare(runs, name, ref, key, n)
             row[key + "_by_base"] = {b: compare(runs, name, ref, key, n, base=b) for b in bases}
         rows.append(row)
     return rows
+
+
+def summarize_critics(critics: Dict[str, Dict[int, List[List[list]]]], n: int) -> List[Dict]:
+    """Per critic: its figures on the responses of every base and seed, pooled (each base's
+    seeds' records of one problem in one cell), with two-level intervals."""
+    out = []
+    for name, by_base in critics.items():
+        table = [[sum((seed_groups[p] for seed_groups in by_base[b]), [])
+                  for p in range(len(by_base[b][0]))] for b in sorted(by_base)]
+        flat = [c for row in table for c in row]
+        pooled = process_metrics(flat, resamples=0)
+        row = dict(method=name, runs=sum(len(v) for v in by_base.values()), **pooled)
+        for key, fn in (("step_auc", pooled_step_auc), ("first_error", pooled_first_error),
+                        ("outcome_auc", pooled_outcome_auc)):
+            row[key + "_ci"] = two_level_groups_ci(table, fn, n)
+        row["step_auc_by_run"] = {f"{b}/{s}": process_metrics(g, resamples=0).get("step_auc")
+                                  for b in sorted(by_base) for s, g in enumerate(by_base[b])}
+        out.append(row)
+    return out
+
+
+def summarize_best_of(runs: List[Dict], bases: List[int], n: int) -> Dict:
+    """The reranked run's best-of-N accuracy of each rule over bases and seeds, and each
+    rule's difference from random, with two-level intervals."""
+    mine = [r for r in runs if "best_of" in r]
+    if not mine:
+        return {}
+    bases = sorted({r["base"] for r in mine})
+    out = {}
+    for rule in mine[0]["best_of"]:
+        rows = [dict(base=r["base"], x_items=r["best_of"][rule]["items"],
+                     d_items=[a - b for a, b in zip(r["best_of"][rule]["items"],
+                                                    r["best_of"]["random"]["items"])])
+                for r in mine]
+        x, d = cells(rows, "x", bases), cells(rows, "d", bases)
+        out[rule] = dict(acc=x.mean().item(), ci=two_level_ci(x, n),
+                         minus_random=d.mean().item(), minus_random_ci=two_level_ci(d, n))
+    return out
 
 
 def _pct(c: Dict, which: str = "acc") -> str:
@@ -224,19 +260,135 @@ def _pct(c: Dict, which: str = "acc") -> str:
     return f"{100 * c['diff']:+.1f} [{100 * c['diff_ci'][0]:+.1f}, {100 * c['diff_ci'][1]:+.1f}]"
 
 
-def auc(pos: List[float], neg: List[float]) -> float:
-    """P(V of a correct prefix > V of an incorrect one): how well V ranks step correctness."""
-    if not pos or not neg:
-        return float("nan")
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
+def _num(x: Optional[float], ci=None, fmt: str = ".3f") -> str:
+    if x is None or x != x:
+        return "–"
+    s = f"{x:{fmt}}"
+    return s + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci and ci[0] == ci[0] else "")
+
+
+class Selector:
+    """``train``'s ``eval_fn``: the validation greedy accuracy of the policy now; keeps a copy
+    of the policy's (and value model's) weights whenever it is the best so far (the earliest
+    of equals)."""
+
+    def __init__(self, policy, value, validate: Evaluator, every: int):
+        self.policy, self.value, self.validate, self.every = policy, value, validate, every
+        self.best, self.step, self.curve, self.state = -1.0, 0, [], None
+
+    def __call__(self) -> Dict:
+        self.policy.eval()
+        acc = self.validate(self.policy, samples=0)["greedy"]
+        self.curve.append(acc)
+        if acc > self.best:
+            self.best, self.step = acc, self.every * len(self.curve)
+            self.state = (copy.deepcopy(self.policy.state_dict()),
+                          None if self.value is None else copy.deepcopy(self.value.state_dict()))
+        return dict(val_greedy=acc)
+
+    def restore(self) -> None:
+        self.policy.load_state_dict(self.state[0])
+        if self.value is not None:
+            self.value.load_state_dict(self.state[1])
+        self.policy.eval()
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def train_one(m: Method, b: int, seed: int, lr: float, tok, base, datasets, budget: Budget,
+              work: Path, validate: Evaluator):
+    """Train ``m`` with ``lr`` from a copy of ``base``, keeping its best validation checkpoint:
+    (row, policy, value) with the row's validation curve; (row with ``skipped``, None, None)
+    when the method has no batch of training items."""
+    row = dict(method=m.name, base=b, seed=seed, config=dict(lr=lr))
+    n_items = len(algos.make(m.algo).items(datasets[m.data]))
+    if n_items < budget.batch_size:  # e.g. RS/DPO when no sample is correct
+        log.warning("base %d seed %d %s: skipped, %d training items < one batch", b, seed,
+                    m.name, n_items)
+        return dict(row, skipped=f"{n_items} training items < one batch"), None, None
+    torch.manual_seed(seed)
+    policy = copy.deepcopy(base)
+    value = None
+    if algos.REGISTRY[m.algo].needs_value:
+        value = ValueModel.from_policy(policy)
+        init_value_head(value, mean_return(datasets[m.data]))  # the trainer's default start
+    out = work / "runs" / f"{_slug(m.name)}-lr{lr:g}-s{seed}"
+    targs = TrainConfig(algo=m.algo, out=str(out), lr=lr, batch_size=budget.batch_size,
+                        micro_batch=budget.batch_size, engine="torch", progress=False,
+                        seed=seed, max_steps=budget.max_steps, eval_every=budget.select_every,
+                        **m.overrides)
+    select = Selector(policy, value, validate, budget.select_every)
+    t = time.time()
+    train(targs, tok, policy, value, datasets[m.data], eval_fn=select)
+    select.restore()
+    shutil.rmtree(out, ignore_errors=True)
+    log.info("base %d seed %d %-38s lr %-7g val %s -> step %d", b, seed, m.name, lr,
+             " ".join(f"{x:.3f}" for x in select.curve), select.step)
+    return (dict(row, train_s=time.time() - t, val_curve=select.curve, val_greedy=select.best,
+                 selected_step=select.step), policy, value)
+
+
+def test_one(row: Dict, policy, value, ctx: Dict) -> Dict:
+    """``row`` with the test figures of the selected checkpoint: accuracy per problem, and for
+    the critics their reading of the base's responses, for the reranked run its best-of-N."""
+    t = time.time()
+    with torch.random.fork_rng():
+        torch.manual_seed(row["seed"])
+        row.update(ctx["evaluate"](policy, per_problem=True))
+    name = row["method"]
+    if value is not None and name in CRITIC_METHODS:
+        value.eval()
+        groups = critic_records(value, ctx["tok"], ctx["prompts"], ctx["base_samples"],
+                                ctx["base_right"])
+        row["critic"] = process_metrics(groups, resamples=ctx["budget"].critic_bootstrap)
+        row["critic_groups"] = groups  # pooled over bases and seeds in the summary
+    if value is not None and name == RERANKED:
+        res = critic_evaluation(policy, ctx["tok"], ctx["prompts"], ctx["answers"],
+                                get_verifier("arithmetic"), decoding=ctx["decoding"],
+                                n=ctx["budget"].best_of, rules=RULES, value=value,
+                                reference=ctx["base"], task="arithmetic", seed=row["seed"])
+        row["best_of"] = res["best_of"]
+        row["own_samples_critic"] = res["process"]
+    log.info("base %d seed %d %-38s test greedy %.3f sampled %.3f%s", row["base"], row["seed"],
+             name, row["greedy"], row.get("sampled", float("nan")),
+             f" best-of-{ctx['budget'].best_of} by value {row['best_of']['value']['acc']:.3f}"
+             if "best_of" in row else "")
+    row["test_s"] = time.time() - t
+    return row
+
+
+def lr_grid(budget: Budget, done: Dict[float, float]) -> Optional[float]:
+    """The next learning rate to try, given validation scores ``done`` (lr -> accuracy): the
+    starting grid first, then one step past an end that is the best (up to ``max_widen``
+    steps); None when the choice is interior or the widening is spent."""
+    for lr in budget.lrs:
+        if lr not in done:
+            return lr
+    lrs = sorted(done)
+    best = max(lrs, key=lambda x: (done[x], -x))  # equals: the smaller lr
+    if len(lrs) - len(budget.lrs) >= budget.max_widen:
+        return None
+    if best == lrs[0]:
+        return lrs[0] / budget.lr_factor
+    if best == lrs[-1]:
+        return lrs[-1] * budget.lr_factor
+    return None
+
+
+def chosen_lr(done: Dict[float, float]) -> Tuple[float, bool]:
+    """(the best learning rate, whether it is interior to the points tried)."""
+    lrs = sorted(done)
+    best = max(lrs, key=lambda x: (done[x], -x))
+    return best, lrs[0] < best < lrs[-1]
 
 
 def _config(c: Dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in c.items())
 
 
-def write_report(out: Path, summary, values, meta, data_stats, sweep) -> None:
+def write_report(out: Path, summary, critics, best_of, meta, data_stats, sweep, chosen) -> None:
     correct = ", ".join(f"{100 * d['outcome']['correct']:.1f}%" for d in data_stats.values())
     bases, budget, pipe = meta["bases"], meta["budget"], meta["pipe"]
     lines = [
@@ -248,66 +400,93 @@ def write_report(out: Path, summary, values, meta, data_stats, sweep) -> None:
         f"Bases: {len(bases)} {meta['params_m']:.2f}M-parameter transformers, SFT warm-ups on "
         f"{pipe['n_sft']} problems from seeds {bases}. Offline data of each: "
         f"{pipe['n_offline']} prompts x {pipe['samples_per_prompt']} samples ({correct} "
-        f"correct). Every method: {budget['max_steps']} steps of {budget['batch_size']} "
-        f"(SFT and RS: the swept number of steps). Tuned methods swept over "
-        f"lr {list(budget['lrs'])} x (beta {list(budget['betas'])} or steps "
-        f"{list(budget['steps'])}) on {pipe['n_val']} validation problems, per base; the best "
-        f"by greedy accuracy is reported on the {pipe['n_test']} test problems over "
-        f"{len(meta['seeds'])} training seeds. Ablations and process-score variants use DQO's "
-        f"configuration. Brackets: 95% intervals, bootstrap over the test problems "
+        f"correct). Every method: at most {budget['max_steps']} steps of "
+        f"{budget['batch_size']}, its checkpoint chosen by greedy accuracy on "
+        f"{pipe['n_val']} validation problems every {budget['select_every']} steps. Tuned "
+        f"methods: lr swept from {list(budget['lrs'])} (beta 0.1), widened by "
+        f"x{budget['lr_factor']:g} past an end that wins (at most {budget['max_widen']} times), "
+        f"per base, on seed 0; the chosen lr trains {len(meta['seeds'])} seeds, scored on the "
+        f"{pipe['n_test']} test problems. Ablations and process-score variants use DQO's lr. "
+        f"Brackets: 95% intervals from a bootstrap over the bases and the test problems "
         f"({budget['bootstrap']} resamples); \"minus DQO\" is paired on the same problems, bases "
         f"and seeds.",
         "",
-        "| method | greedy % | minus DQO | sampled % | minus DQO |",
-        "|---|---:|---:|---:|---:|",
+        "| method | greedy % | minus DQO | sampled % | minus DQO | selected steps |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for r in summary:
         if not r["n"]:
             why = "; ".join(r["skipped"]) or "not run"
-            lines.append(f"| {r['method']} | skipped: {why} | | | |")
+            lines.append(f"| {r['method']} | skipped: {why} | | | | |")
             continue
         g, sm = r["greedy"], r["sampled"]
+        steps = ", ".join(str(x) for x in r["steps"]) or "–"
         lines.append(f"| {r['method']} | {_pct(g)} | {_pct(g, 'diff')} | {_pct(sm)} | "
-                     f"{_pct(sm, 'diff')} |")
+                     f"{_pct(sm, 'diff')} | {steps} |")
     lines += ["", "Greedy accuracy on each base (mean over training seeds), and minus DQO's on "
-              "that base:", "",
+              "that base (interval over the test problems):", "",
               "| method | " + " | ".join(f"base {b}" for b in bases) + " |",
               "|---|" + "---:|" * len(bases)]
     for r in summary:
-        cells = []
+        cells_ = []
         for b in bases:
             c = r["greedy_by_base"].get(b) or {}
-            cells.append(f"{100 * c['acc']:.1f} ({_pct(c, 'diff')})" if c else
-                         "skipped: " + ("; ".join(r["skipped"]) or "not run"))
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    lines += ["", "The sweep: greedy accuracy on the validation problems of every configuration "
-              "(one training seed), the chosen one in bold:", "",
-              "| method | configuration | " + " | ".join(f"base {b}" for b in bases) + " |",
+            cells_.append(f"{100 * c['acc']:.1f} ({_pct(c, 'diff')})" if c else
+                          "skipped: " + ("; ".join(r["skipped"]) or "not run"))
+        lines.append(f"| {r['method']} | " + " | ".join(cells_) + " |")
+    lines += ["", "The sweep: each learning rate's best validation greedy accuracy (seed 0) and "
+              "the step it was reached at; the chosen lr in bold, *edge* where it is an end of "
+              "the points tried:", "",
+              "| method | lr | " + " | ".join(f"base {b}" for b in bases) + " |",
               "|---|---|" + "---:|" * len(bases)]
     for name in dict.fromkeys(x["method"] for x in sweep):
-        for cfg in [dict(c) for c in dict.fromkeys(
-                tuple(x["config"].items()) for x in sweep if x["method"] == name)]:
-            cells = []
+        for lr in sorted({x["config"]["lr"] for x in sweep if x["method"] == name}):
+            cells_ = []
             for b in bases:
                 hit = [x for x in sweep if x["method"] == name and x["base"] == b
-                       and x["config"] == cfg]
+                       and x["config"]["lr"] == lr]
                 if not hit:
-                    cells.append("")
+                    cells_.append("")
                     continue
-                text = (f"{100 * hit[0]['greedy']:.1f}" if "greedy" in hit[0]
-                        else f"skipped: {hit[0]['skipped']}")
-                cells.append(f"**{text}**" if hit[0].get("chosen") else text)
-            lines.append(f"| {name} | {_config(cfg)} | " + " | ".join(cells) + " |")
-    lines += ["", "Learned V(s) after each step of held-out responses vs the exact correctness "
-              "of the prefix (base 0, seed 0; AUC = P(V correct prefix > V incorrect prefix)):",
-              "",
-              "| value model | mean V, correct prefix | mean V, incorrect prefix | AUC |",
-              "|---|---:|---:|---:|"]
-    for name, pts in values.items():
-        pos = [p["value"] for p in pts if p["correct"]]
-        neg = [p["value"] for p in pts if not p["correct"]]
-        mean = lambda x: statistics.mean(x) if x else float("nan")  # noqa: E731
-        lines.append(f"| {name} | {mean(pos):.3f} | {mean(neg):.3f} | {auc(pos, neg):.3f} |")
+                h = hit[0]
+                text = (f"{100 * h['val_greedy']:.1f} @{h['selected_step']}"
+                        if "val_greedy" in h else f"skipped: {h['skipped']}")
+                pick = chosen.get(b, {}).get(name, {})
+                if pick.get("lr") == lr:
+                    text = f"**{text}**" + ("" if pick.get("interior") else " *edge*")
+                cells_.append(text)
+            lines.append(f"| {name} | {lr:g} | " + " | ".join(cells_) + " |")
+    if critics:
+        lines += ["", "The critic as a process reward model: each trained value model reads "
+                  f"{budget['critic_samples']} responses a test problem sampled from its base; "
+                  "pooled over bases and seeds. Step AUC: P(V after a right prefix > V after a "
+                  "wrong one), exact labels. First error: share of responses with a wrong step "
+                  "where the step whose V falls most is the first wrong one (chance: a step "
+                  "drawn uniformly). Outcome AUC: V(s_T) of right vs wrong responses. 95% "
+                  f"intervals over bases and problems ({budget['critic_bootstrap']} resamples).",
+                  "",
+                  "| value model | step AUC | mean V right / wrong prefix | first error | "
+                  "chance | outcome AUC | step AUC per base/seed |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for c in critics:
+            per = ", ".join(f"{v:.2f}" if v == v else "–" for v in c["step_auc_by_run"].values())
+            lines.append(
+                f"| {c['method']} | {_num(c.get('step_auc'), c.get('step_auc_ci'))} | "
+                f"{_num(c.get('mean_value_right_prefix'))} / "
+                f"{_num(c.get('mean_value_wrong_prefix'))} | "
+                f"{_num(c.get('first_error'), c.get('first_error_ci'))} | "
+                f"{_num(c.get('first_error_chance'))} | "
+                f"{_num(c.get('outcome_auc'), c.get('outcome_auc_ci'))} | {per} |")
+    if best_of:
+        lines += ["", f"Best-of-{budget['best_of']} with the {RERANKED} run's samples "
+                  "(each rule picks one of the same samples of every test problem; mean over "
+                  "bases and seeds; intervals over bases and problems):", "",
+                  "| rule | accuracy % | minus random |", "|---|---:|---:|"]
+        for rule, c in best_of.items():
+            d = ("–" if rule in ("random", "mean", "oracle") else
+                 f"{100 * c['minus_random']:+.1f} [{100 * c['minus_random_ci'][0]:+.1f}, "
+                 f"{100 * c['minus_random_ci'][1]:+.1f}]")
+            lines.append(f"| {rule} | {_pct(c)} | {d} |")
     (out / "replication.md").write_text("\n".join(lines) + "\n")
 
 
@@ -331,70 +510,107 @@ def plot(out: Path, summary, values) -> None:
     ax1.set_xticklabels([r["method"] for r in rows], rotation=60, ha="right", fontsize=8)
     ax1.set_ylabel("accuracy minus DQO's (points)")
     ax1.legend(ncol=2, loc="upper right")
-    ax1.set_title("Each method minus DQO, paired on problems, bases, seeds (95% intervals)")
+    ax1.set_title("Each method minus DQO, paired (95% intervals over bases and problems)")
     data, labels = [], []
     for name, pts in values.items():
         for ok in (True, False):
             data.append([p["value"] for p in pts if p["correct"] == ok] or [float("nan")])
             short = name.replace("DQO + process scores", "DQO + PS").replace(" labels", "")
-            labels.append(f"{short}\n{'correct' if ok else 'incorrect'}\nprefix")
+            labels.append(f"{short}\n{'right' if ok else 'wrong'}\nprefix")
     ax2.boxplot(data, showfliers=False)
     ax2.set_xticks(range(1, len(labels) + 1))
-    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.set_xticklabels(labels, fontsize=6)
     ax2.set_ylabel("learned V(s) after the step")
-    ax2.set_title("Value of states vs true step correctness")
+    ax2.set_title("Value of states vs true step correctness (base 0, seed 0)")
     fig.tight_layout()
     fig.savefig(out / "replication.png", dpi=110)
     plt.close(fig)
 
 
-VALUE_METHODS = ("DQO", "DQO + process scores (exact labels)")  # the Figure-2 analysis
+class Journal:
+    """``runs.jsonl``: every finished sweep point and test run, appended as it ends, so that a
+    stopped replication resumes (``--resume``) without redoing them."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.rows: List[Dict] = []
+        if resume and path.is_file():
+            self.rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        elif path.exists():
+            path.unlink()
+
+    def find(self, kind: str, **key) -> Optional[Dict]:
+        return next((r for r in self.rows if r["kind"] == kind and all(
+            (r["config"]["lr"] if k == "lr" else r.get(k)) == v for k, v in key.items())), None)
+
+    def add(self, kind: str, row: Dict) -> Dict:
+        row = dict(row, kind=kind)
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
 
 
-def run_method(m: Method, b: int, seed: int, config: Dict, tok, base, datasets,
-               budget: Budget, work: Path, evaluate, samples: Optional[int] = None
-               ) -> Tuple[Dict, Optional[ValueModel]]:
-    """Train one method with ``config`` from a copy of ``base`` and evaluate it: the row of
-    the results (with per-problem scores), and the trained value model (None for methods
-    without one) for the Figure-2 analysis."""
-    torch.manual_seed(seed)
-    policy = copy.deepcopy(base)
-    value = ValueModel.from_policy(policy) if algos.REGISTRY[m.algo].needs_value else None
-    settings = dict(dict(max_steps=budget.max_steps), **config, **m.overrides)
-    targs = TrainConfig(algo=m.algo, out=str(work / "runs" / f"{m.algo}-{seed}"),
-                      value_lr=budget.value_lr, batch_size=budget.batch_size,
-                      micro_batch=budget.batch_size, engine="torch", progress=False,
-                      seed=seed, **settings)
-    row = dict(method=m.name, base=b, seed=seed, config=config)
-    n_items = len(algos.make(m.algo).items(datasets[m.data]))
-    if n_items < budget.batch_size:  # e.g. RS/DPO when no sample is correct
-        log.warning("base %d seed %d %s: skipped, %d training items < one batch", b, seed,
-                    m.name, n_items)
-        return dict(row, skipped=f"{n_items} training items < one batch"), None
-    t = time.time()
-    train(targs, tok, policy, value, datasets[m.data])
-    res = evaluate(policy, samples=samples, per_problem=True)
-    log.info("base %d seed %d %-38s %-22s greedy %.3f%s", b, seed, m.name, _config(config),
-             res["greedy"], f" sampled {res['sampled']:.3f}" if "sampled" in res else "")
-    return dict(row, train_s=time.time() - t, **res), value
+def base_samples(tok, base, splits: Splits, pipe: DefaultPipeline, n: int, seed: int):
+    """``n`` responses of the base policy to every test problem, graded: what the critics
+    read."""
+    prompts = [p.prompt for p in splits.test]
+    samples = generate(base, tok, prompts, n=n, decoding=pipe.decoding,
+                       seeds=[prompt_seed(seed, i) for i in range(len(prompts))])
+    right = [[arithmetic.verify(s.text, p.answer) and s.finished for s in ss]
+             for p, ss in zip(splits.test, samples)]
+    return samples, right
 
 
-def sweep_base(methods: List[Method], b: int, tok, base, datasets, budget: Budget, work: Path,
-               validate) -> Tuple[Dict[str, Dict], List[Dict]]:
-    """Each tuned method's configurations on the validation split (seed 0, greedy): the
-    chosen configuration of every method on this base, and the sweep's rows."""
-    chosen, rows = {}, []
-    for m in (m for m in methods if m.tuned):
-        tried = [run_method(m, b, 0, cfg, tok, base, datasets, budget, work, validate,
-                            samples=0)[0] for cfg in grid(m.algo, budget)]
-        scored = [r for r in tried if "greedy" in r]
-        best = max(scored, key=lambda r: r["greedy"]) if scored else tried[0]
-        best["chosen"] = True
-        chosen[m.name] = best["config"]
-        rows += [{k: v for k, v in r.items() if not k.endswith("_items")} for r in tried]
-    for m in methods:  # the rest ride on DQO's choice
-        chosen.setdefault(m.name, chosen.get("DQO", grid("dqo", budget)[0]))
-    return chosen, rows
+def run_base_model(b: int, methods: List[Method], pipe: DefaultPipeline, splits: Splits,
+                   budget: Budget, seeds: List[int], out: Path, journal: Journal) -> Dict:
+    """Everything on base ``b``: its warm-up and data, the sweeps, every seed's test run."""
+    work = out / "work" / f"base-{b}"
+    tok, base = warm_up_base(pipe, splits, work, seed=b, progress=False, reuse=True)
+    base.eval()
+    datasets, stats = build_datasets(tok, base, pipe, splits, budget, work)
+    validate = Evaluator(tok, splits.val, pipe.decoding, samples=0)
+    samples, right = base_samples(tok, base, splits, pipe, budget.critic_samples, seed=b)
+    ctx = dict(tok=tok, base=base, evaluate=Evaluator(tok, splits.test, pipe.decoding,
+                                                      samples=budget.eval_samples),
+               prompts=[p.prompt for p in splits.test], answers=[p.answer for p in splits.test],
+               decoding=pipe.decoding, budget=budget, base_samples=samples, base_right=right)
+    for seed in seeds:
+        if not journal.find("run", method="Base (SFT warm-up)", base=b, seed=seed):
+            torch.manual_seed(seed)
+            journal.add("run", dict(method="Base (SFT warm-up)", base=b, seed=seed,
+                                    **ctx["evaluate"](base, per_problem=True)))
+    chosen: Dict[str, Tuple[float, bool]] = {}
+    for m in methods:
+        if m.tuned:
+            kept = {}  # lr -> (row, policy, value) of this session's seed-0 runs
+            done = {r["config"]["lr"]: r.get("val_greedy", -1.0) for r in journal.rows
+                    if r["kind"] == "sweep" and r["method"] == m.name and r["base"] == b}
+            while (lr := lr_grid(budget, done)) is not None:
+                row, policy, value = train_one(m, b, 0, lr, tok, base, datasets, budget, work,
+                                               validate)
+                journal.add("sweep", {k: v for k, v in row.items()})
+                done[lr] = row.get("val_greedy", -1.0)
+                kept[lr] = (row, policy, value)
+            chosen[m.name] = chosen_lr(done)
+        else:
+            chosen[m.name] = chosen.get("DQO") or (budget.lrs[len(budget.lrs) // 2], True)
+        lr = chosen[m.name][0]
+        for seed in seeds:
+            if journal.find("run", method=m.name, base=b, seed=seed):
+                continue
+            if m.tuned and seed == 0 and lr in kept:
+                row, policy, value = kept[lr]
+            else:
+                row, policy, value = train_one(m, b, seed, lr, tok, base, datasets, budget,
+                                               work, validate)
+            if policy is not None:
+                row = test_one(dict(row), policy, value, ctx)
+            journal.add("run", row)
+        if m.tuned:
+            kept.clear()
+    return dict(stats=stats, chosen={k: dict(lr=v[0], interior=v[1]) for k, v in chosen.items()},
+                params_m=sum(x.numel() for x in base.parameters()) / 1e6)
 
 
 def main(argv=None) -> None:
@@ -407,6 +623,8 @@ def main(argv=None) -> None:
                    help="training seeds per base; default 2 (1 with --quick)")
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs --out/runs.jsonl holds and do the rest")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -419,47 +637,45 @@ def main(argv=None) -> None:
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
     methods = METHODS if not args.methods else [
         m for m in METHODS if m.name in args.methods.split(",")]
+    if "DQO" not in [m.name for m in methods] and any(not m.tuned for m in methods):
+        p.error("--methods: DQO's ablations and variants use DQO's choice: include DQO")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / "runs.jsonl", args.resume)
     torch.manual_seed(0)
     splits = Splits(pipe, seed=0)  # one split: every base is tested on the same problems
-    runs: List[Dict] = []
-    sweep: List[Dict] = []
-    values: Dict[str, List[Dict]] = {}
-    data_stats: Dict[int, Dict] = {}
-    for b in bases:
-        work = out / "work" / f"base-{b}"
-        tok, base = warm_up_base(pipe, splits, work, seed=b, progress=False)
-        base.eval()
-        datasets, data_stats[b] = build_datasets(tok, base, pipe, splits, budget, work)
-        validate = Evaluator(tok, splits.val, pipe.decoding, samples=0)
-        evaluate = Evaluator(tok, splits.test, pipe.decoding, samples=budget.eval_samples)
-        chosen, rows = sweep_base(methods, b, tok, base, datasets, budget, work, validate)
-        sweep += rows
-        for seed in seeds:
-            torch.manual_seed(seed)
-            runs.append(dict(method="Base (SFT warm-up)", base=b, seed=seed,
-                             **evaluate(base, per_problem=True)))
-            for m in methods:
-                row, value = run_method(m, b, seed, chosen[m.name], tok, base, datasets, budget,
-                                        work, evaluate)
-                runs.append(row)
-                if b == 0 and seed == 0 and m.name in VALUE_METHODS:
-                    values[m.name] = value_vs_correctness(value, tok, base, splits.test, pipe)
+    per_base = {b: run_base_model(b, methods, pipe, splits, budget, seeds, out, journal)
+                for b in bases}
+    runs = [r for r in journal.rows if r["kind"] == "run" and r["base"] in bases]
+    sweep = [r for r in journal.rows if r["kind"] == "sweep" and r["base"] in bases]
+    critics: Dict[str, Dict[int, List]] = {}
+    for r in runs:
+        if "critic_groups" in r:
+            critics.setdefault(r["method"], {}).setdefault(r["base"], []).append(
+                r.pop("critic_groups"))
     summary = summarize(runs, methods, bases, budget.bootstrap)
+    critic_summary = summarize_critics({k: critics[k] for k in CRITIC_METHODS if k in critics},
+                                       budget.critic_bootstrap)
+    best_of = summarize_best_of(runs, bases, budget.bootstrap)
+    points = {name: [dict(value=s["value"], correct=s["label"]) for g in by_base[bases[0]][0]
+                     for rr in g for s in rr["steps"] if s["label"] is not None]
+              for name, by_base in critics.items() if bases[0] in by_base}
     import transformers
     meta = dict(command="python -m dqo.experiments.replicate" + (" --quick" if args.quick else ""),
                 torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(),
                 device=f"CPU, {torch.get_num_threads()} threads",
                 date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60, seeds=seeds,
-                params_m=sum(x.numel() for x in base.parameters()) / 1e6,
+                params_m=per_base[bases[0]]["params_m"],
                 bases=bases, pipe=asdict(pipe), budget=asdict(budget))
+    data_stats = {b: v["stats"] for b, v in per_base.items()}
+    chosen = {b: v["chosen"] for b, v in per_base.items()}
     (out / "replication.json").write_text(json.dumps(
-        dict(meta=meta, data=data_stats, summary=summary, sweep=sweep, runs=runs,
-             values=values), indent=1))
-    write_report(out, summary, values, meta, data_stats, sweep)
-    plot(out, summary, values)
+        dict(meta=meta, data=data_stats, chosen=chosen, summary=summary,
+             critics=critic_summary, best_of=best_of, sweep=sweep, runs=runs, values=points),
+        indent=1))
+    write_report(out, summary, critic_summary, best_of, meta, data_stats, sweep, chosen)
+    plot(out, summary, points)
     print((out / "replication.md").read_text())
 
 

@@ -1,10 +1,16 @@
-"""The replication's --quick mode runs every method and writes its table, data and plot."""
+"""The replication's protocol: --quick runs every method and writes its tables, data and plot;
+the learning-rate grid widens until its choice is interior; intervals cover bases and
+problems."""
 import json
 
+import pytest
+import torch
+
 from dqo.experiments import replicate
+from dqo.stats import two_level_ci, two_level_groups_ci
 
 
-def test_replicate_quick(tmp_path, capsys):
+def test_replicate_quick(tmp_path):
     replicate.main(["--quick", "--out", str(tmp_path)])
     table = (tmp_path / "replication.md").read_text()
     for m in replicate.METHODS:
@@ -13,51 +19,57 @@ def test_replicate_quick(tmp_path, capsys):
     res = json.loads((tmp_path / "replication.json").read_text())
     assert {r["method"] for r in res["runs"]} == {"Base (SFT warm-up)"} | {
         m.name for m in replicate.METHODS}
-    assert set(res["values"]) == {"DQO", "DQO + process scores (exact labels)"}
     assert "python -m dqo.experiments.replicate --quick" in table
-    assert "| method | greedy % | minus DQO | sampled % | minus DQO |" in table
+    assert "| method | greedy % | minus DQO | sampled % | minus DQO | selected steps |" in table
     assert all(len(r["greedy_items"]) == 16 for r in res["runs"] if "greedy" in r)
-    assert {x["method"] for x in res["sweep"] if x.get("chosen")} == {
-        m.name for m in replicate.METHODS if m.tuned}
+    # every trained run kept a validation-selected checkpoint
+    trained = [r for r in res["runs"] if r["method"] != "Base (SFT warm-up)" and "greedy" in r]
+    assert trained and all(r["selected_step"] >= 1 and r["val_curve"] for r in trained)
+    tuned = {m.name for m in replicate.METHODS if m.tuned}
+    assert set(res["chosen"]["0"]) == {m.name for m in replicate.METHODS}
+    assert {x["method"] for x in res["sweep"]} == tuned
+    assert all(len({x["config"]["lr"] for x in res["sweep"] if x["method"] == m}) >= 3
+               for m in tuned)
+    assert [c["method"] for c in res["critics"]] == list(replicate.CRITIC_METHODS)
+    assert set(res["best_of"]) == {"value", "q", "majority", "random", "mean", "oracle"}
+    assert "| value model | step AUC |" in table and "| rule | accuracy % |" in table
+    assert not any("critic_groups" in r for r in res["runs"])
+    # a rerun with --resume trains nothing again
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    replicate.main(["--quick", "--out", str(tmp_path), "--resume"])
+    assert (tmp_path / "runs.jsonl").read_text().splitlines() == lines
 
 
-class PairTokenizer:
-    """Two characters a token, so that tokens and characters disagree."""
+def test_the_grid_widens_until_its_choice_is_interior():
+    budget = replicate.Budget(lrs=(1.0, 3.0, 9.0), lr_factor=3.0, max_widen=2)
+    score = {1.0: 0.1, 3.0: 0.2, 9.0: 0.3, 27.0: 0.5, 81.0: 0.4}
+    done = {}
+    while (lr := replicate.lr_grid(budget, done)) is not None:
+        done[lr] = score[lr]
+    assert sorted(done) == [1.0, 3.0, 9.0, 27.0, 81.0]
+    assert replicate.chosen_lr(done) == (27.0, True)
+    done = {1.0: 0.5, 3.0: 0.2, 9.0: 0.1}  # the low end wins, and keeps winning
+    while (lr := replicate.lr_grid(budget, done)) is not None:
+        done[lr] = 0.9 if lr < 1 else done[lr]
+    assert replicate.chosen_lr(done) == (1 / 9, False)  # widening spent: said, not hidden
+    assert replicate.lr_grid(budget, {1.0: 0.1, 3.0: 0.3, 9.0: 0.1}) is None
+    assert replicate.chosen_lr({1.0: 0.3, 3.0: 0.3, 9.0: 0.1}) == (1.0, False)  # ties: smaller
 
-    def __init__(self):
-        self.vocab = {}
 
-    def __call__(self, text, add_special_tokens=False):
-        pieces = [text[i:i + 2] for i in range(0, len(text), 2)]
-        return {"input_ids": [self.vocab.setdefault(p, len(self.vocab)) for p in pieces]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        inv = {i: p for p, i in self.vocab.items()}
-        return "".join(inv[i] for i in ids)
-
-
-def test_step_values_follow_tokens_and_skip_blank_lines():
-    import torch
-
-    from dqo.tasks import arithmetic
-
-    prob = arithmetic.Problem(7, (("+", 3), ("*", 2), ("-", 5)))
-    text = "7+3=10\n\n10*2=21\n21-5=16\n#### 16"
-    tok = PairTokenizer()
-    n_prompt = len(tok(prob.prompt)["input_ids"])
-    response_ids = tok(text)["input_ids"]
-
-    def position_value(ids, mask):  # V = the position, so each row shows where it was read
-        return torch.arange(ids.shape[1], dtype=torch.float32)[None]
-
-    rows = replicate.step_values(position_value, tok, prob, text, response_ids)
-    lines = text.split("\n")
-    last_char = [sum(len(x) + 1 for x in lines[:i + 1]) - 2 for i in range(len(lines))]
-    expect = [dict(step=1, correct=True, value=n_prompt + last_char[0] // 2 + 1),
-              dict(step=2, correct=False, value=n_prompt + last_char[2] // 2 + 1),
-              dict(step=3, correct=False, value=n_prompt + last_char[3] // 2 + 1)]
-    # the "####" step ends on the last token: no state after it inside the sequence
-    assert rows == expect
+def test_two_level_intervals_cover_the_spread_of_bases():
+    g = torch.Generator().manual_seed(0)
+    same = (torch.rand(3, 200, generator=g) < 0.5).double()
+    shifted = same.clone()
+    shifted[0] = (torch.rand(200, generator=g) < 0.1).double()  # one base far below the others
+    lo, hi = two_level_ci(same, 1000)
+    assert lo <= same.mean().item() <= hi
+    lo2, hi2 = two_level_ci(shifted, 1000)
+    assert lo2 <= shifted.mean().item() <= hi2
+    assert hi2 - lo2 > 2 * (hi - lo)  # the bases' disagreement widens the interval
+    table = [[[x] for x in row.tolist()] for row in shifted]
+    lo3, hi3 = two_level_groups_ci(
+        table, lambda cs: sum(c[0] for c in cs) / len(cs), 300)
+    assert lo3 == pytest.approx(lo2, abs=0.05) and hi3 == pytest.approx(hi2, abs=0.05)
 
 
 def test_compare_is_paired_on_problems_bases_and_seeds():
@@ -70,8 +82,9 @@ def test_compare_is_paired_on_problems_bases_and_seeds():
             for (m, b, s), v in items.items()]
     runs.append(dict(method="KTO", base=0, seed=0, skipped="0 training items"))
     rs = replicate.compare(runs, "RS", "DQO", "greedy", n=500)
-    assert rs["acc"] == 11 / 16  # all four RS runs
-    assert abs(rs["diff"] - (7 - 5) / 12) < 1e-12  # paired: the three (base, seed) both have
+    assert rs["acc"] == pytest.approx((10 / 16 + 12 / 16) / 2)  # each base's seeds, then bases
+    # paired on the three (base, seed) both have: base 0 +1/8, base 1 +1/4, mean of the bases
+    assert rs["diff"] == pytest.approx((1 / 8 + 1 / 4) / 2)
     lo, hi = rs["diff_ci"]
     assert lo <= rs["diff"] <= hi and lo < hi
     on_base_1 = replicate.compare(runs, "RS", "DQO", "greedy", n=500, base=1)
@@ -81,13 +94,7 @@ def test_compare_is_paired_on_problems_bases_and_seeds():
     assert "diff" not in identical
 
 
-def test_the_sweep_gives_every_tuned_method_the_same_budget():
-    budget = replicate.Budget()
-    sizes = {m.algo: len(replicate.grid(m.algo, budget)) for m in replicate.METHODS if m.tuned}
-    assert set(sizes) == {"sft", "rs", "dpo", "kto", "dro", "dqo"}
-    assert len(set(sizes.values())) == 1
-    assert all("beta" in c for c in replicate.grid("kto", budget))
-    assert all("max_steps" in c for c in replicate.grid("sft", budget))
+def test_splits_keep_validation_apart_from_the_test_problems():
     splits = replicate.Splits(replicate.replication_pipeline(), seed=0)
     assert not set(splits.val) & set(splits.test)  # chosen on problems never tested on
     default = replicate.Splits(replicate.DefaultPipeline(), seed=0)
