@@ -1,9 +1,9 @@
 """The learned value as a process reward model, measured on sampled responses.
 
-Each response is read by the critic alone (:func:`dqo.scoring.score_response` without the
-policy's KL term and without its reward): ``V_after(k)`` is the value of the state after step
-k (for the last step, the state the stop token is chosen in), and the step whose value falls
-most, ``V_after(k) - V_before(k)`` lowest, is the one the critic marks as the first error.
+Each response is read by the critic alone (:func:`dqo.scoring.score_response`'s ``drop``):
+``V_after(k)`` is the value of the state after step k (for the last step, the state the stop
+token is chosen in), and the step whose value falls most, ``V_after(k) - V_before(k)`` lowest,
+is the one the critic marks as the first error (``dqo.score``'s mark).
 Against exact step labels (the synthetic task's; label k: the prefix up to step k is right):
 
 - ``step_auc``: P(V after a right prefix > V after a wrong one), over all steps of all
@@ -34,20 +34,18 @@ def exact_step_labels(prompt, text: str) -> Optional[List[bool]]:
 
 
 def read_steps(value, tokenizer, prompt, sample, labels: Optional[List[bool]]) -> List[Dict]:
-    """The critic's reading of one sample: one dict per step with tokens and text (``step``:
-    its 1-based index among them, ``value``: V after it, ``drop``: V after minus V before,
-    ``label``, ``marked``)."""
-    ids = list(sample.ids[:-1] if sample.finished else sample.ids)  # without the stop token
-    if not ids:
+    """The critic's reading of one sample (:func:`dqo.scoring.score_response`'s ``drop`` and
+    mark): one dict per step with tokens and text (``step``: its 1-based index among them,
+    ``value``: V after it, read to V(s_T) after the last one, ``drop``, ``label``, ``marked``)."""
+    if not sample.ids:
         return []
-    steps = score_response(None, None, value, tokenizer, prompt, ids, text=sample.text,
-                           finished=False, gamma=1.0, labels=labels)
+    steps = score_response(None, None, value, tokenizer, prompt, list(sample.ids),
+                           text=sample.text, finished=sample.finished, gamma=1.0, labels=labels)
     out = []
     for s in steps:
         if s.tokens and s.text.strip():
-            out.append(dict(step=len(out) + 1, value=s.value_after,
-                            drop=s.value_after - s.value_before, label=s.label,
-                            marked=s.likely_first_error))
+            out.append(dict(step=len(out) + 1, value=s.value_before + s.drop, drop=s.drop,
+                            label=s.label, marked=s.likely_first_error))
     return out
 
 

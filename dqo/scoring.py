@@ -8,8 +8,13 @@ pi_ref(a_t|s_t)``, ``r_t`` the token rewards and ``V`` the value model (docs/mat
     A_k = sum_{t=a..b} gamma^(t-a) (r_t - beta * l_t) + gamma^(b-a+1) V_after - V_before
 
 ``A_k`` is the step's soft advantage: what the Bellman residual of the KL-regularised return
-credits to it. A step whose ``A_k`` is lowest (the value falls most, net of its reward) is
-marked as the likely first error. Labels, where known: the synthetic task's exact step
+credits to it. The critic's own reading of the step is its drop ``D_k = V'_after - V_before``,
+where ``V'_after`` is ``V_after`` except after a finished response's last step: there it is V of
+the state the stop token is chosen in, not the terminal 0. The step with the lowest ``D_k`` (the
+value falls most) is marked as the likely first error: unlike ``A_k`` it does not depend on the
+outcome reward (a wrong response's last step always loses its whole value when the reward
+arrives) or on the KL, so a reranker or a process reward model can use it before any grading
+(:mod:`dqo.process_metrics` measures it). Labels, where known: the synthetic task's exact step
 correctness, and the outcome of the response.
 """
 from __future__ import annotations
@@ -37,6 +42,7 @@ class StepScore:
     advantage: float  # A_k
     label: Optional[bool] = None  # exact correctness where the task knows it
     likely_first_error: bool = False
+    drop: float = 0.0  # D_k: the critic's reading, V'_after - V_before
 
 
 @torch.no_grad()
@@ -63,7 +69,9 @@ def score_response(policy, reference, value, tokenizer, prompt, response_ids: Se
     v = values[0, len(prompt_ids):].double()  # V(s_t) for each response token t
     v_next = after[0, len(prompt_ids):].double()  # V of the state after token t
     n = len(response_ids)
+    read = v_next.clone()  # V'_after: the critic's reading, never the terminal 0
     if finished:
+        read[n - 1] = v[n - 1]
         v_next[n - 1] = 0.0  # the episode ends with the stop token
     r = torch.zeros(n, dtype=torch.float64) if rewards is None else torch.tensor(
         list(rewards), dtype=torch.float64)
@@ -89,11 +97,12 @@ def score_response(policy, reference, value, tokenizer, prompt, response_ids: Se
         adv = reward - kl + gamma ** (end + 1 - start) * float(v_next[end]) - float(v[start])
         out.append(StepScore(k + 1, step, end + 1 - start, float(v[start]),
                              float(v_next[end]), reward, kl, adv,
-                             None if labels is None else bool(labels[k])))
+                             None if labels is None else bool(labels[k]),
+                             drop=float(read[end]) - float(v[start])))
         start = end + 1
     real = [s for s in out if s.tokens and s.text.strip()]
     if real:
-        min(real, key=lambda s: s.advantage).likely_first_error = True
+        min(real, key=lambda s: s.drop).likely_first_error = True
     return out
 
 
@@ -104,20 +113,20 @@ def as_rows(scores: Sequence[StepScore]) -> List[Dict]:
 def text_table(scores: Sequence[StepScore], width: int = 48) -> str:
     """The per-step table as plain text (what ``python -m dqo.score`` prints)."""
     lines = [f"{'step':>4}  {'V before':>8}  {'V after':>8}  {'reward':>7}  {'KL':>7}  "
-             f"{'advantage':>9}  {'label':>5}  text"]
+             f"{'advantage':>9}  {'V drop':>7}  {'label':>5}  text"]
     for s in scores:
         label = "" if s.label is None else ("ok" if s.label else "wrong")
         mark = "  <- likely first error" if s.likely_first_error else ""
         text = s.text if len(s.text) <= width else s.text[:width - 3] + "..."
         lines.append(f"{s.index:>4}  {s.value_before:8.3f}  {s.value_after:8.3f}  "
-                     f"{s.reward:7.3f}  {s.kl:7.3f}  {s.advantage:9.3f}  {label:>5}  "
-                     f"{text!r}{mark}")
+                     f"{s.reward:7.3f}  {s.kl:7.3f}  {s.advantage:9.3f}  {s.drop:7.3f}  "
+                     f"{label:>5}  {text!r}{mark}")
     return "\n".join(lines)
 
 
 def html_page(responses: Sequence[Dict]) -> str:
-    """Each response with its steps coloured by advantage (red: the value falls, green: it
-    rises), V beside each step; ``responses``: dicts with ``prompt`` and ``steps``
+    """Each response with its steps coloured by advantage (red: negative, green: positive),
+    V beside each step; ``responses``: dicts with ``prompt`` and ``steps``
     (:class:`StepScore` rows)."""
     def colour(a: float, scale: float) -> str:
         x = max(-1.0, min(1.0, a / scale)) if scale > 0 else 0.0
@@ -127,27 +136,31 @@ def html_page(responses: Sequence[Dict]) -> str:
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
              "table{border-collapse:collapse;width:100%;margin-bottom:2em}"
              "td,th{padding:.2em .5em;border-bottom:1px solid #ddd;text-align:right}"
-             "td.text{text-align:left;font-family:monospace;white-space:pre-wrap}"
+             "td.text{text-align:left;font-family:monospace;white-space:pre-wrap;width:35%}"
              "pre{background:#f4f4f4;padding:.5em}</style>",
              "<h1>Steps scored by the learned value</h1>",
              "<p>Each step is coloured by its soft advantage A = reward &minus; &beta;&middot;KL "
-             "+ V(after) &minus; V(before): red where the value falls, green where it rises. "
-             "&#9888; marks the likely first error (the lowest advantage).</p>"]
+             "+ V(after) &minus; V(before): red where it is negative (the step lost return: its "
+             "value fell, or it paid KL), green where it is positive. "
+             "&#9888; marks the likely first error: the step whose value falls most in the "
+             "critic's own reading (V drop; after the last step, V of the state the stop token "
+             "is chosen in, not the terminal 0), which does not know the outcome.</p>"]
     for i, r in enumerate(responses):
         steps = r["steps"]
         scale = max([abs(s["advantage"]) for s in steps] + [1e-9])
         parts.append(f"<h2>Response {i + 1}</h2><pre>{html.escape(str(r['prompt']))}</pre>")
-        parts.append("<table><tr><th>step</th><th>V before</th><th>V after</th><th>reward</th>"
-                     "<th>&beta;&middot;KL</th><th>advantage</th><th>label</th>"
-                     "<th style='text-align:left'>text</th></tr>")
+        parts.append("<table><tr><th>step</th><th style='text-align:left'>text</th>"
+                     "<th>V before</th><th>V after</th><th>reward</th><th>&beta;&middot;KL</th>"
+                     "<th>advantage</th><th>V drop</th><th>label</th></tr>")
         for s in steps:
             label = "" if s["label"] is None else ("ok" if s["label"] else "wrong")
             flag = " &#9888;" if s["likely_first_error"] else ""
             parts.append(
-                f"<tr><td>{s['index']}{flag}</td><td>{s['value_before']:.3f}</td>"
-                f"<td>{s['value_after']:.3f}</td><td>{s['reward']:.3f}</td>"
-                f"<td>{s['kl']:.3f}</td><td>{s['advantage']:.3f}</td><td>{label}</td>"
+                f"<tr><td>{s['index']}{flag}</td>"
                 f"<td class='text' style='background:{colour(s['advantage'], scale)}'>"
-                f"{html.escape(s['text'])}</td></tr>")
+                f"{html.escape(s['text'])}</td><td>{s['value_before']:.3f}</td>"
+                f"<td>{s['value_after']:.3f}</td><td>{s['reward']:.3f}</td>"
+                f"<td>{s['kl']:.3f}</td><td>{s['advantage']:.3f}</td><td>{s['drop']:.3f}</td>"
+                f"<td>{label}</td></tr>")
         parts.append("</table>")
     return "\n".join(parts) + "\n"

@@ -62,8 +62,14 @@ def test_advantages_telescope_to_the_kl_regularised_return(tok, models, finished
     assert steps[0].value_before == pytest.approx(v0, abs=1e-6)
     assert steps[-1].value_after == pytest.approx(v_end, abs=1e-6)
     assert sum(s.likely_first_error for s in steps) == 1
-    worst = min((s for s in steps if s.tokens and s.text.strip()), key=lambda s: s.advantage)
+    worst = min((s for s in steps if s.tokens and s.text.strip()), key=lambda s: s.drop)
     assert worst.likely_first_error
+    # the critic's reading: V after minus V before, the last step read to V(s_T), never to the
+    # terminal 0 that the outcome brings
+    read_after = [s.value_after for s in steps[:-1]] + [
+        float(values[0, -1]) if finished else v_end]
+    for s, a in zip(steps, read_after):
+        assert s.drop == pytest.approx(a - s.value_before, abs=1e-5)
 
 
 def test_command_line_table_json_and_html(tok, models, tmp_path, capsys):
