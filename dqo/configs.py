@@ -431,9 +431,12 @@ class CriticEvalSection(Options):
     reference: Optional[str] = opt(None, "the reference policy of --rerank q (default: the base "
                                    "of the run --model belongs to)")
 
-    def rules(self) -> Tuple[str, ...]:
+    def rules(self, has_reference: bool = True) -> Tuple[str, ...]:
+        """The --rerank rules; by default every one the models allow (``has_reference``: the
+        reference policy of ``q`` can be found)."""
         if self.rerank is None:
-            return tuple(r for r in RERANK_RULES if r != "value" or self.value)
+            return tuple(r for r in RERANK_RULES if (r != "value" or self.value)
+                         and (r != "q" or has_reference))
         return tuple(r.strip() for r in self.rerank.split(",") if r.strip())
 
     def check(self) -> None:
@@ -455,6 +458,13 @@ class CriticEvalSection(Options):
 class EvalConfig(DecodingArgs, GenerationArgs, ColumnsConfig, RewardConfig, CriticEvalSection,
                  EvalSection):
     """Everything ``python -m dqo.evaluate`` takes."""
+
+    def check(self) -> None:
+        super().check()
+        if self.engine != "hf" and (self.best_of or self.value):
+            raise UsageError(f"--engine {self.engine}: --best-of and --value read the samples "
+                             f"with the policy's and the critic's forward passes, which need "
+                             f"--engine hf")
 
 
 EVAL_SECTIONS = (EvalSection, CriticEvalSection, RewardConfig, ColumnsConfig, GenerationArgs,

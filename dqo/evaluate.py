@@ -75,15 +75,17 @@ def _main(argv=None) -> None:
     decoding = with_system_prompt(with_template(
         args.decoding_config(base), args.prompt_template,
         None if args.reward_fn else args.task), args.system_prompt)
+    critic = critic_paths(args)  # checked before any model loads
     with launcher_group():
-        _evaluate(args, reward, decoding)
+        _evaluate(args, reward, decoding, critic)
 
 
-def _evaluate(args: EvalConfig, reward, decoding) -> None:
+def _evaluate(args: EvalConfig, reward, decoding, critic: dict) -> None:
     logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     tok, model = load_sampler(args)
+    value, reference = critic_models(critic, model)
     rows = read_prompt_rows(args.data, require_answer=args.reward_fn is None,
                             prompt_column=args.prompt_column, answer_column=args.answer_column)
     decoding = decoding.with_stop_ids(tok, model)
@@ -95,49 +97,77 @@ def _evaluate(args: EvalConfig, reward, decoding) -> None:
                    columns=[extra_columns(r) for r in rows], progress=rank() == 0,
                    seed=args.seed, sharded=True)
     if args.best_of or args.value:
-        res["critic"] = critic_report(args, tok, model, prompts, rows, reward, decoding)
+        res["critic"] = critic_report(args, critic["rules"], tok, model, value, reference,
+                                      prompts, rows, reward, decoding)
     if rank() == 0:
         print(json.dumps(dict(model=args.model, data=args.data, n=len(rows), **res,
                               decoding=json.loads(decoding.to_json()))))
 
 
-def critic_models(args: EvalConfig, model):
-    """(value, reference) as ``--value`` and ``--rerank q`` need them (None where not)."""
+def critic_paths(args: EvalConfig) -> dict:
+    """The ``value`` and ``reference`` directories ``--value`` and ``--rerank q`` need (None
+    where not), and the ``rules`` to rerank by, checked: a missing model is an error before
+    any work, and the default rules leave ``q`` out when no reference can be found."""
     from pathlib import Path
 
-    from .modeling import ValueModel
-    from .restore import load_trained_policy, run_base
+    from .restore import run_base
 
-    value = reference = None
     if args.value:
         check_model("--value", args.value)
-        value = ValueModel.from_pretrained(args.value).eval()
-        value.to(next(model.parameters()).device)
-    if args.best_of and "q" in args.rules():
-        ref = args.reference
-        if ref is None:
-            run = Path(args.model).expanduser().resolve().parent.parent  # RUN/final/policy
-            if not (run / "config.yaml").is_file():
-                raise UsageError("--reference: --rerank q needs the reference policy; --model is "
-                                 "not a run's final/policy, so name it (or leave q out of "
-                                 "--rerank)")
+    ref = args.reference
+    if ref is None and args.best_of:
+        run = Path(args.model).expanduser().resolve().parent.parent  # RUN/final/policy
+        if (run / "config.yaml").is_file():
             ref = run_base(run, "--reference")
+    rules = args.rules(has_reference=ref is not None) if args.best_of else ()
+    if "q" in rules:
+        if ref is None:
+            raise UsageError("--reference: --rerank q needs the reference policy; --model is "
+                             "not a run's final/policy, so name it (or leave q out of "
+                             "--rerank)")
         check_model("--reference", ref)
-        reference = load_trained_policy(ref, "--reference")[1].eval()
+    elif args.rerank is None and args.best_of and ref is None:
+        log.info("--best-of: no reference policy found (--reference), so no rule q")
+    return dict(value=args.value, reference=ref if "q" in rules else None, rules=rules)
+
+
+def critic_models(paths: dict, model):
+    """(value, reference) loaded from :func:`critic_paths`' directories (None where none),
+    on the policy's device."""
+    from .modeling import ValueModel
+    from .restore import load_trained_policy
+
+    value = reference = None
+    if paths["value"]:
+        value = ValueModel.from_pretrained(paths["value"]).eval()
+        value.to(next(model.parameters()).device)
+    if paths["reference"]:
+        reference = load_trained_policy(paths["reference"], "--reference")[1].eval()
     return value, reference
 
 
-def critic_report(args: EvalConfig, tok, model, prompts, rows, reward, decoding) -> dict:
-    value, reference = critic_models(args, model)
+def _finite(x):
+    """NaN (an AUC without pairs) as null: the printed line stays strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def critic_report(args: EvalConfig, rules, tok, model, value, reference, prompts, rows, reward,
+                  decoding) -> dict:
     res = critic_evaluation(
         model, tok, prompts, [r.get("answer") for r in rows], reward, decoding=decoding,
-        n=args.best_of or max(args.samples, 1), rules=args.rules() if args.best_of else (),
-        value=value, reference=reference, task=None if args.reward_fn else args.task,
-        batch_size=args.generation_batch_size, columns=[extra_columns(r) for r in rows],
-        seed=args.seed, sharded=True, progress=rank() == 0)
+        n=args.best_of or max(args.samples, 1), rules=rules, value=value, reference=reference,
+        task=None if args.reward_fn else args.task, batch_size=args.generation_batch_size,
+        columns=[extra_columns(r) for r in rows], seed=args.seed, sharded=True,
+        progress=rank() == 0)
     for fig in res.get("best_of", {}).values():
         fig.pop("items")
-    return res
+    return _finite(res)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ Against exact step labels (the synthetic task's; label k: the prefix up to step 
 - ``first_error``: over the responses with a wrong step, the share where the marked step is
   the first wrong one; ``first_error_chance``: the same share for a step drawn uniformly.
 
-And for any task, ``outcome_auc``: P(V(s_T) of a right response > that of a wrong one). Every
+And for any task, ``outcome_auc``: P(V(s_T) of a right response > that of a wrong one), over
+all pairs, and ``outcome_auc_within``: the same over the pairs of responses to one problem,
+what a reranker needs (a critic that only knows which problems are hard has an outcome AUC
+above 0.5 and a within-problem one of 0.5). Every
 figure has a 95% bootstrap interval over problems (a problem's responses resampled
 together: :func:`dqo.stats.cluster_bootstrap_ci`).
 """
@@ -59,6 +62,19 @@ def pooled_outcome_auc(groups) -> float:
     return auc([r["final"] for r in rs if r["right"]], [r["final"] for r in rs if not r["right"]])
 
 
+def pooled_outcome_auc_within(groups) -> float:
+    """P(V(s_T) of a right response > that of a wrong response to the same problem), ties
+    counting one half, over every such pair."""
+    wins = pairs = 0.0
+    for g in groups:
+        rs = [r for r in g if r["final"] is not None]
+        pos = [r["final"] for r in rs if r["right"]]
+        neg = [r["final"] for r in rs if not r["right"]]
+        wins += sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+        pairs += len(pos) * len(neg)
+    return wins / pairs if pairs else float("nan")
+
+
 def pooled_first_error(groups) -> float:
     hits = [r["first_error_hit"] for g in groups for r in g if r["first_error_hit"] is not None]
     return sum(hits) / len(hits) if hits else float("nan")
@@ -96,7 +112,10 @@ def process_metrics(groups: List[List[Dict]], resamples: int = 2000) -> Dict:
     labelled = [s for s in steps if s["label"] is not None]
     out = dict(problems=len(groups), responses=sum(len(g) for g in groups), steps=len(steps),
                outcome_auc=pooled_outcome_auc(groups),
-               outcome_auc_ci=cluster_bootstrap_ci(groups, pooled_outcome_auc, resamples))
+               outcome_auc_ci=cluster_bootstrap_ci(groups, pooled_outcome_auc, resamples),
+               outcome_auc_within=pooled_outcome_auc_within(groups),
+               outcome_auc_within_ci=cluster_bootstrap_ci(groups, pooled_outcome_auc_within,
+                                                          resamples))
     if labelled:
         pos = [s["value"] for s in labelled if s["label"]]
         neg = [s["value"] for s in labelled if not s["label"]]

@@ -16,8 +16,8 @@ The rules, all on the same samples (docs/math.md §1 for ``Q`` and ``V``):
 
 Beside them, ``mean`` (the accuracy of a single sample: the share of right responses) and
 ``oracle`` (some sample is right: pass@N). Every figure is a mean over problems with a 95%
-bootstrap interval over problems (:mod:`dqo.stats`), and each rule's difference from
-``random``, paired on the same problems, with its interval.
+bootstrap interval over problems (:mod:`dqo.stats`), and each rule's difference from ``mean``
+(what a random pick gets in expectation), paired on the same problems, with its interval.
 """
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def final_values(value, tokenizer, prompts: Sequence, samples: Sequence[Sequence
         values, after = value(b.input_ids, b.attention_mask, with_after=True)
         for j, e in enumerate(chunk):
             n, s = len(e), flat_s[i + j]
-            if not e.response_ids:
-                out.append(float(values[j, n - 1]) if n > 1 else float(after[j, 0]))
+            if not e.response_ids:  # nothing generated: the state after the prompt
+                out.append(float(after[j, n - 1]))
             elif s.finished:  # the state the stop token is chosen in
                 out.append(float(values[j, n - 1]))
             else:  # cut: the state after its last token
@@ -146,8 +146,10 @@ def best_of_n(right: Sequence[Sequence[bool]], *, rules: Sequence[str],
               answers: Optional[List[List[Optional[str]]]] = None,
               seed: int = 0, resamples: int = 2000) -> Dict:
     """Accuracy of each rule's picks over the problems whose samples are graded ``right``
-    (a cut response is wrong), with ``mean`` and ``oracle``: ``{rule: {acc, ci, minus_random,
-    minus_random_ci, items}}`` (``items``: each problem's 0/1, for paired statistics)."""
+    (a cut response is wrong), with ``mean`` and ``oracle``: ``{rule: {acc, ci, minus_mean,
+    minus_mean_ci, items}}`` (``items``: each problem's 0/1, for paired statistics;
+    ``minus_mean``: the rule's gain over one sample, paired on the problems: ``mean`` is the
+    expected accuracy of a random pick, without the noise of one draw)."""
     sizes = [len(r) for r in right]
     if not sizes or min(sizes) == 0:
         raise ValueError("right: expected at least one sample for every problem")
@@ -169,9 +171,9 @@ def best_of_n(right: Sequence[Sequence[bool]], *, rules: Sequence[str],
     out = {}
     for name, xs in items.items():
         res = dict(acc=sum(xs) / len(xs), ci=bootstrap_ci(xs, resamples), items=xs)
-        if name not in ("random", "mean", "oracle"):
-            diff = [a - b for a, b in zip(xs, items["random"])]
-            res.update(minus_random=sum(diff) / len(diff),
-                       minus_random_ci=bootstrap_ci(diff, resamples))
+        if name not in ("mean", "oracle"):
+            diff = [a - b for a, b in zip(xs, items["mean"])]
+            res.update(minus_mean=sum(diff) / len(diff),
+                       minus_mean_ci=bootstrap_ci(diff, resamples))
         out[name] = res
     return out

@@ -81,7 +81,9 @@ def score_response(policy, reference, value, tokenizer, prompt, response_ids: Se
     body = response_ids[:-1] if finished else response_ids
     ends = step_end_tokens(tokenizer, steps, body) if body else [0] * len(steps)
     if finished and ends:
-        ends[-1] = n - 1  # the stop token belongs to the last step
+        # the stop token belongs to the last step with text (blank lines after it: no tokens)
+        last = max((k for k, st in enumerate(steps) if st.strip()), default=len(steps) - 1)
+        ends[last:] = [n - 1] * (len(steps) - last)
     out: List[StepScore] = []
     start = 0
     for k, (step, end) in enumerate(zip(steps, ends)):

@@ -38,7 +38,8 @@ its implied return, the majority answer and at random (:mod:`dqo.reranking`).
 Outputs in ``--out``: ``replication.md`` (tables), ``replication.json`` (every run, with its
 per-problem results), ``replication.png`` (accuracy differences with intervals, and learned
 V(s) against true step correctness). ``runs.jsonl`` holds every finished run as it ends: a
-rerun with ``--resume`` skips those (the bases and data are rebuilt identically).
+rerun with ``--resume`` skips those (the bases and their data are rebuilt: the same ones, the
+warm-up and sampling being seeded).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -69,6 +71,7 @@ from ..process_metrics import (
     critic_records,
     pooled_first_error,
     pooled_outcome_auc,
+    pooled_outcome_auc_within,
     pooled_step_auc,
     process_metrics,
 )
@@ -215,18 +218,22 @@ def summarize(runs: List[Dict], methods: List[Method], bases: List[int], n: int,
 
 
 def summarize_critics(critics: Dict[str, Dict[int, List[List[list]]]], n: int) -> List[Dict]:
-    """Per critic: its figures on the responses of every base and seed, pooled (each base's
-    seeds' records of one problem in one cell), with two-level intervals."""
+    """Per critic: its figures on the responses of every base and seed, pooled, with two-level
+    intervals. A cell (base, problem) holds that problem's group of responses under each seed's
+    critic: the bootstrap draws bases and problems, and within-problem pairs stay within one
+    critic."""
     out = []
     for name, by_base in critics.items():
-        table = [[sum((seed_groups[p] for seed_groups in by_base[b]), [])
+        table = [[[seed_groups[p] for seed_groups in by_base[b]]
                   for p in range(len(by_base[b][0]))] for b in sorted(by_base)]
-        flat = [c for row in table for c in row]
+        flat = [g for row in table for cell in row for g in cell]
         pooled = process_metrics(flat, resamples=0)
         row = dict(method=name, runs=sum(len(v) for v in by_base.values()), **pooled)
         for key, fn in (("step_auc", pooled_step_auc), ("first_error", pooled_first_error),
-                        ("outcome_auc", pooled_outcome_auc)):
-            row[key + "_ci"] = two_level_groups_ci(table, fn, n)
+                        ("outcome_auc", pooled_outcome_auc),
+                        ("outcome_auc_within", pooled_outcome_auc_within)):
+            row[key + "_ci"] = two_level_groups_ci(
+                table, lambda cells, fn=fn: fn([g for c in cells for g in c]), n)
         row["step_auc_by_run"] = {f"{b}/{s}": process_metrics(g, resamples=0).get("step_auc")
                                   for b in sorted(by_base) for s, g in enumerate(by_base[b])}
         out.append(row)
@@ -235,7 +242,8 @@ def summarize_critics(critics: Dict[str, Dict[int, List[List[list]]]], n: int) -
 
 def summarize_best_of(runs: List[Dict], bases: List[int], n: int) -> Dict:
     """The reranked run's best-of-N accuracy of each rule over bases and seeds, and each
-    rule's difference from random, with two-level intervals."""
+    rule's difference from one sample's accuracy (``mean``: a random pick's expectation),
+    paired on the problems, with two-level intervals."""
     mine = [r for r in runs if "best_of" in r]
     if not mine:
         return {}
@@ -244,11 +252,12 @@ def summarize_best_of(runs: List[Dict], bases: List[int], n: int) -> Dict:
     for rule in mine[0]["best_of"]:
         rows = [dict(base=r["base"], x_items=r["best_of"][rule]["items"],
                      d_items=[a - b for a, b in zip(r["best_of"][rule]["items"],
-                                                    r["best_of"]["random"]["items"])])
+                                                    r["best_of"]["mean"]["items"])])
                 for r in mine]
         x, d = cells(rows, "x", bases), cells(rows, "d", bases)
-        out[rule] = dict(acc=x.mean().item(), ci=two_level_ci(x, n),
-                         minus_random=d.mean().item(), minus_random_ci=two_level_ci(d, n))
+        out[rule] = dict(acc=x.mean().item(), ci=two_level_ci(x, n))
+        if rule not in ("mean", "oracle"):
+            out[rule].update(minus_mean=d.mean().item(), minus_mean_ci=two_level_ci(d, n))
     return out
 
 
@@ -462,30 +471,33 @@ def write_report(out: Path, summary, critics, best_of, meta, data_stats, sweep, 
                   "pooled over bases and seeds. Step AUC: P(V after a right prefix > V after a "
                   "wrong one), exact labels. First error: share of responses with a wrong step "
                   "where the step whose V falls most is the first wrong one (chance: a step "
-                  "drawn uniformly). Outcome AUC: V(s_T) of right vs wrong responses. 95% "
+                  "drawn uniformly). Outcome AUC: V(s_T) of right vs wrong responses, over all "
+                  "pairs and within a problem's responses (what a reranker needs). 95% "
                   f"intervals over bases and problems ({budget['critic_bootstrap']} resamples).",
                   "",
                   "| value model | step AUC | mean V right / wrong prefix | first error | "
-                  "chance | outcome AUC | step AUC per base/seed |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "chance | outcome AUC | within a problem | step AUC per base/seed |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for c in critics:
-            per = ", ".join(f"{v:.2f}" if v == v else "–" for v in c["step_auc_by_run"].values())
+            per = ", ".join(f"{v:.2f}" if v is not None and v == v else "–"
+                            for v in c["step_auc_by_run"].values())
             lines.append(
                 f"| {c['method']} | {_num(c.get('step_auc'), c.get('step_auc_ci'))} | "
                 f"{_num(c.get('mean_value_right_prefix'))} / "
                 f"{_num(c.get('mean_value_wrong_prefix'))} | "
                 f"{_num(c.get('first_error'), c.get('first_error_ci'))} | "
                 f"{_num(c.get('first_error_chance'))} | "
-                f"{_num(c.get('outcome_auc'), c.get('outcome_auc_ci'))} | {per} |")
+                f"{_num(c.get('outcome_auc'), c.get('outcome_auc_ci'))} | "
+                f"{_num(c.get('outcome_auc_within'), c.get('outcome_auc_within_ci'))} | {per} |")
     if best_of:
         lines += ["", f"Best-of-{budget['best_of']} with the {RERANKED} run's samples "
                   "(each rule picks one of the same samples of every test problem; mean over "
                   "bases and seeds; intervals over bases and problems):", "",
-                  "| rule | accuracy % | minus random |", "|---|---:|---:|"]
+                  "| rule | accuracy % | minus one sample (mean) |", "|---|---:|---:|"]
         for rule, c in best_of.items():
-            d = ("–" if rule in ("random", "mean", "oracle") else
-                 f"{100 * c['minus_random']:+.1f} [{100 * c['minus_random_ci'][0]:+.1f}, "
-                 f"{100 * c['minus_random_ci'][1]:+.1f}]")
+            d = ("–" if "minus_mean" not in c else
+                 f"{100 * c['minus_mean']:+.1f} [{100 * c['minus_mean_ci'][0]:+.1f}, "
+                 f"{100 * c['minus_mean_ci'][1]:+.1f}]")
             lines.append(f"| {rule} | {_pct(c)} | {d} |")
     (out / "replication.md").write_text("\n".join(lines) + "\n")
 
@@ -535,7 +547,15 @@ class Journal:
         self.path = path
         self.rows: List[Dict] = []
         if resume and path.is_file():
-            self.rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            lines = [x for x in path.read_text().splitlines() if x.strip()]
+            for i, x in enumerate(lines):
+                try:
+                    self.rows.append(json.loads(x))
+                except json.JSONDecodeError:
+                    if i != len(lines) - 1:
+                        raise
+                    log.warning("%s: its last line was cut by a kill: dropped", path)
+                    path.write_text("".join(line + "\n" for line in lines[:-1]))
         elif path.exists():
             path.unlink()
 
@@ -548,6 +568,8 @@ class Journal:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         return row
 
 
@@ -566,7 +588,9 @@ def run_base_model(b: int, methods: List[Method], pipe: DefaultPipeline, splits:
                    budget: Budget, seeds: List[int], out: Path, journal: Journal) -> Dict:
     """Everything on base ``b``: its warm-up and data, the sweeps, every seed's test run."""
     work = out / "work" / f"base-{b}"
-    tok, base = warm_up_base(pipe, splits, work, seed=b, progress=False, reuse=True)
+    # warmed up again on --resume too: the data are sampled from the global generator, whose
+    # state the warm-up leaves, so only a fresh warm-up gives the same data again
+    tok, base = warm_up_base(pipe, splits, work, seed=b, progress=False)
     base.eval()
     datasets, stats = build_datasets(tok, base, pipe, splits, budget, work)
     validate = Evaluator(tok, splits.val, pipe.decoding, samples=0)
@@ -609,8 +633,10 @@ def run_base_model(b: int, methods: List[Method], pipe: DefaultPipeline, splits:
             journal.add("run", row)
         if m.tuned:
             kept.clear()
-    return dict(stats=stats, chosen={k: dict(lr=v[0], interior=v[1]) for k, v in chosen.items()},
-                params_m=sum(x.numel() for x in base.parameters()) / 1e6)
+    return journal.add("base", dict(
+        base=b, methods=[m.name for m in methods], seeds=seeds, stats=stats,
+        chosen={k: dict(lr=v[0], interior=v[1]) for k, v in chosen.items()},
+        params_m=sum(x.numel() for x in base.parameters()) / 1e6))
 
 
 def main(argv=None) -> None:
@@ -622,7 +648,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=None,
                    help="training seeds per base; default 2 (1 with --quick)")
     p.add_argument("--out", default="experiments/results")
-    p.add_argument("--methods", default=None, help="comma-separated subset of method names")
+    p.add_argument("--methods", default=None,
+                   help="a subset of the method names, separated by ';' (they contain commas)")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs --out/runs.jsonl holds and do the rest")
     args = p.parse_args(argv)
@@ -635,8 +662,12 @@ def main(argv=None) -> None:
     pipe, budget = quick() if args.quick else (replication_pipeline(), Budget())
     bases = list(range(args.bases or (1 if args.quick else 3)))
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
-    methods = METHODS if not args.methods else [
-        m for m in METHODS if m.name in args.methods.split(",")]
+    wanted = [x.strip() for x in args.methods.split(";")] if args.methods else None
+    unknown = set(wanted or ()) - {m.name for m in METHODS}
+    if unknown:
+        p.error(f"--methods: unknown {sorted(unknown)}; the methods are "
+                f"{'; '.join(m.name for m in METHODS)}")
+    methods = METHODS if not wanted else [m for m in METHODS if m.name in wanted]
     if "DQO" not in [m.name for m in methods] and any(not m.tuned for m in methods):
         p.error("--methods: DQO's ablations and variants use DQO's choice: include DQO")
     out = Path(args.out)
@@ -644,8 +675,10 @@ def main(argv=None) -> None:
     journal = Journal(out / "runs.jsonl", args.resume)
     torch.manual_seed(0)
     splits = Splits(pipe, seed=0)  # one split: every base is tested on the same problems
-    per_base = {b: run_base_model(b, methods, pipe, splits, budget, seeds, out, journal)
-                for b in bases}
+    # a base the journal finished (with these methods and seeds) is not warmed up again
+    names = [m.name for m in methods]
+    per_base = {b: journal.find("base", base=b, methods=names, seeds=seeds) or run_base_model(
+        b, methods, pipe, splits, budget, seeds, out, journal) for b in bases}
     runs = [r for r in journal.rows if r["kind"] == "run" and r["base"] in bases]
     sweep = [r for r in journal.rows if r["kind"] == "sweep" and r["base"] in bases]
     critics: Dict[str, Dict[int, List]] = {}

@@ -59,8 +59,8 @@ def test_best_of_n_accuracies_from_the_same_samples():
         lo, hi = fig["ci"]
         assert lo <= fig["acc"] <= hi, name
         assert len(fig["items"]) == len(right)
-    assert res["value"]["minus_random"] == pytest.approx(oracle - res["random"]["acc"])
-    assert res["value"]["minus_random_ci"][0] > 0
+    assert res["value"]["minus_mean"] == pytest.approx(oracle - res["mean"]["acc"])
+    assert res["value"]["minus_mean_ci"][0] > 0 and "minus_mean" in res["random"]
     with pytest.raises(ValueError, match="'value' needs values"):
         reranking.best_of_n(right, rules=("value",))
     with pytest.raises(ValueError, match="expected at least one sample"):
@@ -182,6 +182,15 @@ def test_evaluate_options_say_what_is_missing(trained_run, tmp_path, capsys):
     import shutil
     alone = tmp_path / "policy"
     shutil.copytree(out / "final" / "policy", alone)
+    plain = ["--model", str(alone), "--data", str(prompts), "--task", "arithmetic",
+             "--samples", "0", "--max-new-tokens", "4", "--best-of", "2"]
     with pytest.raises(UsageError, match="--reference: --rerank q needs"):
-        evaluate._main(["--model", str(alone), "--data", str(prompts), "--task", "arithmetic",
-                        "--samples", "0", "--max-new-tokens", "4", "--best-of", "2"])
+        evaluate._main(plain + ["--rerank", "q,random"])
+    capsys.readouterr()
+    evaluate._main(plain)  # by default, the rules the models given allow: no reference, no q
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res["critic"]["best_of"]) == {"majority", "random", "mean", "oracle"}
+    with pytest.raises(UsageError, match="--value: "):
+        evaluate._main(plain + ["--value", str(tmp_path / "missing")])
+    with pytest.raises(UsageError, match="need --engine hf"):
+        evaluate._main(plain + ["--engine", "vllm"])

@@ -127,3 +127,18 @@ def test_records_on_a_real_value_model_match_its_forward(tok, policy):
                                    labels=None)
     m = PM.process_metrics(unlabelled, resamples=50)
     assert "step_auc" not in m and 0 <= m["outcome_auc"] <= 1
+
+
+def test_outcome_auc_within_a_problem_sees_through_difficulty():
+    """A critic that only knows which problems are hard ranks responses across problems well
+    and within a problem not at all: the reranker's view is the within-problem AUC."""
+    def rec(final, right):
+        return dict(steps=[], right=right, final=final, first_error_hit=None)
+    easy = [rec(0.9, True), rec(0.9, True), rec(0.9, False)]
+    hard = [rec(0.1, False), rec(0.1, True), rec(0.1, False)]
+    groups = [easy, hard]
+    assert PM.pooled_outcome_auc(groups) > 0.6
+    assert PM.pooled_outcome_auc_within(groups) == 0.5
+    knows = [[rec(0.9, True), rec(0.2, False)], [rec(0.5, True), rec(0.6, False)]]
+    assert PM.pooled_outcome_auc_within(knows) == 0.5  # one pair ordered, one reversed
+    assert math.isnan(PM.pooled_outcome_auc_within([[rec(0.3, True)]]))

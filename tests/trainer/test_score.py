@@ -104,3 +104,16 @@ def test_options_say_what_is_missing(tmp_path):
         ScoreConfig(run="r")
     with pytest.raises(UsageError, match="--response: expected"):
         ScoreConfig(run="r", prompt="x")
+
+
+def test_a_trailing_blank_line_leaves_the_stop_token_with_the_last_step(tok, models):
+    policy, reference, value = models
+    problem, text, _ = example(tok, correct=True)
+    text += "\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    steps = score_response(policy, reference, value, tok, problem.prompt, ids, text=text)
+    assert steps[-1].text == "" and steps[-1].tokens == 0
+    assert sum(s.tokens for s in steps) == len(ids)
+    # the last line with text ends on the stop token: its V after is the terminal 0 and its
+    # drop is read to the state the stop token is chosen in
+    assert steps[-2].value_after == 0.0 and steps[-2].drop != -steps[-2].value_before
