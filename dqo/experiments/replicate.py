@@ -1,7 +1,7 @@
 """A reproducible mini-replication of the paper's comparisons (Tables 3-7, Figures 2-3) on the
 synthetic arithmetic task, on a CPU.
 
-    python -m dqo.experiments.replicate                 # 3 bases x 2 seeds, about 80 minutes
+    python -m dqo.experiments.replicate                 # 3 bases x 2 seeds, about 50 minutes
     python -m dqo.experiments.replicate --quick         # toy sizes, seconds (CI smoke)
 
 A tiny base policy is warmed up with SFT until it is right sometimes. An offline dataset is
@@ -404,7 +404,8 @@ def write_report(out: Path, summary, critics, best_of, meta, data_stats, sweep, 
         "# Mini-replication on the synthetic arithmetic task", "",
         f"Command: `{meta['command']}`  ",
         f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"python {meta['python']}; {meta['device']}; {meta['date']}; {meta['minutes']:.1f} min",
+        f"python {meta['python']}; {meta['device']}; {meta['date']}; {meta['minutes']:.1f} min"
+        + (" (this process; earlier runs of the journal resumed)" if meta["resumed"] else ""),
         "",
         f"Bases: {len(bases)} {meta['params_m']:.2f}M-parameter transformers, SFT warm-ups on "
         f"{pipe['n_sft']} problems from seeds {bases}. Offline data of each: "
@@ -673,6 +674,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / "runs.jsonl", args.resume)
+    resumed = bool(journal.rows)
     torch.manual_seed(0)
     splits = Splits(pipe, seed=0)  # one split: every base is tested on the same problems
     # a base the journal finished (with these methods and seeds) is not warmed up again
@@ -698,7 +700,8 @@ def main(argv=None) -> None:
                 torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(),
                 device=f"CPU, {torch.get_num_threads()} threads",
-                date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60, seeds=seeds,
+                date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60,
+                resumed=resumed, seeds=seeds,
                 params_m=per_base[bases[0]]["params_m"],
                 bases=bases, pipe=asdict(pipe), budget=asdict(budget))
     data_stats = {b: v["stats"] for b, v in per_base.items()}

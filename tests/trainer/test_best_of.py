@@ -139,16 +139,17 @@ def test_evaluate_best_of_reranks_and_measures_the_critic(trained_run, capsys):
     capsys.readouterr()
     evaluate.main(["--model", str(out / "final" / "policy"), "--data", str(prompts),
                    "--task", "arithmetic", "--samples", "2", "--max-new-tokens", "8",
-                   "--best-of", "4", "--value", str(value_dir)])
+                   "--best-of", "8", "--rerank", "value,q,majority,random",
+                   "--value", str(value_dir)])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     crit = res["critic"]
-    assert crit["n"] == 4
+    assert crit["n"] == 8
     assert set(crit["best_of"]) == {"value", "q", "majority", "random", "mean", "oracle"}
     for name, fig in crit["best_of"].items():
         assert 0 <= fig["ci"][0] <= fig["acc"] <= fig["ci"][1] <= 1, name
         assert fig["acc"] <= crit["best_of"]["oracle"]["acc"]
     proc = crit["process"]
-    assert proc["problems"] == 6 and proc["responses"] == 24
+    assert proc["problems"] == 6 and proc["responses"] == 48
     assert "outcome_auc" in proc  # NaN when every sample is wrong: a tiny random model
 
 
