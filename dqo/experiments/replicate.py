@@ -525,14 +525,16 @@ def plot(out: Path, summary, values) -> None:
     ax1.legend(ncol=2, loc="upper right")
     ax1.set_title("Each method minus DQO, paired (95% intervals over bases and problems)")
     data, labels = [], []
-    for name, pts in values.items():
+    for name in [n for n in CRITIC_METHODS if n in values]:
         for ok in (True, False):
-            data.append([p["value"] for p in pts if p["correct"] == ok] or [float("nan")])
-            short = name.replace("DQO + process scores", "DQO + PS").replace(" labels", "")
+            data.append([p["value"] for p in values[name] if p["correct"] == ok]
+                        or [float("nan")])
+            short = name.replace("DQO + process scores (exact labels)", "DQO+exact").replace(
+                "DQO + process scores (MC)", "DQO+MC")
             labels.append(f"{short}\n{'right' if ok else 'wrong'}\nprefix")
     ax2.boxplot(data, showfliers=False)
     ax2.set_xticks(range(1, len(labels) + 1))
-    ax2.set_xticklabels(labels, fontsize=6)
+    ax2.set_xticklabels(labels, fontsize=7)
     ax2.set_ylabel("learned V(s) after the step")
     ax2.set_title("Value of states vs true step correctness (base 0, seed 0)")
     fig.tight_layout()
