@@ -492,6 +492,8 @@ class ScoreConfig(Options):
     gamma: Optional[float] = opt(None, "discount (default: the run's, else 1)", gt=0, le=1)
     html: Optional[str] = opt(None, "also write the responses, steps coloured by advantage, "
                               "to this HTML file")
+    html_tokens: bool = opt(False, "--html colours each token by the change of the critic's "
+                            "value across it, not each step by its advantage")
     json: bool = opt(False, "print JSON (one object per response) instead of tables")
 
     def check(self) -> None:
@@ -503,6 +505,8 @@ class ScoreConfig(Options):
             raise UsageError("--data: expected either --data or --prompt with --response")
         if self.prompt and self.response is None:
             raise UsageError("--response: expected a response to score with --prompt")
+        if self.html_tokens and not self.html:
+            raise UsageError("--html-tokens: expected --html FILE to write the tokens to")
 
 
 SCORE_SECTIONS = (ScoreConfig,)

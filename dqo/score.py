@@ -2,7 +2,7 @@
 
     python -m dqo.score --run runs/default --data runs/default/offline.jsonl --limit 2
     python -m dqo.score --run RUN --prompt "Q: 7+3*2-5=?" --response "$(cat response.txt)"
-    python -m dqo.score --run RUN --data rows.jsonl --html steps.html
+    python -m dqo.score --run RUN --data rows.jsonl --html steps.html [--html-tokens]
 
 For every response, one row per step (its lines, as process rewards split them): V before and
 after it, its reward, beta x its KL, and its soft advantage; the step with the lowest advantage
@@ -95,7 +95,7 @@ def _main(argv=None) -> None:
             print(json.dumps(s))
     if args.html:
         from .atomic import atomic_write
-        atomic_write(args.html, lambda f: f.write(html_page(scored)))
+        atomic_write(args.html, lambda f: f.write(html_page(scored, tokens=args.html_tokens)))
         log.info("wrote %s", args.html)
 
 

@@ -20,8 +20,8 @@ correctness, and the outcome of the response.
 from __future__ import annotations
 
 import html
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,6 +43,8 @@ class StepScore:
     label: Optional[bool] = None  # exact correctness where the task knows it
     likely_first_error: bool = False
     drop: float = 0.0  # D_k: the critic's reading, V'_after - V_before
+    # each token of the step: (its text, V' after it, V' after it - V before it)
+    token_values: List[Tuple[str, float, float]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -97,10 +99,12 @@ def score_response(policy, reference, value, tokenizer, prompt, response_ids: Se
         kl = beta * float((disc * (logp[span] - ref[span])).sum())
         reward = float((disc * r[span]).sum())
         adv = reward - kl + gamma ** (end + 1 - start) * float(v_next[end]) - float(v[start])
+        toks = [(tokenizer.decode([response_ids[t]], skip_special_tokens=True) or "\u220e",
+                 float(read[t]), float(read[t] - v[t])) for t in range(start, end + 1)]
         out.append(StepScore(k + 1, step, end + 1 - start, float(v[start]),
                              float(v_next[end]), reward, kl, adv,
                              None if labels is None else bool(labels[k]),
-                             drop=float(read[end]) - float(v[start])))
+                             drop=float(read[end]) - float(v[start]), token_values=toks))
         start = end + 1
     real = [s for s in out if s.tokens and s.text.strip()]
     if real:
@@ -126,10 +130,11 @@ def text_table(scores: Sequence[StepScore], width: int = 48) -> str:
     return "\n".join(lines)
 
 
-def html_page(responses: Sequence[Dict]) -> str:
+def html_page(responses: Sequence[Dict], tokens: bool = False) -> str:
     """Each response with its steps coloured by advantage (red: negative, green: positive),
     V beside each step; ``responses``: dicts with ``prompt`` and ``steps``
-    (:class:`StepScore` rows)."""
+    (:class:`StepScore` rows). With ``tokens``, each token of a step's text is coloured by the
+    change of the critic's value across it instead (its V in the tooltip)."""
     def colour(a: float, scale: float) -> str:
         x = max(-1.0, min(1.0, a / scale)) if scale > 0 else 0.0
         return (f"rgba(214, 39, 40, {-x:.2f})" if x < 0 else f"rgba(44, 160, 44, {x:.2f})")
@@ -147,9 +152,13 @@ def html_page(responses: Sequence[Dict]) -> str:
              "&#9888; marks the likely first error: the step whose value falls most in the "
              "critic's own reading (V drop; after the last step, V of the state the stop token "
              "is chosen in, not the terminal 0), which does not know the outcome.</p>"]
+    if tokens:
+        parts.append("<p>Tokens: each coloured by the change of the critic's value across it "
+                     "(hover for V after it); &#8629; is a newline, &#8718; the stop token.</p>")
     for i, r in enumerate(responses):
         steps = r["steps"]
         scale = max([abs(s["advantage"]) for s in steps] + [1e-9])
+        t_scale = max([abs(t[2]) for s in steps for t in s["token_values"]] + [1e-9])
         parts.append(f"<h2>Response {i + 1}</h2><pre>{html.escape(str(r['prompt']))}</pre>")
         parts.append("<table><tr><th>step</th><th style='text-align:left'>text</th>"
                      "<th>V before</th><th>V after</th><th>reward</th><th>&beta;&middot;KL</th>"
@@ -157,10 +166,17 @@ def html_page(responses: Sequence[Dict]) -> str:
         for s in steps:
             label = "" if s["label"] is None else ("ok" if s["label"] else "wrong")
             flag = " &#9888;" if s["likely_first_error"] else ""
+            if tokens:
+                text = "".join(
+                    f"<span title='V {v:.3f} ({d:+.3f})' style='background:"
+                    f"{colour(d, t_scale)}'>{html.escape(t.replace(chr(10), '↵'))}</span>"
+                    for t, v, d in s["token_values"])
+                cell = f"<td class='text'>{text}</td>"
+            else:
+                cell = (f"<td class='text' style='background:{colour(s['advantage'], scale)}'>"
+                        f"{html.escape(s['text'])}</td>")
             parts.append(
-                f"<tr><td>{s['index']}{flag}</td>"
-                f"<td class='text' style='background:{colour(s['advantage'], scale)}'>"
-                f"{html.escape(s['text'])}</td><td>{s['value_before']:.3f}</td>"
+                f"<tr><td>{s['index']}{flag}</td>{cell}<td>{s['value_before']:.3f}</td>"
                 f"<td>{s['value_after']:.3f}</td><td>{s['reward']:.3f}</td>"
                 f"<td>{s['kl']:.3f}</td><td>{s['advantage']:.3f}</td><td>{s['drop']:.3f}</td>"
                 f"<td>{label}</td></tr>")

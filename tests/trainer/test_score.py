@@ -117,3 +117,22 @@ def test_a_trailing_blank_line_leaves_the_stop_token_with_the_last_step(tok, mod
     # the last line with text ends on the stop token: its V after is the terminal 0 and its
     # drop is read to the state the stop token is chosen in
     assert steps[-2].value_after == 0.0 and steps[-2].drop != -steps[-2].value_before
+
+
+def test_html_tokens_colour_every_token_with_its_value(tok, models, tmp_path):
+    policy, reference, value = models
+    problem, text, ex = example(tok)
+    steps = score_response(policy, reference, value, tok, problem.prompt, ex.response_ids,
+                           text=text)
+    for s in steps:
+        assert len(s.token_values) == s.tokens
+        if s.tokens:  # the tokens' changes add up to the step's drop
+            assert sum(d for _, _, d in s.token_values) == pytest.approx(s.drop, abs=1e-5)
+            assert s.token_values[-1][1] == pytest.approx(s.value_before + s.drop, abs=1e-5)
+    from dqo.scoring import as_rows, html_page
+    page = html_page([dict(prompt=problem.prompt, steps=as_rows(steps))], tokens=True)
+    assert page.count("<span title='V ") == len(ex.response_ids)
+    with pytest.raises(SystemExit):
+        score_cli.main(["--policy", str(tmp_path / "policy"), "--value", str(tmp_path / "value"),
+                        "--reference", str(tmp_path / "reference"), "--prompt", "Q",
+                        "--response", "1", "--html-tokens"])
