@@ -56,3 +56,27 @@ def save_model(tok, path, **kw):
     build_policy(tiny_config(tok, **kw)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def train_tiny_run(tok, tmp, n_problems: int, *extra: str):
+    """``python -m dqo.train`` for 2 steps on a tiny Llama saved in ``tmp/base``, with
+    ``n_problems`` synthetic prompts (``tmp/prompts.jsonl``, with answers) and one response a
+    prompt of alternating reward; ``extra``: more options. Returns (base, prompts, run)."""
+    from dqo import data as D
+    from dqo import train as train_cli
+    from dqo.tasks import arithmetic
+
+    base = save_model(tok, tmp / "base", hidden_size=16, layers=1, heads=1)
+    probs = arithmetic.make_problems(n_problems, 9)
+    prompts = tmp / "prompts.jsonl"
+    D.write_jsonl(prompts, [dict(prompt=p.prompt, answer=p.answer) for p in probs])
+    data = tmp / "data.jsonl"
+    # mixed rewards: with every reward 1 the value head's start (the mean return) fits every
+    # return exactly, and the first steps have no gradient at all
+    D.write_jsonl(data, [dict(prompt=p.prompt, response=f"#### {p.answer}", reward=float(i % 2))
+                         for i, p in enumerate(probs)])
+    out = tmp / "run"
+    train_cli.main(["--model", str(base), "--data", str(data), "--task", "arithmetic",
+                    "--max-steps", "2", "--batch-size", "4", "--micro-batch", "4", "--lr", "1e-2",
+                    "--engine", "torch", "--out", str(out), "--no-progress", *extra])
+    return base, prompts, out

@@ -3,9 +3,8 @@ import json
 
 import pytest
 import torch
-from hf_tiny import save_model
+from hf_tiny import train_tiny_run
 
-from dqo import data as D
 from dqo import reranking
 from dqo.errors import UsageError
 from dqo.generation.types import Sample
@@ -114,20 +113,8 @@ def test_final_values_and_implied_returns_match_one_sequence_at_a_time(tok, poli
 def trained_run(tok, tmp_path_factory):
     """A run with LoRA and the value model on the policy's base (an adapter of its own)."""
     pytest.importorskip("peft")
-    from dqo import train as train_cli
-    tmp = tmp_path_factory.mktemp("run")
-    base = save_model(tok, tmp / "base", hidden_size=16, layers=1, heads=1)
-    probs = arithmetic.make_problems(6, 9)
-    prompts = tmp / "prompts.jsonl"
-    D.write_jsonl(prompts, [dict(prompt=p.prompt, answer=p.answer) for p in probs])
-    data = tmp / "data.jsonl"
-    D.write_jsonl(data, [dict(prompt=p.prompt, response=f"#### {p.answer}", reward=float(i % 2))
-                         for i, p in enumerate(probs)])
-    out = tmp / "run"
-    train_cli.main(["--model", str(base), "--data", str(data), "--task", "arithmetic",
-                    "--max-steps", "2", "--batch-size", "4", "--micro-batch", "4", "--lr", "1e-2",
-                    "--engine", "torch", "--out", str(out), "--no-progress", "--lora-r", "2",
-                    "--value-backbone", "shared"])
+    _, prompts, out = train_tiny_run(tok, tmp_path_factory.mktemp("run"), 6, "--lora-r", "2",
+                                     "--value-backbone", "shared")
     return out, prompts
 
 

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
-from hf_tiny import save_model
+from hf_tiny import save_model, train_tiny_run
 
 from dqo import data as D
 from dqo.errors import UsageError
 from dqo.modeling import ValueModel, build_policy, tiny_config
-from dqo.tasks import arithmetic
 
 
 def test_value_model_takes_a_plain_checkpoint(tok, tmp_path):
@@ -38,21 +37,8 @@ def test_evaluate_loads_any_checkpoint_the_trainer_wrote(tok, tmp_path, capsys, 
     if lora:
         pytest.importorskip("peft")
     from dqo import evaluate
-    from dqo import train as train_cli
-    base = save_model(tok, tmp_path / "base", hidden_size=16, layers=1, heads=1)
-    probs = arithmetic.make_problems(4, 9)
-    prompts = tmp_path / "prompts.jsonl"
-    D.write_jsonl(prompts, [dict(prompt=p.prompt, answer=p.answer) for p in probs])
-    data = tmp_path / "data.jsonl"
-    # mixed rewards: with every reward 1 the value head's start (the mean return) fits every
-    # return exactly, and the first steps have no gradient at all
-    D.write_jsonl(data, [dict(prompt=p.prompt, response=f"#### {p.answer}", reward=float(i % 2))
-                         for i, p in enumerate(probs)])
-    out = tmp_path / "run"
-    train_cli.main(["--model", str(base), "--data", str(data), "--task", "arithmetic",
-                    "--max-steps", "2", "--batch-size", "4", "--micro-batch", "4", "--lr", "1e-2",
-                    "--engine", "torch", "--save-every", "2", "--out", str(out), "--no-progress"]
-                   + (["--lora-r", "2"] if lora else []))
+    base, prompts, out = train_tiny_run(tok, tmp_path, 4, "--save-every", "2",
+                                        *(["--lora-r", "2"] if lora else []))
     capsys.readouterr()
     ckpt = out / "checkpoints" / "step-0000002"
     results = []

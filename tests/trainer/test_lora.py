@@ -144,23 +144,17 @@ def test_resume_restores_the_adapters_exactly(tok, base_dir, tmp_path, separate)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("padding_flags", [(), ("--packing", "--group-by-length")],
-                         ids=["padded", "packed"])
-def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tmp_path,
-                                                                         capsys, padding_flags):
-    """python -m dqo.train on a local tiny Qwen2 with LoRA, the shared-base value model and
-    checkpointing (and packed, length-grouped micro-batches); its adapters saved, resumed, and
-    read back by dqo.evaluate."""
+def write_qwen_run_files(tok, tmp_path):
+    """A tiny random Qwen2 for ``tok`` in ``tmp_path/qwen`` (seeded), 8 rows of half-right
+    data in ``data.jsonl`` and 4 of its prompts with answers in ``test.jsonl``; returns the
+    8 problems."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from dqo import evaluate
-    from dqo import train as train_cli
     torch.manual_seed(0)
-    base = Qwen2ForCausalLM(Qwen2Config(
+    Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=128))
-    base.save_pretrained(tmp_path / "qwen")
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        max_position_embeddings=128)).save_pretrained(tmp_path / "qwen")
     tok.save_pretrained(tmp_path / "qwen")
     probs = arithmetic.make_problems(8, 3)
     D.write_jsonl(tmp_path / "data.jsonl", [
@@ -168,6 +162,19 @@ def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tm
         for i, p in enumerate(probs)])
     D.write_jsonl(tmp_path / "test.jsonl", [dict(prompt=p.prompt, answer=p.answer)
                                             for p in probs[:4]])
+    return probs
+
+
+@pytest.mark.parametrize("padding_flags", [(), ("--packing", "--group-by-length")],
+                         ids=["padded", "packed"])
+def test_command_line_lora_shared_base_checkpointing_resume_and_evaluate(tok, tmp_path,
+                                                                         capsys, padding_flags):
+    """python -m dqo.train on a local tiny Qwen2 with LoRA, the shared-base value model and
+    checkpointing (and packed, length-grouped micro-batches); its adapters saved, resumed, and
+    read back by dqo.evaluate."""
+    from dqo import evaluate
+    from dqo import train as train_cli
+    write_qwen_run_files(tok, tmp_path)
     def argv(out, *extra):
         return ["--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "data.jsonl"),
                 "--task", "arithmetic", "--lora-r", "4", "--value-backbone", "shared",
@@ -238,20 +245,7 @@ def test_save_merged_writes_a_plain_model_that_evaluates_as_the_adapter(tok, tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dqo import train as train_cli
-    torch.manual_seed(0)
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        max_position_embeddings=128)).save_pretrained(tmp_path / "qwen")
-    tok.save_pretrained(tmp_path / "qwen")
-    probs = arithmetic.make_problems(8, 3)
-    D.write_jsonl(tmp_path / "data.jsonl", [
-        dict(prompt=p.prompt, response=f"#### {p.answer if i % 2 else 0}", reward=float(i % 2))
-        for i, p in enumerate(probs)])
-    D.write_jsonl(tmp_path / "test.jsonl", [dict(prompt=p.prompt, answer=p.answer)
-                                            for p in probs[:4]])
+    probs = write_qwen_run_files(tok, tmp_path)
     out = tmp_path / "run"
     train_cli.main(["--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "data.jsonl"),
                     "--lora-r", "4", "--engine", "torch", "--threads", "1", "--batch-size", "4",
