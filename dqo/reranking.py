@@ -30,7 +30,7 @@ import torch
 
 from .data import Example, collate
 from .decoding import encode_prompt
-from .modeling import policy_logprobs
+from .reference_logps import ref_logps
 from .stats import bootstrap_ci
 
 RULES = ("value", "q", "majority", "random")
@@ -93,19 +93,16 @@ def final_values(value, tokenizer, prompts: Sequence, samples: Sequence[Sequence
     return _shape(out, samples)
 
 
-@torch.no_grad()
 def implied_returns(policy, reference, tokenizer, prompts: Sequence, samples: Sequence[Sequence],
                     beta: float, batch_size: int = 16) -> List[List[float]]:
-    """``beta * sum_t log(pi / pi_ref)`` over every sample's tokens, shaped as ``samples``."""
+    """``beta * sum_t log(pi / pi_ref)`` over every sample's tokens, shaped as ``samples``: the
+    per-token log-probs of both models as the trainer's reference pass computes them
+    (:func:`dqo.reference_logps.ref_logps`)."""
     exs = _examples(tokenizer, prompts, samples)
-    device = next(policy.parameters()).device
-    out: List[float] = []
-    for i in range(0, len(exs), batch_size):
-        b = collate(exs[i:i + batch_size], tokenizer.pad_token_id).to(device)
-        lp = policy_logprobs(policy, b.input_ids, b.attention_mask, b.action_mask)
-        ref = policy_logprobs(reference, b.input_ids, b.attention_mask, b.action_mask)
-        out += (beta * ((lp - ref) * b.action_mask).double().sum(1)).tolist()
-    return _shape(out, samples)
+    pad = tokenizer.pad_token_id
+    lp = ref_logps(policy, exs, pad, batch_size=batch_size)
+    ref = ref_logps(reference, exs, pad, batch_size=batch_size)
+    return _shape([beta * sum(a - b for a, b in zip(x, y)) for x, y in zip(lp, ref)], samples)
 
 
 def _shape(flat: List[float], samples) -> List[List[float]]:
