@@ -24,16 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .scoring import score_response
 from .stats import auc, cluster_bootstrap_ci
+from .tasks import arithmetic
 
 LabelFn = Callable[[object, str], Optional[List[bool]]]
-
-
-def exact_step_labels(prompt, text: str) -> Optional[List[bool]]:
-    """The synthetic task's exact label of every line of ``text``, when ``prompt`` is one of
-    its problems; None otherwise."""
-    from .tasks import arithmetic
-    problem = arithmetic.parse_prompt(prompt) if isinstance(prompt, str) else None
-    return None if problem is None else arithmetic.step_labels(problem, text)
 
 
 def read_steps(value, tokenizer, prompt, sample, labels: Optional[List[bool]]) -> List[Dict]:
@@ -87,7 +80,7 @@ def pooled_first_error_chance(groups) -> float:
 
 def critic_records(value, tokenizer, prompts: Sequence, samples: Sequence[Sequence],
                    right: Sequence[Sequence[bool]],
-                   labels: Optional[LabelFn] = exact_step_labels) -> List[List[Dict]]:
+                   labels: Optional[LabelFn] = arithmetic.prompt_step_labels) -> List[List[Dict]]:
     """Per problem, per sample: ``steps`` (:func:`read_steps`), ``final`` (V after the last
     step), ``right`` (the graded outcome) and ``first_error_hit`` (None without a wrong
     labelled step)."""

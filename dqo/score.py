@@ -22,6 +22,7 @@ from .data import read_jsonl
 from .errors import UsageError
 from .restore import run_config
 from .scoring import as_rows, html_page, score_response, text_table
+from .tasks import arithmetic
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,6 @@ def rows_to_score(args: ScoreConfig, tok):
     return out
 
 
-def exact_labels(prompt, text):
-    from .tasks import arithmetic
-    problem = arithmetic.parse_prompt(prompt) if isinstance(prompt, str) else None
-    return None if problem is None else arithmetic.step_labels(problem, text)
-
-
 def _main(argv=None) -> None:
     args = parse_config(ScoreConfig, SCORE_SECTIONS, argv, prog="python -m dqo.score",
                         description=__doc__)
@@ -83,7 +78,7 @@ def _main(argv=None) -> None:
     for prompt, text, ids, rewards, finished in rows_to_score(args, tok):
         steps = score_response(policy, reference, value, tok, prompt, ids, text=text,
                                rewards=rewards, finished=finished, beta=beta, gamma=gamma,
-                               labels=exact_labels(prompt, text))
+                               labels=arithmetic.prompt_step_labels(prompt, text))
         scored.append(dict(prompt=prompt, steps=as_rows(steps), finished=finished,
                            outcome=sum(rewards)))
         if not args.json:

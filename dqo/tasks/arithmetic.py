@@ -117,5 +117,12 @@ def parse_prompt(prompt: str) -> Optional[Problem]:
     return Problem(int(m.group(1)), ops)
 
 
+def prompt_step_labels(prompt, response: str) -> Optional[List[bool]]:
+    """:func:`step_labels` of ``response`` when ``prompt`` is one of this task's problems (text
+    :func:`parse_prompt` reads); None for any other prompt."""
+    problem = parse_prompt(prompt) if isinstance(prompt, str) else None
+    return None if problem is None else step_labels(problem, response)
+
+
 def reference_pairs(problems: Sequence[Problem]):
     return [(p.prompt, p.solution) for p in problems]
